@@ -1,0 +1,5 @@
+"""Entry point for ``python -m popproxy``."""
+
+from popproxy.cli.main import main
+
+raise SystemExit(main())
