@@ -1,0 +1,147 @@
+"""Turns relayed chunks and observer events into capture records, redacting credentials."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from popproxy.capture import format as fmt
+from popproxy.core.events import AuthIdentity, Direction, Event, Secret
+
+
+@dataclass(slots=True)
+class _Chunk:
+    direction: Direction
+    offset: int
+    t: float
+    data: bytes
+    proxy: bool
+
+
+@dataclass
+class WriterStats:
+    """What went into the capture, for the end record and the live view."""
+
+    octets: dict[str, int] = field(default_factory=lambda: {"c": 0, "s": 0})
+    chunks: int = 0
+    redactions: int = 0
+    late_redactions: int = 0
+
+
+class CaptureWriter:
+    """Buffers records until the observer has settled them, then hands out file bytes.
+
+    Data is released in arrival order once its whole chunk lies below the observer's
+    settled offset, so every credential span is known before its bytes are written
+    (format doc, "Redaction").  Pure: ``take()`` returns bytes, the caller does the IO.
+    """
+
+    def __init__(self, header: dict[str, Any], *, keep_secrets: bool = False) -> None:
+        self.keep_secrets = keep_secrets
+        self.stats = WriterStats()
+        self._queue: deque[_Chunk | dict[str, Any]] = deque()
+        self._next = {Direction.CLIENT: 0, Direction.SERVER: 0}
+        self._written = {Direction.CLIENT: 0, Direction.SERVER: 0}
+        self._secrets: list[Secret] = []
+        self._queued_bytes = 0
+        self._out: list[bytes] = [fmt.encode_meta({"r": fmt.HEADER, "v": fmt.VERSION, **header})]
+        self._out_bytes = len(self._out[0])
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting for the disk (released or not)."""
+        return self._out_bytes + self._queued_bytes
+
+    def data(self, direction: Direction, t: float, data: bytes, *, proxy: bool = False) -> None:
+        """A chunk of ``direction``'s stream; ``proxy`` marks bytes popproxy itself made."""
+        self._queue.append(_Chunk(direction, self._next[direction], t, data, proxy))
+        self._next[direction] += len(data)
+        self._queued_bytes += len(data)
+
+    def meta(self, fields: dict[str, Any]) -> None:
+        """A non-data record, kept in order with the data around it."""
+        self._queue.append(fields)
+
+    def observe(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Secret):
+                self._secrets.append(event)
+            elif isinstance(event, AuthIdentity):
+                self._queue.append({"r": fmt.IDENTITY, "seq": event.seq,
+                                    "mech": event.mechanism, "identity": event.identity})
+
+    def advance(self, settled_client: int, settled_server: int) -> None:
+        """Release every queued record that the observer's settled offsets allow."""
+        settled = {Direction.CLIENT: settled_client, Direction.SERVER: settled_server}
+        queue, out = self._queue, self._out
+        while queue:
+            item = queue[0]
+            if isinstance(item, dict):
+                self._emit(fmt.encode_meta(item))
+            else:
+                if item.offset + len(item.data) > settled[item.direction]:
+                    break
+                data = self._redact(item)
+                out.extend(fmt.encode_data(item.direction.value, item.t, data, proxy=item.proxy))
+                self._out_bytes += len(data) + 48
+                self._queued_bytes -= len(data)
+                self._written[item.direction] = item.offset + len(item.data)
+                self.stats.octets[item.direction.value] += len(item.data)
+                self.stats.chunks += 1
+            queue.popleft()
+
+    def flush_all(self) -> None:
+        """Release everything, settled or not (end of session): redact what is known."""
+        big = 1 << 62
+        self.advance(big, big)
+
+    def take(self) -> list[bytes]:
+        """The released file bytes, as pieces for ``fmt.write_all``."""
+        out, self._out, self._out_bytes = self._out, [], 0
+        return out
+
+    def _emit(self, record: bytes) -> None:
+        self._out.append(record)
+        self._out_bytes += len(record)
+
+    def _redact(self, chunk: _Chunk) -> bytes:
+        if not self._secrets:
+            return chunk.data
+        start, end = chunk.offset, chunk.offset + len(chunk.data)
+        data: bytearray | None = None
+        keep: list[Secret] = []
+        for secret in self._secrets:
+            s_end = secret.offset + secret.length
+            if secret.direction is not chunk.direction or secret.offset >= end:
+                keep.append(secret)
+                continue
+            if secret.offset < self._written[chunk.direction]:
+                # The span began in bytes already written: only possible if the observer's
+                # settled offset was wrong.  Count it loudly; the rest is still redacted.
+                self.stats.late_redactions += 1
+            lo, hi = max(secret.offset, start), min(s_end, end)
+            if s_end > end:
+                keep.append(secret)
+            if lo >= hi:
+                continue
+            if secret.offset >= start:
+                self.stats.redactions += 1
+                self._emit(fmt.encode_meta({
+                    "r": fmt.REDACT, "d": chunk.direction.value, "off": secret.offset,
+                    "len": secret.length, "kind": secret.kind.value,
+                    "masked": not self.keep_secrets,
+                }))
+            if not self.keep_secrets:
+                data = data if data is not None else bytearray(chunk.data)
+                data[lo - start : hi - start] = fmt.FILLER * (hi - lo)
+        self._secrets = keep
+        return chunk.data if data is None else bytes(data)
+
+
+def create_capture_file(path: Path) -> int:
+    """Create a capture file exclusively, mode 0600 (captures hold mail); return its fd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, 0o600)

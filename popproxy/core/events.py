@@ -1,0 +1,196 @@
+"""The events the POP3 observer emits: small frozen dataclasses, one per protocol happening."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Direction(enum.Enum):
+    """Who sent the bytes: ``CLIENT`` means client to server."""
+
+    CLIENT = "c"
+    SERVER = "s"
+
+    @property
+    def other(self) -> Direction:
+        return Direction.SERVER if self is Direction.CLIENT else Direction.CLIENT
+
+
+class State(enum.Enum):
+    """The POP3 session states of RFC 1939 §3."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+class SecretKind(enum.Enum):
+    """Why a byte span is a credential (reference §11)."""
+
+    PASS = "PASS"
+    APOP = "APOP"
+    AUTH_IR = "AUTH-IR"
+    SASL = "SASL"
+    RPOP = "RPOP"
+    ECHO = "ECHO"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every observer event."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent(Event):
+    """An event that accounts for input bytes: ``raw`` starts at ``offset`` of ``direction``."""
+
+    direction: Direction
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting(RawEvent):
+    """The server's first line (RFC 1939 §4); ``apop_timestamp`` is the ``<...@...>`` token."""
+
+    status: str
+    code: str | None
+    text: str
+    apop_timestamp: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Command(RawEvent):
+    """A client command line; ``args`` has credential spans masked with ``#``."""
+
+    seq: int
+    verb: str
+    args: str | None
+    overlong: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(RawEvent):
+    """The status line answering command ``seq``; ``multiline`` when a body follows."""
+
+    seq: int
+    verb: str
+    status: str
+    code: str | None
+    text: str
+    multiline: bool
+    value: tuple[object, ...] | None = None
+    overlong: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BodyChunk(RawEvent):
+    """Part of a multi-line body: ``raw`` as sent (dot-stuffed), ``data`` unstuffed."""
+
+    seq: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyEnd(RawEvent):
+    """The end of a body: ``raw`` is the terminator line, empty when cut off by a close."""
+
+    seq: int
+    lines: int
+    octets: int
+    truncated: bool
+    listing: tuple[tuple[str, ...], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SaslChallenge(RawEvent):
+    """A ``+`` continuation line inside AUTH (RFC 5034 §4); ``data`` is the decoded challenge."""
+
+    seq: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class SaslResponse(RawEvent):
+    """A client line answering a SASL challenge; ``cancel`` for ``*`` (RFC 5034 §4)."""
+
+    seq: int
+    cancel: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unsolicited(RawEvent):
+    """A server line matched to no command (e.g. ``-ERR Disconnected for inactivity``)."""
+
+    status: str | None
+    code: str | None
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LineTail(RawEvent):
+    """The rest of an over-long line whose head was already emitted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Injected(RawEvent):
+    """Plaintext after STLS's ``+OK`` and before the TLS handshake (RFC 2595 §4)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Opaque(RawEvent):
+    """Bytes of a direction the observer no longer interprets (passthrough TLS, lost sync)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthIdentity(Event):
+    """The authentication identity decoded from PLAIN, LOGIN or CRAM-MD5: not a secret."""
+
+    seq: int
+    mechanism: str
+    identity: str
+
+
+@dataclass(frozen=True, slots=True)
+class Secret(Event):
+    """A credential byte span that recordings and views must redact."""
+
+    direction: Direction
+    offset: int
+    length: int
+    kind: SecretKind
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged(Event):
+    """The session moved between AUTHORIZATION, TRANSACTION and UPDATE."""
+
+    old: State
+    new: State
+
+
+@dataclass(frozen=True, slots=True)
+class TlsStarted(Event):
+    """From ``offset`` on, ``direction`` carries TLS (decrypted bytes follow, if any)."""
+
+    direction: Direction
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly(Event):
+    """Something a conforming peer would not do; never an exception."""
+
+    kind: str
+    direction: Direction
+    seq: int | None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """``direction``'s sender closed (EOF)."""
+
+    direction: Direction
+    offset: int

@@ -1,0 +1,749 @@
+"""The sans-IO POP3 observer: both directions of a session in, events out.
+
+Theory of operation
+-------------------
+The IO layer feeds a copy of every byte each side sends (``receive_data``; ``b""`` is
+EOF) plus the facts only it knows (``start_tls``).  The observer never sees a socket, a
+clock or a file, so the live proxy and an offline re-read of a capture produce the same
+events.
+
+Framing follows reference §0 and §9: the client side is split into lines; each line is a
+command pushed on a FIFO of pending commands (RFC 2449 §6.6 pipelining: POP3 has no
+tags, order is the only key).  The server side is split into lines while it expects a
+status line; the head of the FIFO decides what a status line means, and only
+(verb, has-argument, status) decides whether a multi-line body follows (RFC 1939 §3).
+Bodies are scanned chunk-wise with ``bytes.find``/``count``/``replace`` for the
+terminator and the stuffed dots: no Python loop runs per body line.
+
+Client lines sent while an AUTH or STLS command is outstanding are *held*: only the
+server's next reply tells whether they were SASL responses, commands, or plaintext
+injected before TLS.  ``settled(direction)`` is the offset up to which events (and the
+credential spans among them) are final; a recorder writes bytes only below it.
+
+Every input byte lands in exactly one ``RawEvent``; nothing here raises on bad input:
+oddities become ``Anomaly`` events, and a direction that cannot be followed goes opaque.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from popproxy.core import values
+from popproxy.core.events import (
+    Anomaly,
+    AuthIdentity,
+    BodyChunk,
+    BodyEnd,
+    Command,
+    ConnectionClosed,
+    Direction,
+    Event,
+    Greeting,
+    Injected,
+    LineTail,
+    Opaque,
+    Reply,
+    SaslChallenge,
+    SaslResponse,
+    Secret,
+    SecretKind,
+    State,
+    StateChanged,
+    TlsStarted,
+    Unsolicited,
+)
+
+# Reference §9.1: multi-line on +OK, always or only without an argument.
+ML_ON_OK = frozenset({"CAPA", "RETR", "TOP", "XTND", "*ENV"})
+ML_ON_OK_IF_NO_ARG = frozenset({"LIST", "UIDL", "AUTH", "LANG"})
+LISTING_VERBS = frozenset({"LIST", "UIDL", "CAPA", "AUTH", "LANG", "XTND"})
+KNOWN_VERBS = frozenset(
+    {"USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "UTF8", "LANG", "QUIT", "STAT", "LIST",
+     "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "RPOP", "XTND"}
+)
+SASL_IDENTITY_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
+MAX_COMMAND = 255  # RFC 2449 §4, including CRLF
+MAX_STATUS = 512  # RFC 1939 §3 / RFC 2449 §4, first line of a response incl. CRLF
+FILLER = ord("#")
+
+
+class ObserverError(Exception):
+    """The one error the observer raises: the caller misused the API (never bad input)."""
+
+
+class _Mode(enum.Enum):
+    LINES = "lines"  # client commands, or server status lines
+    GREETING = "greeting"
+    BODY = "body"
+    TAIL = "tail"  # inside an over-long line whose head was emitted
+    TLS_WAIT = "tls-wait"  # after STLS's +OK, before the handshake
+    OPAQUE = "opaque"
+    CLOSED = "closed"
+
+
+@dataclass
+class _Pending:
+    seq: int
+    verb: str
+    has_arg: bool
+    mechanism: str | None = None
+    responses: list[bytes] = field(default_factory=list)
+    identity_done: bool = False
+
+
+@dataclass
+class _Body:
+    seq: int
+    verb: str
+    bol: bool = True
+    prev_cr: bool = False
+    lines: int = 0
+    octets: int = 0
+    unstuffed_dots: int = 0
+    listing: list[tuple[str, ...]] | None = None
+    partial: bytes = b""
+
+
+@dataclass
+class _Side:
+    direction: Direction
+    mode: _Mode
+    offset: int = 0  # stream offset of the first byte not yet accounted for
+    buf: bytes = b""
+    after_tail: _Mode = _Mode.LINES
+    tail_secret: SecretKind | None = None
+    bare_lf_seen: bool = False
+    reported: set[str] = field(default_factory=set)  # anomalies reported once per side
+
+
+class Observer:
+    """Frames one POP3 session from both directions into events."""
+
+    def __init__(self, *, max_pending: int = 100_000, max_line: int = 8192) -> None:
+        self.max_pending = max_pending
+        self.max_line = max_line
+        self.state = State.AUTHORIZATION
+        self.capabilities: tuple[tuple[str, ...], ...] | None = None
+        self._client = _Side(Direction.CLIENT, _Mode.LINES)
+        self._server = _Side(Direction.SERVER, _Mode.GREETING)
+        self._pending: deque[_Pending] = deque()
+        self._held: list[tuple[int, bytes]] = []
+        self._held_bytes = 0
+        self._auth_open = 0
+        self._stls_open = 0
+        self._awaiting_response = False
+        self._body: _Body | None = None
+        self._last: tuple[int, str, bool, str] | None = None  # seq, verb, has_arg, status
+        self._quit_done = False
+        self._seq = 0
+        self._secrets: list[bytes] = []
+        self._out: list[Event] = []
+
+    # ----------------------------------------------------------------- public API
+
+    def receive_data(self, direction: Direction, data: bytes) -> list[Event]:
+        """Feed bytes ``direction`` sent; ``b""`` means it closed.  Returns new events."""
+        side = self._side(direction)
+        out: list[Event] = []
+        self._out = out
+        if not isinstance(data, bytes):
+            if not isinstance(data, (bytearray, memoryview)):
+                raise ObserverError(f"data must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+        if side.mode is _Mode.CLOSED:
+            if data:
+                if self._held and direction is Direction.CLIENT:
+                    self._release_held(as_secret=True)  # keep stream order
+                self._emit_raw(Opaque, side, data)
+                self._anomaly_once(side, "data-after-close", None, "bytes after EOF")
+            return out
+        if not data:
+            self._close(side)
+        else:
+            self._feed(side, side.buf + data if side.buf else data)
+        return out
+
+    def start_tls(self, direction: Direction, *, decrypted: bool = True) -> list[Event]:
+        """TLS starts on ``direction`` at its current offset (implicit TLS or after STLS).
+
+        With ``decrypted`` the caller goes on feeding plaintext; without it (passthrough)
+        the rest of that direction is opaque.
+        """
+        side = self._side(direction)
+        out: list[Event] = []
+        self._out = out
+        if side.buf:
+            # RFC 2595 §4: bytes before the handshake that were not a whole line.
+            self._anomaly_once(side, "plaintext-after-stls", None,
+                               "plaintext before the TLS handshake, not forwarded")
+            self._emit_raw(Injected, side, side.buf)
+            side.buf = b""
+        out.append(TlsStarted(direction, side.offset))
+        if direction is Direction.SERVER:
+            self.capabilities = None  # RFC 2595 §4: discard cached capabilities
+        if not decrypted:
+            side.mode = _Mode.OPAQUE
+        elif side.mode in (_Mode.TLS_WAIT, _Mode.LINES):
+            side.mode = _Mode.LINES
+        return out
+
+    def go_opaque(self, direction: Direction, reason: str) -> list[Event]:
+        """Stop interpreting ``direction``; its later bytes become ``Opaque`` events."""
+        side = self._side(direction)
+        out: list[Event] = []
+        self._out = out
+        if side.buf:
+            self._emit_raw(Opaque, side, side.buf)
+            side.buf = b""
+        if side.mode is not _Mode.CLOSED:
+            side.mode = _Mode.OPAQUE
+        self._anomaly("opaque", direction, None, reason)
+        return out
+
+    def settled(self, direction: Direction) -> int:
+        """Offset below which every event of ``direction`` (credential spans too) is final."""
+        side = self._side(direction)
+        if direction is Direction.CLIENT and self._held:
+            return self._held[0][0]
+        if side.buf and self._cannot_hold_secret(side):
+            return side.offset + len(side.buf)  # a partial line that can hold no credential
+        return side.offset
+
+    def _cannot_hold_secret(self, side: _Side) -> bool:
+        if side.mode is _Mode.BODY:
+            return True
+        if side.mode is not _Mode.LINES:
+            return False
+        if side.direction is Direction.SERVER:
+            return not self._secrets
+        if self._auth_open or self._stls_open or self._awaiting_response:
+            return False
+        head = side.buf.lstrip(b" \t")[:5].upper()
+        if b" " not in head and len(head) < 5:
+            return False  # the verb is not complete yet
+        return not head.startswith((b"PASS", b"APOP", b"AUTH", b"RPOP"))
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _side(self, direction: Direction) -> _Side:
+        if not isinstance(direction, Direction):
+            raise ObserverError(f"direction must be a Direction, not {direction!r}")
+        return self._client if direction is Direction.CLIENT else self._server
+
+    def _emit_raw(self, cls: type[Opaque] | type[Injected] | type[LineTail], side: _Side,
+                  raw: bytes) -> None:
+        self._out.append(cls(side.direction, side.offset, raw))
+        side.offset += len(raw)
+
+    def _anomaly(self, kind: str, direction: Direction, seq: int | None, detail: str = "") -> None:
+        self._out.append(Anomaly(kind, direction, seq, detail))
+
+    def _anomaly_once(self, side: _Side, kind: str, seq: int | None, detail: str) -> None:
+        """An anomaly that could repeat per ``receive_data`` call: report it once per side, so
+        events do not depend on how the stream was segmented."""
+        if kind not in side.reported:
+            side.reported.add(kind)
+            self._anomaly(kind, side.direction, seq, detail)
+
+    def _secret(self, direction: Direction, offset: int, length: int, kind: SecretKind) -> None:
+        if length > 0:
+            self._out.append(Secret(direction, offset, length, kind))
+
+    def _set_state(self, new: State) -> None:
+        if new is not self.state:
+            self._out.append(StateChanged(self.state, new))
+            self.state = new
+
+    def _feed(self, side: _Side, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            mode = side.mode
+            if mode is _Mode.BODY:
+                pos = self._body_data(side, data, pos)
+                if side.mode is _Mode.BODY:
+                    break  # the rest (at most ".\r") waits for more data
+            elif mode is _Mode.TAIL:
+                nl = data.find(b"\n", pos)
+                stop = end if nl < 0 else nl + 1
+                if nl < 0 and data.endswith(b"\r"):
+                    stop -= 1  # a CR that may end the line: decide with the next byte
+                if stop > pos:
+                    self._tail_piece(side, data[pos:stop], nl >= 0)
+                pos = stop
+                if nl < 0:
+                    break
+            elif mode is _Mode.OPAQUE:
+                self._emit_raw(Opaque, side, data[pos:])
+                pos = end
+            elif mode is _Mode.TLS_WAIT:
+                # RFC 2595 §4: nothing may follow STLS's +OK before the handshake.
+                self._anomaly_once(side, "plaintext-after-stls", None,
+                                   "plaintext before the TLS handshake, not forwarded")
+                self._emit_raw(Injected, side, data[pos:])
+                pos = end
+            else:
+                nl = data.find(b"\n", pos)
+                # A line is over-long when no LF is among its first max_line + 1 octets; the
+                # head is always max_line octets, so events do not depend on segmentation.
+                if (nl < 0 and end - pos > self.max_line) or nl - pos > self.max_line:
+                    self._overlong_head(side, data[pos : pos + self.max_line])
+                    pos += self.max_line
+                    continue
+                if nl < 0:
+                    break
+                self._line(side, data[pos : nl + 1])
+                pos = nl + 1
+        side.buf = data[pos:]
+
+    def _line(self, side: _Side, line: bytes) -> None:
+        if not line.endswith(b"\r\n") and line.endswith(b"\n") and not side.bare_lf_seen:
+            side.bare_lf_seen = True  # RFC 1939 §3: lines end in CRLF; reported once per side
+            self._anomaly("bare-lf", side.direction, None, "line ended by LF alone")
+        if side.direction is Direction.CLIENT:
+            self._client_line(side, line)
+        elif side.mode is _Mode.GREETING:
+            self._greeting(side, line)
+        else:
+            self._server_line(side, line)
+
+    def _tail_piece(self, side: _Side, piece: bytes, last: bool) -> None:
+        if side.tail_secret is not None:
+            content = len(values.strip_eol(piece)) if last else len(piece)
+            self._secret(side.direction, side.offset, content, side.tail_secret)
+        self._emit_raw(LineTail, side, piece)
+        if last:
+            side.mode = side.after_tail
+
+    def _overlong_head(self, side: _Side, head: bytes) -> None:
+        """Emit the head of a line with no LF in sight; the rest follows as ``LineTail``."""
+        self._anomaly("line-too-long", side.direction, None, f"no line end within {len(head)}")
+        before = len(self._out)
+        offset = side.offset
+        if side.direction is Direction.CLIENT:
+            if self._held:
+                # The tail is emitted before the server decides held lines: release them now,
+                # conservatively, so events stay in stream order.
+                self._anomaly("held-overflow", side.direction, None, "over-long undecided line")
+                self._release_held(as_secret=True)
+            if (self._auth_open or self._stls_open) and not self._awaiting_response:
+                self._emit_raw(Opaque, side, head)
+                self._secret(side.direction, offset, len(head), SecretKind.SASL)
+            else:
+                self._client_line(side, head, overlong=True)
+        elif side.mode is _Mode.GREETING:
+            self._greeting(side, head)
+        else:
+            self._server_line(side, head)
+        if side.mode is _Mode.BODY and isinstance(self._out[-1], BodyChunk):
+            return  # resynchronised into a body, which takes lines of any length
+        side.tail_secret = None
+        for event in self._out[before:]:
+            if isinstance(event, Secret) and event.offset + event.length >= offset + len(head) - 1:
+                side.tail_secret = event.kind  # the secret runs on to the line's end
+        side.after_tail = side.mode
+        side.mode = _Mode.TAIL
+
+    # ----------------------------------------------------------------- client side
+
+    def _client_line(self, side: _Side, line: bytes, overlong: bool = False) -> None:
+        if self._held or ((self._auth_open or self._stls_open) and not self._awaiting_response):
+            if self._held_bytes + len(line) > 65536 or len(self._held) >= 1000:
+                self._anomaly("held-overflow", side.direction, None, "too many undecided lines")
+                self._release_held(as_secret=True)
+            else:
+                self._held.append((side.offset, line))
+                self._held_bytes += len(line)
+                side.offset += len(line)
+                return
+        if self._awaiting_response and self._pending:
+            self._sasl_response(side.offset, line)
+        else:
+            self._command(side.offset, line, overlong)
+        side.offset += len(line)
+
+    def _command(self, offset: int, line: bytes, overlong: bool = False) -> None:
+        body = values.strip_eol(line)
+        lead = len(body) - len(body.lstrip(b" \t"))
+        verb_b, sep, rest = body[lead:].partition(b" ")
+        arg_start = lead + len(verb_b) + len(sep)
+        # Dovecot skips repeated spaces (reference §1.2); the argument starts after them.
+        stripped = rest.lstrip(b" ")
+        arg_start += len(rest) - len(stripped)
+        rest = stripped
+        verb = verb_b.upper().decode("ascii", "backslashreplace")
+        has_arg = bool(rest.strip())
+        self._seq += 1
+        seq = self._seq
+        span: tuple[int, int, SecretKind] | None = None
+        if has_arg:
+            if verb == "PASS":
+                # RFC 1939 §7: the password is the rest of the line and may contain spaces.
+                span = (arg_start, len(body), SecretKind.PASS)
+            elif verb == "RPOP":
+                span = (arg_start, len(body), SecretKind.RPOP)
+            elif verb == "APOP":
+                name, sp, _digest = rest.rstrip(b" ").partition(b" ")
+                if sp:
+                    start = arg_start + len(name) + 1
+                    span = (start, arg_start + len(rest.rstrip(b" ")), SecretKind.APOP)
+            elif verb == "AUTH":
+                mech, sp, ir = rest.partition(b" ")
+                if sp and ir.strip() and ir.strip() != b"=":
+                    span = (arg_start + len(mech) + 1, len(body), SecretKind.AUTH_IR)
+        masked = bytearray(body)
+        if span is not None:
+            start, stop, kind = span
+            self._secret(Direction.CLIENT, offset + start, stop - start, kind)
+            self._remember_secret(body[start:stop])
+            masked[start:stop] = bytes([FILLER]) * (stop - start)
+        args = values.decode_text(bytes(masked[arg_start:])) if has_arg else None
+        if len(line) > MAX_COMMAND:
+            overlong = True  # RFC 2449 §4: 255 octets including CRLF
+            self._anomaly("command-too-long", Direction.CLIENT, seq, f"{len(line)} octets")
+        self._out.append(Command(Direction.CLIENT, offset, line, seq, verb, args, overlong))
+        pending = _Pending(seq, verb, has_arg)
+        if verb == "AUTH" and has_arg:
+            mech, _, ir = rest.partition(b" ")
+            pending.mechanism = mech.upper().decode("ascii", "backslashreplace")
+            if ir.strip():
+                pending.responses.append(b"" if ir.strip() == b"=" else ir.strip())
+                self._maybe_identity(pending)
+            self._auth_open += 1
+        elif verb == "STLS":
+            self._stls_open += 1
+        if self._quit_done:
+            self._anomaly("command-after-quit", Direction.CLIENT, seq, verb)
+        self._pending.append(pending)
+        if len(self._pending) > self.max_pending:
+            self._anomaly("pipeline-overflow", Direction.CLIENT, seq,
+                          f"more than {self.max_pending} commands outstanding")
+            self._pending.clear()
+            self._client.mode = _Mode.OPAQUE
+            self._server.mode = _Mode.OPAQUE
+
+    def _sasl_response(self, offset: int, line: bytes) -> None:
+        head = self._pending[0]
+        body = values.strip_eol(line)
+        cancel = body == b"*"
+        if not cancel:
+            self._secret(Direction.CLIENT, offset, len(body), SecretKind.SASL)
+            self._remember_secret(body)
+        head.responses.append(body)
+        self._awaiting_response = False
+        self._out.append(SaslResponse(Direction.CLIENT, offset, line, head.seq, cancel))
+        self._maybe_identity(head)
+
+    def _maybe_identity(self, pending: _Pending) -> None:
+        mech = pending.mechanism
+        if pending.identity_done or mech not in SASL_IDENTITY_MECHANISMS or mech is None:
+            return
+        identity = values.sasl_identity(mech, pending.responses)
+        if identity is not None:
+            pending.identity_done = True
+            self._out.append(AuthIdentity(pending.seq, mech, identity))
+
+    def _remember_secret(self, token: bytes) -> None:
+        if len(token.strip()) >= 4:
+            self._secrets.append(token.strip().lower())
+            del self._secrets[:-16]
+
+    def _release_held(self, *, injected: bool = False, as_secret: bool = False) -> None:
+        """Decide the role of held client lines, in the order they arrived (reference §9.3)."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        if not held:
+            return
+        for i, (offset, line) in enumerate(held):
+            if injected:
+                self._out.append(Injected(Direction.CLIENT, offset, line))
+            elif as_secret:
+                self._out.append(Opaque(Direction.CLIENT, offset, line))
+                self._secret(Direction.CLIENT, offset, len(line), SecretKind.SASL)
+            elif self._awaiting_response and self._pending:
+                self._sasl_response(offset, line)
+            elif (self._auth_open or self._stls_open) and not self._awaiting_response:
+                self._held = held[i:]  # another AUTH/STLS is outstanding: keep waiting
+                self._held_bytes = sum(len(x[1]) for x in self._held)
+                return
+            else:
+                self._command(offset, line)
+        if injected:
+            self._anomaly_once(self._client, "plaintext-after-stls", None,
+                               "plaintext before the TLS handshake, not forwarded")
+
+    # ----------------------------------------------------------------- server side
+
+    def _greeting(self, side: _Side, line: bytes) -> None:
+        body = values.strip_eol(line)
+        status, odd, rest = values.classify_status(body)
+        code, text = values.split_code(rest)
+        if status is None or status == values.CONT:
+            self._anomaly("bad-greeting", Direction.SERVER, None, values.decode_text(body[:80]))
+        elif odd:
+            self._anomaly(odd, Direction.SERVER, None, values.decode_text(body[:16]))
+        if len(line) > MAX_STATUS:
+            self._anomaly("status-too-long", Direction.SERVER, None, f"{len(line)} octets")
+        stamp = values.apop_timestamp(body)
+        self._out.append(
+            Greeting(Direction.SERVER, side.offset, line, status or values.decode_text(
+                body.partition(b" ")[0]), code, text, stamp)
+        )
+        side.offset += len(line)
+        side.mode = _Mode.LINES
+
+    def _mask_echo(self, side: _Side, body: bytes) -> bytes:
+        """Mask a server line's echo of a credential (reference §11.2, Dovecot's %s)."""
+        if not self._secrets:
+            return body
+        lower = body.lower()
+        masked: bytearray | None = None
+        for token in self._secrets:
+            start = lower.find(token)
+            while start >= 0:
+                masked = masked if masked is not None else bytearray(body)
+                masked[start : start + len(token)] = bytes([FILLER]) * len(token)
+                self._secret(Direction.SERVER, side.offset + start, len(token), SecretKind.ECHO)
+                start = lower.find(token, start + len(token))
+        return body if masked is None else bytes(masked)
+
+    def _server_line(self, side: _Side, line: bytes) -> None:
+        body = self._mask_echo(side, values.strip_eol(line))
+        status, odd, rest = values.classify_status(body)
+        head = self._pending[0] if self._pending else None
+        offset = side.offset
+        if status is None and self._resync_into_body(side, line):
+            return
+        if head is None or status is None:
+            code, text = values.split_code(rest) if status else (None, values.decode_text(body))
+            if self._quit_done:
+                self._anomaly("data-after-quit", Direction.SERVER, None, text[:80])
+            elif head is None:
+                self._anomaly("unsolicited", Direction.SERVER, None, text[:80])
+            else:
+                self._anomaly("unexpected-line", Direction.SERVER, head.seq, text[:80])
+            self._out.append(Unsolicited(Direction.SERVER, offset, line, status, code, text))
+            side.offset += len(line)
+            return
+        if odd:
+            self._anomaly(odd, Direction.SERVER, head.seq, values.decode_text(body[:16]))
+        overlong = len(line) > MAX_STATUS
+        if head.mechanism is not None:
+            if status == values.CONT:
+                self._challenge(side, line, rest, head)
+                return
+            overlong = False  # RFC 5034 §4: SASL exchanges are exempt from line limits
+        elif overlong:
+            self._anomaly("status-too-long", Direction.SERVER, head.seq, f"{len(line)} octets")
+        code, text = values.split_code(rest)
+        multiline = status == values.OK and (
+            head.verb in ML_ON_OK or (head.verb in ML_ON_OK_IF_NO_ARG and not head.has_arg)
+        )
+        if status == values.CONT:
+            self._anomaly("continuation-outside-auth", Direction.SERVER, head.seq, head.verb)
+        value: tuple[object, ...] | None = None
+        if status == values.OK and head.verb == "STAT":
+            value = values.parse_drop_listing(text)
+        elif status == values.OK and head.verb in ("LIST", "UIDL") and head.has_arg:
+            value = values.single_listing(head.verb, text)
+        self._out.append(Reply(Direction.SERVER, offset, line, head.seq, head.verb, status, code,
+                               text, multiline, value, overlong))
+        side.offset += len(line)
+        self._pending.popleft()
+        self._last = (head.seq, head.verb, head.has_arg, status)
+        self._after_reply(side, head, status)
+        if multiline:
+            listing: list[tuple[str, ...]] | None = [] if head.verb in LISTING_VERBS else None
+            self._body = _Body(head.seq, head.verb, listing=listing)
+            side.mode = _Mode.BODY
+
+    def _challenge(self, side: _Side, line: bytes, rest: bytes, head: _Pending) -> None:
+        data = values.b64decode(rest.strip()) if rest.strip() else b""
+        self._out.append(SaslChallenge(Direction.SERVER, side.offset, line, head.seq, data))
+        side.offset += len(line)
+        if self._awaiting_response:
+            self._anomaly("challenge-without-response", Direction.SERVER, head.seq)
+        self._awaiting_response = True
+        if self._held:
+            first, self._held = self._held[0], self._held[1:]
+            self._held_bytes -= len(first[1])
+            self._sasl_response(*first)
+
+    def _after_reply(self, side: _Side, head: _Pending, status: str) -> None:
+        ok = status == values.OK
+        if head.mechanism is not None:
+            self._auth_open -= 1
+            self._awaiting_response = False
+        if head.verb == "STLS":
+            self._stls_open -= 1
+            if ok:
+                # RFC 2595 §4: TLS begins right after this line's CRLF, on both sides.
+                side.mode = _Mode.TLS_WAIT
+                self._client.mode = _Mode.TLS_WAIT if self._client.mode is _Mode.LINES \
+                    else self._client.mode
+                self._release_held(injected=True)
+                return
+        if ok and head.verb in ("PASS", "APOP", "AUTH") and (head.verb != "AUTH" or head.has_arg):
+            self._set_state(State.TRANSACTION)
+        if head.verb == "QUIT" and ok:
+            self._quit_done = True
+            if self.state is State.TRANSACTION:
+                self._set_state(State.UPDATE)  # RFC 1939 §6
+        if self._held and not self._auth_open and not self._stls_open:
+            self._release_held()
+
+    def _resync_into_body(self, side: _Side, line: bytes) -> bool:
+        """Reference §9.4: listing lines after a single-line +OK to ``LIST n``/``UIDL n`` or an
+        unknown verb mean the server sent a body after all; read it until the terminator."""
+        last = self._last
+        if last is None or last[3] != values.OK or self._body is not None:
+            return False
+        seq, verb, has_arg, _ = last
+        if not ((verb in ("LIST", "UIDL") and has_arg) or verb not in KNOWN_VERBS):
+            return False
+        if self._pending and self._pending[0].seq != seq + 1:
+            return False
+        self._anomaly("multiline-reply-to-single", Direction.SERVER, seq, verb)
+        self._body = _Body(seq, verb, listing=[] if verb in LISTING_VERBS else None)
+        self._last = None
+        side.mode = _Mode.BODY
+        self._feed(side, line)  # re-read this line as body data
+        if side.buf:  # a lone "." at close: body data after all
+            rest, side.buf = side.buf, b""
+            self._body_chunk(side, self._body, rest, self._lead_dot(rest), 0)
+        return True
+
+    # ----------------------------------------------------------------- bodies
+
+    def _body_data(self, side: _Side, data: bytes, pos: int) -> int:
+        """Consume body bytes from ``pos``; return where parsing stopped (RFC 1939 §3).
+
+        One ``find`` per line that starts with a dot (rare in mail) is the only per-line
+        work: such a line is either the terminator or dot-stuffed.
+        """
+        body = self._body
+        assert body is not None
+        end = len(data)
+        if not side.bare_lf_seen:
+            # Cheap check of the first and last line end; a bare-LF body switches the search
+            # to "\n." so that its terminator is still found.
+            first, last = data.find(b"\n", pos), data.rfind(b"\n", pos)
+            if (first > pos and data[first - 1] != 13) or (last > pos and data[last - 1] != 13):
+                side.bare_lf_seen = True
+                self._anomaly("bare-lf", side.direction, body.seq, "body line ended by LF alone")
+        needle, back = (b"\n.", 1) if side.bare_lf_seen else (b"\r\n.", 2)
+        dots: list[int] = []
+        start = pos
+        if body.bol and data.startswith(b".", pos):
+            j = pos
+        elif body.prev_cr and data.startswith(b"\n.", pos):
+            j = pos + 1
+        else:
+            k = data.find(needle, pos)
+            j = k + back if k >= 0 else -1
+        while j >= 0:
+            if data.startswith(b".\r\n", j) or data.startswith(b".\n", j):
+                term = 3 if data[j + 1] == 13 else 2
+                if j > start:
+                    self._body_chunk(side, body, data[start:j], dots, start)
+                self._end_body(side, body, data[j : j + term], truncated=False)
+                return j + term
+            if end - j < 3 and data[j:] in (b".", b".\r"):
+                if j > start:  # maybe the terminator: decide when more bytes come
+                    self._body_chunk(side, body, data[start:j], dots, start)
+                return j
+            dots.append(j)
+            k = data.find(needle, j + 1)
+            j = k + back if k >= 0 else -1
+        if end > start:
+            self._body_chunk(side, body, data[start:end], dots, start)
+        return end
+
+    def _lead_dot(self, rest: bytes) -> list[int]:
+        return [0] if self._body is not None and self._body.bol and rest.startswith(b".") else []
+
+    def _body_chunk(self, side: _Side, body: _Body, raw: bytes, dots: list[int],
+                    base: int) -> None:
+        """Account for body bytes; ``dots`` are positions (from ``base``) of line-start dots."""
+        data = raw
+        if dots:
+            # RFC 1939 §3: drop the first octet of a line that begins with ".".
+            pieces, prev = [], 0
+            for at in dots:
+                i = at - base
+                if raw[i + 1 : i + 2] != b".":
+                    body.unstuffed_dots += 1
+                pieces.append(raw[prev:i])
+                prev = i + 1
+            pieces.append(raw[prev:])
+            data = b"".join(pieces)
+            dots.clear()
+        body.prev_cr = raw.endswith(b"\r")
+        body.bol = raw.endswith(b"\n")
+        body.lines += raw.count(b"\n")
+        body.octets += len(data)
+        if body.listing is not None:
+            parts = (body.partial + data).split(b"\n")
+            body.partial = parts.pop()
+            for part in parts:
+                if len(body.listing) < 1_000_000:
+                    body.listing.append(values.parse_listing_line(body.verb, part.rstrip(b"\r")))
+        self._out.append(BodyChunk(side.direction, side.offset, raw, body.seq, data))
+        side.offset += len(raw)
+
+    def _end_body(self, side: _Side, body: _Body, raw: bytes, *, truncated: bool) -> None:
+        if body.unstuffed_dots:
+            self._anomaly("unstuffed-dot", side.direction, body.seq,
+                          f"{body.unstuffed_dots} body lines start with an unstuffed '.'")
+        if truncated:
+            self._anomaly("truncated-body", side.direction, body.seq, "closed before '.'")
+        if body.listing is not None and body.partial:
+            body.listing.append(values.parse_listing_line(body.verb, body.partial.rstrip(b"\r")))
+        listing = tuple(body.listing) if body.listing is not None else None
+        if body.verb == "CAPA" and listing is not None:
+            self.capabilities = listing
+        self._out.append(BodyEnd(side.direction, side.offset, raw, body.seq, body.lines,
+                                 body.octets, truncated, listing))
+        side.offset += len(raw)
+        self._body = None
+        side.mode = _Mode.LINES
+
+    # ----------------------------------------------------------------- close
+
+    def _close(self, side: _Side) -> None:
+        direction = side.direction
+        if side.buf:
+            rest, side.buf = side.buf, b""
+            if side.mode is _Mode.BODY:
+                assert self._body is not None
+                self._body_chunk(side, self._body, rest, self._lead_dot(rest), 0)
+            elif side.mode in (_Mode.LINES, _Mode.GREETING):
+                self._anomaly("unterminated-line", direction, None, f"{len(rest)} octets")
+                self._line(side, rest)
+            elif side.mode is _Mode.TAIL:
+                self._tail_piece(side, rest, True)
+            else:
+                self._feed(side, rest)
+                side.buf = b""
+        if side.mode is _Mode.BODY and self._body is not None:
+            self._end_body(side, self._body, b"", truncated=True)
+        if direction is Direction.SERVER:
+            auth_open = self._auth_open
+            if self._pending:
+                head = self._pending[0]
+                # Reference §10 item 16: a close ends the head command without a reply.
+                self._anomaly("no-reply", direction, head.seq,
+                              f"{len(self._pending)} command(s) unanswered at close")
+                self._pending.clear()
+                self._auth_open = self._stls_open = 0
+                self._awaiting_response = False
+            if self._held:
+                # Lines sent during an AUTH the server never finished: their role stays
+                # unknown, so treat them as credentials (reference §11.1).
+                self._release_held(as_secret=bool(auth_open))
+        side.mode = _Mode.CLOSED
+        self._out.append(ConnectionClosed(direction, side.offset))

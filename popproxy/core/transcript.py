@@ -1,0 +1,284 @@
+"""Pairs observer events into exchanges (command, reply, body summary) for views and replay."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from typing import Any
+
+from popproxy.core.events import (
+    Anomaly,
+    AuthIdentity,
+    BodyChunk,
+    BodyEnd,
+    Command,
+    ConnectionClosed,
+    Direction,
+    Event,
+    Greeting,
+    Injected,
+    Reply,
+    SaslChallenge,
+    SaslResponse,
+    StateChanged,
+    TlsStarted,
+    Unsolicited,
+)
+from popproxy.core.values import decode_text
+
+MESSAGE_VERBS = frozenset({"RETR", "TOP"})
+HEAD_LIMIT = 64 * 1024  # bytes of a message kept to summarise its headers
+MAX_ATTACHMENTS = 20
+_FILENAME_RE = re.compile(rb'(?i)\b(?:file)?name\*?=\s*"?([^";\r\n]{1,200})')
+
+
+@dataclass
+class MessageSummary:
+    """What a folded body line says about a message: from a bounded look at its headers."""
+
+    sender: str | None = None
+    subject: str | None = None
+    date: str | None = None
+    attachments: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.sender, "subject": self.subject, "date": self.date,
+                "attachments": self.attachments}
+
+
+@dataclass
+class Exchange:
+    """A command and everything the server answered to it (or a greeting / unsolicited line)."""
+
+    kind: str  # "greeting" | "command" | "unsolicited"
+    seq: int | None
+    command: str | None = None
+    args: str | None = None
+    status: str | None = None
+    code: str | None = None
+    text: str | None = None
+    multiline: bool = False
+    body_lines: int | None = None
+    body_octets: int | None = None
+    body_sha256: str | None = None
+    truncated: bool = False
+    value: tuple[object, ...] | None = None
+    listing: tuple[tuple[str, ...], ...] | None = None
+    sasl: list[dict[str, Any]] = field(default_factory=list)
+    t_sent: float | None = None
+    t_reply: float | None = None
+    t_end: float | None = None
+    message: MessageSummary | None = None
+    state: str | None = None  # the session state when the command was sent
+    client_octets: int = 0
+    server_octets: int = 0
+    _hash: Any = None
+    _head: bytearray | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.t_end is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "seq": self.seq, "command": self.command, "args": self.args,
+            "status": self.status, "code": self.code, "text": self.text,
+            "multiline": self.multiline, "body_lines": self.body_lines,
+            "body_octets": self.body_octets, "body_sha256": self.body_sha256,
+            "truncated": self.truncated,
+            "value": list(self.value) if self.value is not None else None,
+            "listing": [list(x) for x in self.listing] if self.listing is not None else None,
+            "sasl": self.sasl, "state": self.state,
+            "message": self.message.to_json() if self.message else None,
+            "t_sent": self.t_sent, "t_reply": self.t_reply, "t_end": self.t_end,
+        }
+
+
+@dataclass
+class SessionSummary:
+    """Session-wide facts gathered while building the transcript."""
+
+    greeting: str | None = None
+    apop_timestamp: str | None = None
+    user: str | None = None
+    mechanism: str | None = None
+    state: str = "AUTHORIZATION"
+    quit: bool = False
+    commands: int = 0
+    tls: list[dict[str, Any]] = field(default_factory=list)
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Item:
+    """Something a live view can show: ``what`` is command, done, anomaly, state, tls, closed."""
+
+    what: str
+    t: float
+    exchange: Exchange | None = None
+    detail: Any = None
+
+
+class TranscriptBuilder:
+    """Consumes (time, events) and yields display items; keeps only unfinished exchanges."""
+
+    def __init__(self, *, hash_bodies: bool = True, keep_listings: bool = True) -> None:
+        self.hash_bodies = hash_bodies
+        self.keep_listings = keep_listings
+        self.session = SessionSummary()
+        self._open: dict[int, Exchange] = {}
+
+    def feed(self, t: float, events: list[Event]) -> list[Item]:
+        items: list[Item] = []
+        for event in events:
+            item = self._one(t, event)
+            if item is not None:
+                items.append(item)
+        return items
+
+    def _one(self, t: float, event: Event) -> Item | None:
+        session = self.session
+        if isinstance(event, Command):
+            session.commands += 1
+            ex = Exchange("command", event.seq, event.verb, event.args, t_sent=t,
+                          state=session.state, client_octets=len(event.raw))
+            if event.verb == "USER" and event.args:
+                session.user = event.args
+            elif event.verb == "APOP" and event.args:
+                session.user = event.args.split(" ")[0]
+            elif event.verb == "QUIT":
+                session.quit = True
+            self._open[event.seq] = ex
+            return Item("command", t, ex)
+        if isinstance(event, Reply):
+            ex = self._open.get(event.seq) or Exchange("command", event.seq, event.verb)
+            ex.status, ex.code, ex.text = event.status, event.code, event.text
+            ex.multiline, ex.value, ex.t_reply = event.multiline, event.value, t
+            ex.server_octets += len(event.raw)
+            if event.multiline:
+                ex.body_lines = ex.body_octets = 0
+                if self.hash_bodies:
+                    ex._hash = hashlib.sha256()
+                if event.verb in MESSAGE_VERBS:
+                    ex._head = bytearray()
+                    ex.message = MessageSummary()
+                self._open[event.seq] = ex
+                return None
+            ex.t_end = t
+            self._open.pop(event.seq, None)
+            return Item("done", t, ex)
+        if isinstance(event, BodyChunk):
+            found = self._open.get(event.seq)
+            if found is None:  # a resynchronised body for an exchange already finished
+                found = self._open[event.seq] = Exchange("command", event.seq, multiline=True,
+                                                      body_lines=0, body_octets=0)
+                found._hash = hashlib.sha256() if self.hash_bodies else None
+            ex = found
+            ex.server_octets += len(event.raw)
+            if ex._hash is not None:
+                ex._hash.update(event.data)
+            if ex._head is not None and len(ex._head) < HEAD_LIMIT:
+                ex._head += event.data[: HEAD_LIMIT - len(ex._head)]
+            if ex.message is not None and b"name" in event.data:
+                names = ex.message.attachments
+                for match in _FILENAME_RE.finditer(event.data):
+                    name = decode_text(match.group(1)).strip()
+                    if name not in names and len(names) < MAX_ATTACHMENTS:
+                        names.append(name)
+            return None
+        if isinstance(event, BodyEnd):
+            if event.seq not in self._open:
+                return None
+            ex = self._open.pop(event.seq)
+            ex.multiline = True
+            ex.body_lines, ex.body_octets, ex.truncated = event.lines, event.octets, event.truncated
+            ex.server_octets += len(event.raw)
+            if self.keep_listings:
+                ex.listing = event.listing
+            if ex._hash is not None:
+                ex.body_sha256 = ex._hash.hexdigest()
+                ex._hash = None
+            if ex._head is not None and ex.message is not None:
+                _summarise(ex.message, bytes(ex._head))
+                ex._head = None
+            ex.t_end = t
+            return Item("done", t, ex)
+        if isinstance(event, SaslChallenge):
+            sasl_ex = self._open.get(event.seq)
+            if sasl_ex is not None:
+                sasl_ex.server_octets += len(event.raw)
+                line = decode_text(event.raw.rstrip(b"\r\n"))
+                entry: dict[str, Any] = {"from": "server", "line": line}
+                if event.data:
+                    entry["decoded"] = decode_text(event.data)
+                sasl_ex.sasl.append(entry)
+            return Item("sasl", t, sasl_ex, "server")
+        if isinstance(event, SaslResponse):
+            sasl_ex = self._open.get(event.seq)
+            if sasl_ex is not None:
+                sasl_ex.client_octets += len(event.raw)
+                body = event.raw.rstrip(b"\r\n")
+                shown = "*" if event.cancel else "#" * len(body)
+                sasl_ex.sasl.append({"from": "client", "line": shown, "cancel": event.cancel})
+            return Item("sasl", t, sasl_ex, "client")
+        if isinstance(event, Greeting):
+            session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
+            session.apop_timestamp = event.apop_timestamp
+            ex = Exchange("greeting", None, status=event.status, code=event.code,
+                          text=event.text, t_reply=t, t_end=t, server_octets=len(event.raw))
+            return Item("done", t, ex)
+        if isinstance(event, Unsolicited):
+            ex = Exchange("unsolicited", None, status=event.status, code=event.code,
+                          text=event.text, t_reply=t, t_end=t, server_octets=len(event.raw))
+            return Item("done", t, ex)
+        if isinstance(event, AuthIdentity):
+            session.user, session.mechanism = event.identity, event.mechanism
+            return None
+        if isinstance(event, Anomaly):
+            record = {"kind": event.kind, "dir": event.direction.value, "seq": event.seq,
+                      "detail": event.detail, "t": t}
+            session.anomalies.append(record)
+            return Item("anomaly", t, None, record)
+        if isinstance(event, StateChanged):
+            session.state = event.new.value
+            return Item("state", t, None, event.new.value)
+        if isinstance(event, TlsStarted):
+            return Item("tls", t, None, event.direction.value)
+        if isinstance(event, Injected):
+            return None
+        if isinstance(event, ConnectionClosed):
+            who = "client" if event.direction is Direction.CLIENT else "server"
+            session.closed.append(who)
+            return Item("closed", t, None, who)
+        return None
+
+    def unfinished(self) -> list[Exchange]:
+        """Exchanges still open (no reply, or a body cut off): shown at the end of a session."""
+        return sorted(self._open.values(), key=lambda ex: ex.seq or 0)
+
+
+def _summarise(summary: MessageSummary, head: bytes) -> None:
+    """Read From, Subject and Date from a message's first bytes (RFC 5322 §3.6)."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        end = head.find(b"\n\n")
+    block = head if end < 0 else head[: end + 2]
+    try:
+        headers = BytesHeaderParser(policy=default_policy).parsebytes(block)
+        summary.sender = _header(headers, "From")
+        summary.subject = _header(headers, "Subject")
+        summary.date = _header(headers, "Date")
+    except Exception:  # a malformed header must not stop the transcript
+        summary.subject = summary.subject or None
+
+
+def _header(headers: Any, name: str) -> str | None:
+    try:
+        value = headers.get(name)
+    except Exception:  # the email package raises many kinds
+        return None
+    return None if value is None else " ".join(str(value).split())[:200]
