@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -45,7 +46,7 @@ class CaptureReader:
             self._file.close()
             raise CaptureError(f"{self.path}: {exc}") from None
         self.header: dict[str, Any] = header
-        self._body_start = self._file.tell()
+        self._body_start = self._resume = self._file.tell()
         self.size = os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
@@ -57,10 +58,28 @@ class CaptureReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def records(self, *, follow: bool = False) -> Iterator[Record]:
-        """Every record after the header, in file order; unknown kinds are yielded as-is."""
+    def records(self, *, follow: bool = False, poll: float = 0.2) -> Iterator[Record]:
+        """Every record after the header, in file order; unknown kinds are yielded as-is.
+
+        With ``follow`` (a capture still being written) it waits for more records until the
+        end record arrives; stop it by closing the generator.
+        """
+        position = self._body_start
+        while True:
+            for record in self._records_from(position, follow):
+                yield record
+                if record.kind == fmt.END:
+                    return
+            if not follow:
+                return
+            position = self._resume
+            time.sleep(poll)
+            self.size = os.fstat(self._file.fileno()).st_size
+
+    def _records_from(self, position: int, follow: bool) -> Iterator[Record]:
         f = self._file
-        f.seek(self._body_start)
+        f.seek(position)
+        self._resume = position
         while True:
             start = f.tell()
             line = f.readline(MAX_META_LINE)
@@ -95,6 +114,7 @@ class CaptureReader:
                         self._torn(start, f"a data record cut short ({len(data)} of {n} octets)")
                         return
                     raise CaptureError(f"{self.path}: data record at byte {start} is malformed")
+            self._resume = f.tell()
             yield Record(kind, fields, data)
 
     def end(self) -> dict[str, Any] | None:

@@ -156,8 +156,8 @@ class Observer:
             if data:
                 if self._held and direction is Direction.CLIENT:
                     self._release_held(as_secret=True)  # keep stream order
-                self._emit_raw(Opaque, side, data)
                 self._anomaly_once(side, "data-after-close", None, "bytes after EOF")
+                self._emit_raw(Opaque, side, data)
             return out
         if not data:
             self._close(side)
@@ -382,11 +382,12 @@ class Observer:
         seq = self._seq
         span: tuple[int, int, SecretKind] | None = None
         if has_arg:
+            # RFC 1939 §7: the password is the rest of the line after one SP; it may contain
+            # spaces, leading ones too (reference §11.1).
             if verb == "PASS":
-                # RFC 1939 §7: the password is the rest of the line and may contain spaces.
-                span = (arg_start, len(body), SecretKind.PASS)
+                span = (lead + len(verb_b) + 1, len(body), SecretKind.PASS)
             elif verb == "RPOP":
-                span = (arg_start, len(body), SecretKind.RPOP)
+                span = (lead + len(verb_b) + 1, len(body), SecretKind.RPOP)
             elif verb == "APOP":
                 name, sp, _digest = rest.rstrip(b" ").partition(b" ")
                 if sp:

@@ -75,6 +75,7 @@ class Exchange:
     state: str | None = None  # the session state when the command was sent
     client_octets: int = 0
     server_octets: int = 0
+    shown: int = 0
     _hash: Any = None
     _head: bytearray | None = None
 
@@ -126,9 +127,12 @@ class Item:
 class TranscriptBuilder:
     """Consumes (time, events) and yields display items; keeps only unfinished exchanges."""
 
-    def __init__(self, *, hash_bodies: bool = True, keep_listings: bool = True) -> None:
+    def __init__(self, *, hash_bodies: bool = True, keep_listings: bool = True,
+                 body_items: int = 0, reveal_secrets: bool = False) -> None:
+        self.reveal_secrets = reveal_secrets  # args from the raw bytes, not the masked copy
         self.hash_bodies = hash_bodies
         self.keep_listings = keep_listings
+        self.body_items = body_items  # bytes of each body to pass on as "body" items
         self.session = SessionSummary()
         self._open: dict[int, Exchange] = {}
 
@@ -144,7 +148,11 @@ class TranscriptBuilder:
         session = self.session
         if isinstance(event, Command):
             session.commands += 1
-            ex = Exchange("command", event.seq, event.verb, event.args, t_sent=t,
+            args = event.args
+            if self.reveal_secrets and args is not None:
+                line = decode_text(event.raw.rstrip(b"\r\n")).lstrip(" \t")
+                args = line.partition(" ")[2].lstrip(" ") or args
+            ex = Exchange("command", event.seq, event.verb, args, t_sent=t,
                           state=session.state, client_octets=len(event.raw))
             if event.verb == "USER" and event.args:
                 session.user = event.args
@@ -189,6 +197,10 @@ class TranscriptBuilder:
                     name = decode_text(match.group(1)).strip()
                     if name not in names and len(names) < MAX_ATTACHMENTS:
                         names.append(name)
+            if self.body_items and ex.shown < self.body_items:
+                piece = event.data[: self.body_items - ex.shown]
+                ex.shown += len(piece)
+                return Item("body", t, ex, piece)
             return None
         if isinstance(event, BodyEnd):
             if event.seq not in self._open:
@@ -216,15 +228,18 @@ class TranscriptBuilder:
                 if event.data:
                     entry["decoded"] = decode_text(event.data)
                 sasl_ex.sasl.append(entry)
-            return Item("sasl", t, sasl_ex, "server")
+                return Item("sasl", t, sasl_ex, entry)
+            return None
         if isinstance(event, SaslResponse):
             sasl_ex = self._open.get(event.seq)
             if sasl_ex is not None:
                 sasl_ex.client_octets += len(event.raw)
                 body = event.raw.rstrip(b"\r\n")
                 shown = "*" if event.cancel else "#" * len(body)
-                sasl_ex.sasl.append({"from": "client", "line": shown, "cancel": event.cancel})
-            return Item("sasl", t, sasl_ex, "client")
+                entry = {"from": "client", "line": shown, "cancel": event.cancel}
+                sasl_ex.sasl.append(entry)
+                return Item("sasl", t, sasl_ex, entry)
+            return None
         if isinstance(event, Greeting):
             session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
             session.apop_timestamp = event.apop_timestamp

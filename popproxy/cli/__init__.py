@@ -1,0 +1,1 @@
+"""The ``popproxy`` command line: one module per subcommand, consoles built only here."""

@@ -1,0 +1,118 @@
+"""``popproxy record``: run the relaying, recording proxy with a live transcript."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import trio
+
+from popproxy.proxy.config import ProxyConfig, StlsMode, UsageError, parse_hostport
+from popproxy.proxy.server import serve_record
+from popproxy.tls.ca import default_ca_dir
+from popproxy.tls.contexts import client_context
+from popproxy.views.live import NORMAL, QUIET, VERBOSE, LiveView
+from popproxy.views.theme import make_console
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("record", help="relay a mail client to a POP3 server and record it",
+                       description="Listen for POP3 clients, relay each to the upstream server "
+                                   "byte for byte, show the session live and write a capture.")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT",
+                   help="the real POP3 server (names, IPv4 or [IPv6]:PORT)")
+    p.add_argument("--listen", default="127.0.0.1:1110", metavar="HOST:PORT",
+                   help="where clients connect (default 127.0.0.1:1110; port 0 picks one)")
+    p.add_argument("--out", default="captures", metavar="DIR",
+                   help="folder for capture files (default captures/)")
+    p.add_argument("--keep-secrets", action="store_true",
+                   help="write credentials to the capture instead of redacting them")
+    p.add_argument("--show-secrets", action="store_true",
+                   help="(display) secrets are always masked live; reserved for symmetry")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--quiet", "-q", action="store_true", help="only session start and end")
+    level.add_argument("--verbose", "-v", action="store_true", help="show message bodies too")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to reach the upstream and finish TLS handshakes (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                   help="close a session after S seconds without traffic (default 600, "
+                        "RFC 1939 §3)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--listen-tls", action="store_true",
+                     help="implicit TLS towards clients (pop3s), with popproxy's own CA")
+    tls.add_argument("--upstream-tls", action="store_true",
+                     help="implicit TLS towards the server, verified against the system store")
+    tls.add_argument("--upstream-stls", action="store_true",
+                     help="popproxy upgrades the upstream leg with STLS itself")
+    tls.add_argument("--upstream-ca", metavar="FILE", help="also trust this CA for the upstream")
+    tls.add_argument("--insecure", action="store_true",
+                     help="do NOT verify the upstream certificate (said loudly everywhere)")
+    tls.add_argument("--stls", choices=[m.value for m in StlsMode], default="intercept",
+                     help="what to do with a client's STLS (default intercept)")
+    tls.add_argument("--ca-dir", metavar="DIR",
+                     help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)")
+    p.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace) -> ProxyConfig:
+    upstream = parse_hostport(args.upstream)
+    listen = parse_hostport(args.listen, default_port=1110)
+    if upstream[1] == 0:
+        raise UsageError("--upstream needs a real port, not 0")
+    for name in ("connect_timeout", "idle_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.upstream_tls and args.upstream_stls:
+        raise UsageError("--upstream-tls and --upstream-stls exclude each other")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write captures to {out}: {exc.strerror or exc}") from None
+    if args.upstream_ca and not os.path.isfile(args.upstream_ca):
+        raise UsageError(f"--upstream-ca {args.upstream_ca}: no such file")
+    config = ProxyConfig(
+        upstream=upstream, listen=listen, out_dir=out, keep_secrets=args.keep_secrets,
+        connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout,
+        listen_tls=args.listen_tls, upstream_tls=args.upstream_tls,
+        upstream_stls=args.upstream_stls, stls=StlsMode(args.stls), insecure=args.insecure,
+        upstream_ca=args.upstream_ca, verbose=args.verbose,
+    )
+    try:
+        config.upstream_context = client_context(cafile=args.upstream_ca, insecure=args.insecure)
+    except OSError as exc:
+        raise UsageError(f"--upstream-ca {args.upstream_ca}: {exc}") from None
+    config.ca_dir = Path(args.ca_dir) if args.ca_dir else default_ca_dir()
+    if args.listen_tls:
+        config.certificate_authority()  # fail at start-up, not at the first client
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    mode = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
+    view = LiveView(make_console(), mode=mode)
+    if config.insecure:
+        view.notice("WARNING: --insecure: the upstream certificate is NOT verified", "pop.error")
+    try:
+        trio.run(_main, config, view)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    finally:
+        view.close()
+    return 0
+
+
+async def _main(config: ProxyConfig, view: LiveView) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_record, config, view)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                view.notice("stopping: finishing open captures…", "pop.muted")
+                nursery.cancel_scope.cancel()
+                break

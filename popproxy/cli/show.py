@@ -1,0 +1,212 @@
+"""``popproxy show``: a capture's transcript, as text (rich) or one JSON object per capture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from popproxy.capture import format as fmt
+from popproxy.capture.events import replay_events
+from popproxy.capture.format import CaptureError
+from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
+from popproxy.views import render
+from popproxy.views.theme import make_console
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("show", help="show the transcript of captures",
+                       description="Show captures as a transcript: commands, replies, bodies "
+                                   "folded, TLS, anomalies. Secrets stay masked.")
+    p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per capture per line (schema: docs/show.schema.json)")
+    p.add_argument("--bodies", action="store_true", help="expand message bodies")
+    p.add_argument("--raw", action="store_true", help="the recorded bytes, escaped, per chunk")
+    p.add_argument("--command", metavar="VERB", help="only exchanges of this command")
+    p.add_argument("--errors", action="store_true", help="only -ERR replies and anomalies")
+    p.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep reading a capture that is still being written")
+    p.add_argument("--show-secrets", action="store_true",
+                   help="show credentials kept by --keep-secrets (masked otherwise)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = capture_paths(args.captures)
+    if not paths:
+        raise CaptureError(f"no captures in {' '.join(args.captures)}")
+    console = make_console()
+    status = 0
+    for path in paths:
+        try:
+            with CaptureReader(path) as reader:
+                if args.json:
+                    doc = capture_json(reader, reveal=args.show_secrets)
+                    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                elif args.raw:
+                    show_raw(console, reader, follow=args.follow)
+                else:
+                    show_text(console, reader, args)
+                for warning in reader.warnings:
+                    print(f"popproxy show: warning: {warning}", file=sys.stderr)
+        except CaptureError as exc:
+            print(f"popproxy show: error: {exc}", file=sys.stderr)
+            status = 2
+    sys.stdout.flush()
+    return status
+
+
+def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, Any]:
+    """The ``show --json`` document (docs/show.schema.json)."""
+    builder = TranscriptBuilder(reveal_secrets=reveal)
+    exchanges: list[Exchange] = []
+    tls: list[dict[str, Any]] = []
+    end: dict[str, Any] | None = None
+    events_out: list[dict[str, Any]] = []
+    for record, t, events in replay_events(reader):
+        if record is not None and record.kind == fmt.TLS:
+            tls.append({k: v for k, v in record.fields.items() if k != "r"})
+        elif record is not None and record.kind == fmt.END:
+            end = {k: v for k, v in record.fields.items() if k != "r"}
+        elif record is not None and record.kind in (fmt.EVENT, fmt.DROP):
+            events_out.append(dict(record.fields))
+        for item in builder.feed(t, events):
+            if item.what == "done" and item.exchange is not None:
+                exchanges.append(item.exchange)
+    exchanges.extend(builder.unfinished())
+    exchanges.sort(key=lambda ex: (ex.t_sent if ex.t_sent is not None else ex.t_reply or 0.0))
+    summary = builder.session
+    header = {k: v for k, v in reader.header.items() if k != "r"}
+    session = {**header, "greeting": summary.greeting, "apop_timestamp": summary.apop_timestamp,
+               "user": summary.user, "mechanism": summary.mechanism, "state": summary.state,
+               "commands": summary.commands, "end": end, "warnings": reader.warnings}
+    return {"path": str(reader.path), "session": session,
+            "exchanges": [ex.to_json() for ex in exchanges], "tls": tls,
+            "events": events_out, "anomalies": summary.anomalies}
+
+
+def _header_line(reader: CaptureReader) -> Text:
+    h = reader.header
+    text = Text(f"{reader.path}", style="bold")
+    text.append(f"  {h.get('start', '?')}  {h.get('client', '?')} → {h.get('upstream', '?')}",
+                style="pop.muted")
+    if h.get("keep_secrets"):
+        text.append("  (secrets kept)", style="pop.warning")
+    if h.get("insecure"):
+        text.append("  INSECURE upstream TLS", style="pop.error")
+    return text
+
+
+def show_text(console: Console, reader: CaptureReader, args: argparse.Namespace) -> None:
+    console.print(_header_line(reader))
+    builder = TranscriptBuilder(hash_bodies=False, body_items=(1 << 62) if args.bodies else 0,
+                                reveal_secrets=args.show_secrets)
+    verb = args.command.upper() if args.command else None
+    grep = args.grep.lower() if args.grep else None
+    for record, t, events in replay_events(reader, follow=args.follow):
+        lines: list[Text] = []
+        if record is not None:
+            line = _record_line(record.kind, record.fields, t)
+            if line is not None and not verb and not args.errors:
+                lines.append(line)
+        for item in builder.feed(t, events):
+            line = _item_line(item, verb, args.errors)
+            if line is not None:
+                lines.append(line)
+        for line in lines:
+            if grep is None or grep in line.plain.lower():
+                console.print(line, overflow="fold")
+    for ex in builder.unfinished():
+        if verb is None or ex.command == verb:
+            console.print(render.reply_line(ex))
+
+
+def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
+    ex = item.exchange
+    if verb is not None and (ex is None or ex.command != verb):
+        return None
+    if errors and item.what != "anomaly" and not (
+            item.what == "done" and ex is not None and ex.status not in ("+OK", None)):
+        return None
+    if item.what == "command" and ex is not None:
+        return render.command_line(ex)
+    if item.what == "done" and ex is not None:
+        if errors and ex.kind == "command":
+            line = render.command_line(ex)
+            line.append("  →  ")
+            line.append_text(render.reply_line(ex))
+            return line
+        return render.reply_line(ex)
+    if item.what == "body":
+        return Text(item.detail.decode("utf-8", "backslashreplace").rstrip("\r\n"),
+                    style="pop.body")
+    if item.what == "sasl":
+        return render.sasl_line(item.detail, item.t)
+    if item.what == "anomaly":
+        return render.anomaly_line(item.detail, item.t)
+    if item.what == "state":
+        return render.state_line(item.detail, item.t)
+    if item.what == "closed":
+        return render.note_line(f"{item.detail} closed the connection", item.t, "pop.muted")
+    return None
+
+
+def _record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
+    if kind == fmt.TLS:
+        return render.tls_line(fields, t)
+    if kind == fmt.EVENT:
+        style = "pop.error" if fields.get("kind") in ("insecure", "observer-error") else "pop.muted"
+        detail = fields.get("detail") or fields.get("addr") or ""
+        return render.note_line(f"● {fields.get('kind')} {detail}".rstrip(), t, style)
+    if kind == fmt.DROP:
+        who = "client" if fields.get("d") == "c" else "server"
+        return render.note_line(f"✂ popproxy did not forward {fields.get('len')} octets from "
+                                f"the {who}: {fields.get('why')}", None, "pop.warning")
+    if kind == fmt.DATA and fields.get("p"):
+        return render.note_line(f"✎ the next {fields.get('n')} octets were sent by popproxy",
+                                t, "pop.warning")
+    if kind == fmt.END:
+        how = fields.get("how")
+        text = render.note_line(f"session ended: {how}", t,
+                                "pop.ok" if how in ("quit", "closed") else "pop.err")
+        if fields.get("error"):
+            text.append(f" — {fields['error']}", style="pop.error")
+        return text
+    return None
+
+
+def show_raw(console: Console, reader: CaptureReader, *, follow: bool) -> None:
+    """Every data record, escaped: printable ASCII as is, other bytes as \\xNN."""
+    console.print(_header_line(reader))
+    for record in reader.records(follow=follow):
+        if record.kind != fmt.DATA or record.data is None:
+            continue
+        who = "C" if record.fields.get("d") == "c" else "S"
+        style = "pop.client" if who == "C" else "pop.server"
+        text = render.prefix(record.t)
+        text.append(f"{who} {len(record.data):>6} ", style=style)
+        text.append(escape_bytes(record.data[:4096]))
+        if len(record.data) > 4096:
+            text.append(f" … +{len(record.data) - 4096} octets", style="pop.muted")
+        console.print(text, overflow="fold")
+
+
+def escape_bytes(data: bytes) -> str:
+    out = []
+    for b in data:
+        if b == 13:
+            out.append("\\r")
+        elif b == 10:
+            out.append("\\n")
+        elif 32 <= b < 127 and b != 92:
+            out.append(chr(b))
+        else:
+            out.append(f"\\x{b:02x}")
+    return "".join(out)

@@ -1,0 +1,517 @@
+"""One client connection: its upstream, two pumps, the STLS boundary, and its capture file."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import ssl
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from popproxy import __version__
+from popproxy.capture import format as fmt
+from popproxy.capture.writer import CaptureWriter, create_capture_file
+from popproxy.core import Command, Direction, Event
+from popproxy.proxy import control
+from popproxy.proxy.config import ProxyConfig, StlsMode, format_hostport
+from popproxy.proxy.tap import Tap
+from popproxy.proxy.view import SessionView
+from popproxy.tls.contexts import describe_tls, server_context
+
+C, S = Direction.CLIENT, Direction.SERVER
+CHUNK = 65536
+FLUSH_INTERVAL = 0.05  # relayed bytes reach the file well within ~100 ms (crash safety)
+FLUSH_SIZE = 1 << 20
+HIGH_WATER = 8 << 20  # released bytes the disk may lag behind before the pumps wait
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+_counter = itertools.count(1)
+_server_contexts: dict[tuple[int, str | None, str | None], ssl.SSLContext] = {}
+
+
+class _Abort(Exception):
+    """Ends the session from inside a pump after ``Session.end`` recorded why."""
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
+        exc = cause
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class Session:
+    """Relays one connection byte for byte and records it; never lets the tap stall it."""
+
+    def __init__(self, config: ProxyConfig, client: trio.SocketStream,
+                 view: SessionView | None = None) -> None:
+        self.config = config
+        self.number = next(_counter)
+        self.client: trio.abc.Stream = client
+        self.upstream: trio.abc.Stream | None = None
+        self.peer = _sockname(client, peer=True)
+        self.local = _sockname(client, peer=False)
+        self.view = view
+        self.how: str | None = None
+        self.error: str | None = None
+        self.path: Path | None = None
+        self.tap: Tap | None = None
+        self._fd: int | None = None
+        self._t0 = trio.current_time()
+        self._last = self._t0
+        self._eof = {C: False, S: False}
+        self._tls = {C: False, S: False}
+        self._scope: trio.CancelScope | None = None
+        self._wake = trio.Event()
+        self._space = trio.Event()
+        self._to_client = trio.StrictFIFOLock()
+        self._to_server = trio.StrictFIFOLock()
+        self._stls_done: trio.Event | None = None
+        self._capa_seqs: set[int] = set()
+
+    # ----------------------------------------------------------------- life cycle
+
+    def now(self) -> float:
+        return trio.current_time() - self._t0
+
+    def end(self, how: str, error: str | None = None) -> None:
+        """Record why the session ends (first reason wins) and stop it."""
+        if self.how is None:
+            self.how, self.error = how, error
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            self._open_capture()
+        except OSError as exc:
+            reason = f"cannot create a capture file in {self.config.out_dir}: {_describe(exc)}"
+            if self.view:
+                self.view.failed(self.number, self.peer, reason)
+            with trio.move_on_after(2):
+                await _send_quietly(self.client, b"-ERR [SYS/TEMP] popproxy cannot record this "
+                                                 b"session\r\n")
+            await _close_quietly(self.client)
+            return
+        assert self.tap is not None
+        if self.view:
+            self.view.started(self.number, self.peer, self.config.upstream_text, self.path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._flusher)
+                nursery.start_soon(self._watchdog)
+                with contextlib.suppress(_Abort):
+                    await self._connect_and_relay()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.how is None and trio.current_effective_deadline() == float("-inf"):
+                self.how = "proxy-shutdown"
+            self._finish()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                for stream in (self.client, self.upstream):
+                    if stream is not None:
+                        await _close_quietly(stream)
+
+    def _open_capture(self) -> None:
+        cfg = self.config
+        started = datetime.now(UTC)
+        name = f"{started:%Y%m%dT%H%M%S}.{started:%f}Z-{self.number:05d}{fmt.SUFFIX}"
+        self.path = cfg.out_dir / name
+        self._fd = create_capture_file(self.path)
+        header: dict[str, Any] = {
+            "popproxy": __version__, "start": started.isoformat().replace("+00:00", "Z"),
+            "t0": time.time(), "session": self.number, "client": self.peer,
+            "listen": self.local, "upstream": cfg.upstream_text,
+            "keep_secrets": cfg.keep_secrets, "listen_tls": cfg.listen_tls,
+            "upstream_tls": cfg.upstream_tls, "upstream_stls": cfg.upstream_stls,
+            "stls": cfg.stls.value, "insecure": cfg.insecure, **cfg.extra_header,
+        }
+        writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
+        sink = None
+        if self.view is not None:
+            view, number = self.view, self.number
+            sink = lambda items: view.items(number, items)  # noqa: E731
+        self.tap = Tap(writer, sink, body_items=65536 if cfg.verbose else 0)
+
+    def _finish(self) -> None:
+        """Close the observer's streams and write the end record, synchronously."""
+        tap = self.tap
+        assert tap is not None and self._fd is not None
+        t = self.now()
+        for direction in (S, C):
+            if not self._eof[direction]:
+                tap.data(direction, t, b"")
+        session = tap.builder.session
+        how = self.how or ("quit" if session.quit else "closed")
+        if how in ("client-closed", "server-closed") and session.quit:
+            how = "quit"
+        stats = tap.writer.stats
+        end: dict[str, Any] = {
+            "r": fmt.END, "t": round(t, 6), "how": how, "error": self.error,
+            "octets": {"c": tap.offsets[C], "s": tap.offsets[S]},
+            "commands": session.commands, "user": session.user,
+            "mechanism": session.mechanism, "anomalies": len(session.anomalies),
+            "redactions": stats.redactions, "observer_error": tap.broken,
+        }
+        if stats.late_redactions:
+            end["late_redactions"] = stats.late_redactions
+        tap.writer.flush_all()
+        tap.writer.meta(end)
+        tap.writer.flush_all()
+        try:
+            fmt.write_all(self._fd, tap.writer.take())
+        except OSError as exc:
+            self.error = self.error or f"capture write failed: {_describe(exc)}"
+        finally:
+            os.close(self._fd)
+        if self.view:
+            self.view.ended(self.number, how, self.error, t, session)
+
+    # ----------------------------------------------------------------- connecting
+
+    async def _connect_and_relay(self) -> None:
+        cfg = self.config
+        assert self.tap is not None
+        if cfg.listen_tls:
+            self.client = await self._client_handshake(self.client, "implicit")
+        host, port = cfg.upstream
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else _describe(exc)
+            await self._refuse("upstream-error", f"cannot reach upstream {cfg.upstream_text}: "
+                                                 f"{reason}")
+        self.upstream = stream
+        self.tap.event(self.now(), "upstream-connected", addr=_sockname(stream, peer=True))
+        if cfg.insecure:
+            self.tap.event(self.now(), "insecure",
+                           detail="upstream certificate verification is OFF")
+        if cfg.upstream_tls:
+            self.upstream = await self._upstream_handshake(stream, "implicit")
+        elif cfg.upstream_stls:
+            await self._upstream_stls()
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(self._pump, C)
+            pumps.start_soon(self._pump, S)
+
+    async def _refuse(self, how: str, reason: str) -> None:
+        """Tell the client in one POP3 line why there is no session, then stop."""
+        self.end(how, reason)
+        line = f"-ERR [SYS/TEMP] popproxy: {reason}\r\n".encode()
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await self._originate(line)
+        raise _Abort
+
+    async def _client_handshake(self, stream: trio.abc.Stream, mode: str) -> trio.abc.Stream:
+        assert self.tap is not None
+        ctx = _server_context(self.config, self.local)
+        tls = trio.SSLStream(stream, ctx, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                await tls.do_handshake()
+        except (*STREAM_ERRORS, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else _describe(exc)
+            self.end("client-tls-error", f"TLS handshake with the client failed: {reason}")
+            raise _Abort from None
+        self._tls[C] = True
+        self.tap.start_tls(C, self.now(), _tls_info(tls, "client", mode))
+        return tls
+
+    async def _upstream_handshake(self, stream: trio.abc.Stream, mode: str) -> trio.abc.Stream:
+        cfg = self.config
+        assert cfg.upstream_context is not None and self.tap is not None
+        host = cfg.upstream[0]
+        sni = None if _is_ip(host) else host
+        tls = trio.SSLStream(stream, cfg.upstream_context, server_hostname=sni or host,
+                             https_compatible=True)
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                await tls.do_handshake()
+        except (*STREAM_ERRORS, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else _describe(exc)
+            # Never relay mail from an upstream whose certificate failed verification.
+            await self._refuse("upstream-tls-error", f"TLS with upstream failed: {reason}")
+        self._tls[S] = True
+        self.tap.start_tls(S, self.now(), _tls_info(tls, "upstream", mode))
+        return tls
+
+    async def _upstream_stls(self) -> None:
+        """``--upstream-stls``: popproxy upgrades the upstream leg itself (RFC 2595 §4)."""
+        assert self.upstream is not None and self.tap is not None
+        greeting = await self._read_line(self.upstream)
+        self.tap.data(S, self.now(), greeting)
+        async with self._to_client:
+            await self.client.send_all(greeting)
+        self.tap.data(C, self.now(), b"STLS\r\n", proxy=True)
+        await self.upstream.send_all(b"STLS\r\n")
+        reply = await self._read_line(self.upstream)
+        start = self.tap.offsets[S]
+        events = self.tap.data(S, self.now(), reply)
+        self.tap.drop(S, start, len(reply), "reply to popproxy's own STLS")
+        answer = self.tap.stls_reply(events)
+        if answer is None or answer.status != "+OK":
+            await self._refuse("upstream-tls-error", "upstream refused STLS")
+        self.upstream = await self._upstream_handshake(self.upstream, "stls")
+        self.tap.start_tls(C, self.now(), {"leg": "client", "mode": "unchanged"})
+
+    async def _read_line(self, stream: trio.abc.Stream, limit: int = 4096) -> bytes:
+        buf = b""
+        with trio.move_on_after(self.config.connect_timeout) as timeout:
+            while b"\n" not in buf and len(buf) < limit:
+                data = await stream.receive_some(limit)
+                if not data:
+                    break
+                buf += data
+        if timeout.cancelled_caught or not buf:
+            await self._refuse("upstream-error", "upstream did not answer")
+        return buf
+
+    # ----------------------------------------------------------------- relaying
+
+    async def _pump(self, direction: Direction) -> None:
+        tap = self.tap
+        assert tap is not None
+        who = "client" if direction is C else "server"
+        try:
+            while True:
+                src = self.client if direction is C else self.upstream
+                assert src is not None
+                try:
+                    data = bytes(await src.receive_some(CHUNK))
+                except STREAM_ERRORS as exc:
+                    self.end(f"{who}-reset", _describe(exc))
+                    return
+                self._last = trio.current_time()
+                start = tap.offsets[direction]
+                events = tap.data(direction, self.now(), data)
+                if not data:
+                    self._eof[direction] = True
+                    await self._half_close(direction)
+                    return
+                if direction is C:
+                    await self._client_chunk(data, events, start)
+                else:
+                    await self._server_chunk(data, events, start)
+                if tap.writer.buffered > FLUSH_SIZE:
+                    self._wake.set()
+                while tap.writer.buffered > HIGH_WATER and self.how is None:
+                    await self._space.wait()  # bounded memory: the disk sets the pace
+        except STREAM_ERRORS as exc:
+            other = "server" if direction is C else "client"
+            self.end(f"{other}-reset", _describe(exc))
+        except _Abort:
+            return
+
+    async def _client_chunk(self, data: bytes, events: list[Event], start: int) -> None:
+        assert self.upstream is not None and self.tap is not None
+        stls = next((e for e in events if isinstance(e, Command) and e.verb == "STLS"), None)
+        if stls is not None and self._stls_is_local():
+            await self._local_stls(data, stls, start)
+            return
+        if stls is not None:
+            # The client's next bytes are a TLS ClientHello: stop reading until the server
+            # has answered STLS and (on +OK) both handshakes are done.
+            self._stls_done = trio.Event()
+        async with self._to_server:
+            await self.upstream.send_all(data)
+        if self._stls_done is not None:
+            await self._stls_done.wait()
+            self._stls_done = None
+
+    async def _server_chunk(self, data: bytes, events: list[Event], start: int) -> None:
+        assert self.tap is not None
+        if self._stls_done is not None:
+            reply = self.tap.stls_reply(events)
+            if reply is not None:
+                if reply.status == "+OK":
+                    cut = reply.offset + len(reply.raw) - start
+                    # RFC 2595 §4: nothing after the +OK line may reach the TLS leg.
+                    self.tap.drop(S, start + cut, len(data) - cut, "plaintext after STLS +OK")
+                    await self._to_client_send(data[:cut])
+                    await self._after_stls_ok()
+                else:
+                    await self._to_client_send(data)
+                self._stls_done.set()
+                return
+        if self._hide_stls():
+            data = self._strip_capability(data, events, start)
+        await self._to_client_send(data)
+
+    async def _to_client_send(self, data: bytes) -> None:
+        if data:
+            async with self._to_client:
+                await self.client.send_all(data)
+
+    async def _originate(self, line: bytes) -> None:
+        """Send bytes popproxy itself makes to the client; recorded as such."""
+        assert self.tap is not None
+        self.tap.data(S, self.now(), line, proxy=True)
+        async with self._to_client:
+            await _send_quietly(self.client, line)
+
+    async def _half_close(self, direction: Direction) -> None:
+        dst = self.upstream if direction is C else self.client
+        if isinstance(dst, trio.SocketStream):
+            lock = self._to_server if direction is C else self._to_client
+            async with lock:
+                with contextlib.suppress(*STREAM_ERRORS):
+                    await dst.send_eof()
+        # A TLS leg cannot half-close (trio.SSLStream has no send_eof): the watchdog's
+        # linger ends the session once the other direction has been quiet for a while.
+
+    async def _watchdog(self) -> None:
+        cfg = self.config
+        while True:
+            limit = cfg.idle_timeout
+            if self._eof[C] or self._eof[S]:
+                limit = min(limit, cfg.linger)
+            remaining = self._last + limit - trio.current_time()
+            if remaining <= 0:
+                if self._eof[S]:
+                    self.end("server-closed")
+                elif self._eof[C]:
+                    self.end("client-closed")
+                else:
+                    self.end("idle-timeout", f"no traffic for {limit:g} s")
+                return
+            await trio.sleep(min(remaining, 1.0))
+
+    async def _flusher(self) -> None:
+        assert self.tap is not None and self._fd is not None
+        writer, fd = self.tap.writer, self._fd
+        while True:
+            with trio.move_on_after(FLUSH_INTERVAL):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            pieces = writer.take()
+            if pieces:
+                try:
+                    await trio.to_thread.run_sync(fmt.write_all, fd, pieces)
+                except OSError as exc:
+                    reason = _describe(exc)
+                    if exc.errno == errno.ENOSPC:
+                        reason = "disk full"
+                    # Never relay unrecorded: this session stops, others go on.
+                    self.end("capture-error", f"capture write failed: {reason}")
+                    return
+            self._space.set()
+            self._space = trio.Event()
+
+    # ----------------------------------------------------------------- STLS (relay control)
+
+    def _stls_is_local(self) -> bool:
+        """Whether popproxy answers the client's STLS itself instead of the server."""
+        return self.config.stls is StlsMode.STRIP or self._tls[C] or self._tls[S]
+
+    def _hide_stls(self) -> bool:
+        """Hide STLS from CAPA when the client must not (or cannot) use it through us."""
+        return self.config.stls is StlsMode.STRIP or (self._tls[C] and not self._tls[S])
+
+    async def _local_stls(self, data: bytes, stls: Command, start: int) -> None:
+        assert self.tap is not None and self.upstream is not None
+        lo, hi = stls.offset - start, stls.offset - start + len(stls.raw)
+        self.tap.drop(C, stls.offset, len(stls.raw), "STLS answered by popproxy")
+        rest = data[:lo] + data[hi:]
+        if rest:
+            async with self._to_server:
+                await self.upstream.send_all(rest)
+        if self._tls[C]:
+            await self._originate(b"-ERR TLS is already active.\r\n")
+        elif self.config.stls is StlsMode.STRIP:
+            self.tap.event(self.now(), "strip", detail="STLS refused by popproxy (strip mode)")
+            await self._originate(b"-ERR STLS not available.\r\n")
+        else:
+            # The upstream leg is TLS already: upgrade only the client leg.
+            await self._originate(b"+OK Begin TLS negotiation now.\r\n")
+            self.client = await self._client_handshake(self.client, "stls")
+            self.tap.start_tls(S, self.now(), {"leg": "upstream", "mode": "already-tls"})
+
+    async def _after_stls_ok(self) -> None:
+        assert self.tap is not None and self.upstream is not None
+        if self.config.stls is StlsMode.PASSTHROUGH:
+            info = {"leg": "both", "mode": "passthrough"}
+            self.tap.start_tls(S, self.now(), info, decrypted=False)
+            self.tap.start_tls(C, self.now(), info, decrypted=False)
+            return
+        self.upstream = await self._upstream_handshake(self.upstream, "stls")
+        self.client = await self._client_handshake(self.client, "stls")
+
+    def _strip_capability(self, data: bytes, events: list[Event], start: int) -> bytes:
+        assert self.tap is not None
+        drops = control.stls_capability_spans(events, self._capa_seqs)
+        if not drops:
+            return data
+        self.tap.event(self.now(), "strip", detail="STLS hidden from CAPA")
+        out, prev = [], 0
+        for offset, length in drops:
+            self.tap.drop(S, offset, length, "STLS capability hidden by popproxy")
+            out.append(data[prev : offset - start])
+            prev = offset - start + length
+        out.append(data[prev:])
+        return b"".join(out)
+
+
+def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:
+    ca = config.certificate_authority()
+    host = config.upstream[0]
+    local_ip = local.rsplit(":", 1)[0].strip("[]")
+    key = (id(ca), None if _is_ip(host) else host, local_ip)
+    ctx = _server_contexts.get(key)
+    if ctx is None:
+        ctx = _server_contexts[key] = server_context(ca, default_host=key[1],
+                                                     local_ip=local_ip)
+    return ctx
+
+
+def _tls_info(stream: trio.SSLStream[Any], leg: str, mode: str) -> dict[str, Any]:
+    info = describe_tls(stream)
+    return {"leg": leg, "mode": mode, "version": info.version, "cipher": info.cipher,
+            "sni": info.sni, "peer_subject": info.peer_subject,
+            "peer_sha256": info.peer_fingerprint_sha256}
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _sockname(stream: trio.abc.Stream | None, *, peer: bool) -> str:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "?"
+    try:
+        addr = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return "?"
+    return format_hostport(addr[0], addr[1])
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (*STREAM_ERRORS, trio.BusyResourceError):
+        pass
+
+
+async def _close_quietly(stream: trio.abc.Stream) -> None:
+    try:
+        await stream.aclose()
+    except (*STREAM_ERRORS, trio.BusyResourceError):
+        pass

@@ -1,0 +1,96 @@
+"""Beside the relay: feeds the observer, the capture writer and the live view, never raising."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from popproxy.capture import format as fmt
+from popproxy.capture.writer import CaptureWriter
+from popproxy.core import Direction, Event, Observer, Reply, Secret, SecretKind
+from popproxy.core.transcript import Item, TranscriptBuilder
+
+ViewSink = Callable[[list[Item]], None]
+
+
+class Tap:
+    """One session's parse-and-record side.  Synchronous and bounded per chunk.
+
+    A bug in the observer can only spoil the transcript: the tap catches it, records it,
+    treats the rest of the session as opaque, and from then on redacts every client byte
+    (it can no longer tell where credentials are).
+    """
+
+    def __init__(self, writer: CaptureWriter, view: ViewSink | None, *,
+                 body_items: int = 0) -> None:
+        self.writer = writer
+        self.view = view
+        self.observer = Observer()
+        self.builder = TranscriptBuilder(hash_bodies=False, keep_listings=False,
+                                         body_items=body_items)
+        self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
+        self.broken: str | None = None
+
+    def data(self, direction: Direction, t: float, data: bytes, *,
+             proxy: bool = False) -> list[Event]:
+        """Account for a chunk ``direction`` sent (``proxy``: popproxy made it); b"" is EOF."""
+        self.offsets[direction] += len(data)
+        if data:
+            self.writer.data(direction, t, data, proxy=proxy)
+        else:
+            self.writer.meta({"r": fmt.EOF, "d": direction.value, "t": round(t, 6)})
+        events = self._guard(lambda: self.observer.receive_data(direction, data), direction,
+                             len(data))
+        self._settle(t, events)
+        return events
+
+    def start_tls(self, direction: Direction, t: float, info: dict[str, Any], *,
+                  decrypted: bool = True) -> None:
+        self.writer.meta({"r": fmt.TLS, "d": direction.value, "t": round(t, 6),
+                          "off": self.offsets[direction], "decrypted": decrypted, **info})
+        events = self._guard(lambda: self.observer.start_tls(direction, decrypted=decrypted),
+                             direction, 0)
+        self._settle(t, events)
+
+    def drop(self, direction: Direction, offset: int, length: int, why: str) -> None:
+        """Bytes of ``direction``'s stream that popproxy received but did not forward."""
+        if length > 0:
+            self.writer.meta({"r": fmt.DROP, "d": direction.value, "off": offset,
+                              "len": length, "why": why})
+
+    def event(self, t: float, kind: str, **fields: Any) -> None:
+        self.writer.meta({"r": fmt.EVENT, "t": round(t, 6), "kind": kind, **fields})
+
+    def stls_reply(self, events: list[Event]) -> Reply | None:
+        for event in events:
+            if isinstance(event, Reply) and event.verb == "STLS":
+                return event
+        return None
+
+    def _guard(self, call: Callable[[], list[Event]], direction: Direction,
+               length: int) -> list[Event]:
+        if self.broken is None:
+            try:
+                return call()
+            except Exception as exc:  # a parser bug must never reach the relay
+                self.broken = "".join(traceback.format_exception_only(exc)).strip()
+                self.writer.meta({"r": fmt.EVENT, "kind": "observer-error",
+                                  "detail": self.broken})
+        if direction is Direction.CLIENT and length and not self.writer.keep_secrets:
+            start = self.offsets[direction] - length
+            return [Secret(direction, start, length, SecretKind.SASL)]
+        return []
+
+    def _settle(self, t: float, events: list[Event]) -> None:
+        writer = self.writer
+        writer.observe(events)
+        if self.broken is None:
+            writer.advance(self.observer.settled(Direction.CLIENT),
+                           self.observer.settled(Direction.SERVER))
+        else:
+            writer.advance(self.offsets[Direction.CLIENT], self.offsets[Direction.SERVER])
+        if events:
+            items = self.builder.feed(t, events)
+            if items and self.view is not None:
+                self.view(items)

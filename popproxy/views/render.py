@@ -1,0 +1,178 @@
+"""Pure render functions: exchanges, anomalies and session lines as rich Text."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rich.text import Text
+
+from popproxy.core.transcript import Exchange, SessionSummary
+
+_MASK_RE = re.compile(r"(#{3,})")
+
+
+def _status_style(status: str | None) -> str:
+    if status == "+OK":
+        return "pop.ok"
+    if status == "+":
+        return "pop.cont"
+    return "pop.err"
+
+
+def fmt_octets(n: int) -> str:
+    return f"{n:,} octets"
+
+
+def fmt_ms(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def prefix(t: float | None, tag: Text | None = None) -> Text:
+    text = Text()
+    if tag is not None:
+        text.append_text(tag)
+        text.append(" ")
+    if t is not None:
+        text.append(f"{t:9.3f}s ", style="pop.time")
+    return text
+
+
+def command_line(ex: Exchange, tag: Text | None = None) -> Text:
+    """``C: VERB args`` (credential spans arrive masked from the observer)."""
+    text = prefix(ex.t_sent, tag)
+    text.append("C: ", style="pop.client")
+    text.append(ex.command or "?", style="pop.client")
+    if ex.args is not None:
+        text.append(" ")
+        _append_masked(text, ex.args)
+    return text
+
+
+def _append_masked(text: Text, value: str) -> None:
+    """Show runs of ``#`` filler (redacted credentials) as dots in the secret style."""
+    for i, part in enumerate(_MASK_RE.split(value)):
+        if i % 2:
+            text.append("•" * len(part), style="pop.secret")
+        elif part:
+            text.append(part, style="pop.args")
+
+
+def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) -> Text:
+    """``S: +OK text [code]  (latency)`` plus a one-line body summary when folded."""
+    t = ex.t_reply if ex.t_reply is not None else ex.t_end
+    text = prefix(t, tag)
+    text.append("S: ", style="pop.server")
+    if ex.status is None:
+        text.append("(no reply)", style="pop.err")
+        return text
+    text.append(ex.status, style=_status_style(ex.status))
+    if ex.code:
+        text.append(f" [{ex.code}]", style="pop.code")
+    if ex.text:
+        text.append(" ")
+        _append_masked(text, ex.text)
+    if ex.kind == "greeting":
+        text.append("  greeting", style="pop.muted")
+    elif ex.kind == "unsolicited":
+        text.append("  unsolicited", style="pop.warning")
+    elif ex.t_sent is not None and ex.t_reply is not None:
+        text.append(f"  ({fmt_ms(ex.t_reply - ex.t_sent)})", style="pop.latency")
+    if folded and ex.multiline:
+        text.append("  ")
+        text.append_text(body_summary(ex))
+    return text
+
+
+def body_summary(ex: Exchange) -> Text:
+    """A folded body: lines, octets, and for messages From/Subject/attachments."""
+    text = Text("⤷ ", style="pop.body")
+    if ex.body_lines is None:
+        text.append("body…", style="pop.body")
+        return text
+    text.append(f"{ex.body_lines:,} lines, {fmt_octets(ex.body_octets or 0)}", style="pop.body")
+    if ex.truncated:
+        text.append(" TRUNCATED", style="pop.err")
+    if ex.message is not None:
+        m = ex.message
+        if m.sender:
+            text.append(f" · From: {m.sender}", style="pop.body")
+        if m.subject:
+            text.append(f" · Subject: {m.subject}", style="pop.body")
+        if m.attachments:
+            text.append(f" · 📎 {', '.join(m.attachments[:5])}", style="pop.body")
+    elif ex.listing is not None and ex.command in ("CAPA", "AUTH"):
+        words = " ".join(" ".join(x) for x in ex.listing[:12])
+        text.append(f" · {words}", style="pop.body")
+    return text
+
+
+def sasl_line(entry: dict[str, Any], t: float, tag: Text | None = None) -> Text:
+    """One line of a SASL exchange: a server challenge, or a (masked) client response."""
+    text = prefix(t, tag)
+    if entry.get("from") == "server":
+        text.append("S: ", style="pop.server")
+        text.append(entry["line"], style="pop.cont")
+        if entry.get("decoded"):
+            text.append(f"  ({entry['decoded']})", style="pop.muted")
+    else:
+        text.append("C: ", style="pop.client")
+        if entry.get("cancel"):
+            text.append("* (cancel)", style="pop.client")
+        else:
+            text.append(f"[SASL response, {len(entry['line'])} octets]", style="pop.secret")
+    return text
+
+
+def anomaly_line(record: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
+    text = prefix(t, tag)
+    who = "client" if record.get("dir") == "c" else "server"
+    text.append(f"⚠ {record['kind']}", style="pop.anomaly")
+    text.append(f" ({who}", style="pop.warning")
+    if record.get("seq") is not None:
+        text.append(f", command #{record['seq']}", style="pop.warning")
+    text.append(")", style="pop.warning")
+    if record.get("detail"):
+        text.append(f" {record['detail']}", style="pop.warning")
+    return text
+
+
+def state_line(state: str, t: float | None, tag: Text | None = None) -> Text:
+    text = prefix(t, tag)
+    text.append(f"── {state} ──", style="pop.state")
+    return text
+
+
+def tls_line(detail: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
+    text = prefix(t, tag)
+    leg = detail.get("leg", "?")
+    text.append(f"🔒 TLS {leg}", style="pop.tls")
+    for key in ("mode", "version", "cipher", "sni", "peer_subject"):
+        if detail.get(key):
+            text.append(f" {key}={detail[key]}", style="pop.muted")
+    if detail.get("decrypted") is False:
+        text.append(" (passthrough: the rest is opaque)", style="pop.warning")
+    return text
+
+
+def note_line(message: str, t: float | None, style: str, tag: Text | None = None) -> Text:
+    text = prefix(t, tag)
+    text.append(message, style=style)
+    return text
+
+
+def session_end_line(how: str, error: str | None, duration: float, session: SessionSummary,
+                     tag: Text | None = None) -> Text:
+    text = prefix(None, tag)
+    style = "pop.ok" if how in ("quit", "closed", "client-closed", "server-closed") else "pop.err"
+    text.append(f"session ended: {how}", style=style)
+    text.append(f" after {fmt_ms(duration)}, {session.commands} commands", style="pop.muted")
+    if session.user:
+        text.append(f", user {session.user}", style="pop.muted")
+    if session.anomalies:
+        text.append(f", {len(session.anomalies)} anomalies", style="pop.warning")
+    if error:
+        text.append(f" — {error}", style="pop.error")
+    return text
