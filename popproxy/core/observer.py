@@ -352,7 +352,16 @@ class Observer:
     # ----------------------------------------------------------------- client side
 
     def _client_line(self, side: _Side, line: bytes, overlong: bool = False) -> None:
-        if self._held or ((self._auth_open or self._stls_open) and not self._awaiting_response):
+        undecided = self._held or ((self._auth_open or self._stls_open)
+                                   and not self._awaiting_response)
+        if undecided and self._server.mode is _Mode.CLOSED:
+            # No reply will ever decide this line's role: treat it as a credential.
+            self._out.append(Opaque(side.direction, side.offset, line))
+            self._secret(side.direction, side.offset, len(values.strip_eol(line)),
+                         SecretKind.SASL)
+            side.offset += len(line)
+            return
+        if undecided:
             if self._held_bytes + len(line) > 65536 or len(self._held) >= 1000:
                 self._anomaly("held-overflow", side.direction, None, "too many undecided lines")
                 self._release_held(as_secret=True)
