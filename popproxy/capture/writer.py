@@ -75,14 +75,15 @@ class CaptureWriter:
 
     def advance(self, settled_client: int, settled_server: int) -> None:
         """Release every queued record that the observer's settled offsets allow."""
-        settled = {Direction.CLIENT: settled_client, Direction.SERVER: settled_server}
         queue, out = self._queue, self._out
+        client = Direction.CLIENT
         while queue:
             item = queue[0]
             if isinstance(item, dict):
                 self._emit(fmt.encode_meta(item))
             else:
-                if item.offset + len(item.data) > settled[item.direction]:
+                limit = settled_client if item.direction is client else settled_server
+                if item.offset + len(item.data) > limit:
                     break
                 data = self._redact(item)
                 out.extend(fmt.encode_data(item.direction.value, item.t, data, proxy=item.proxy))

@@ -16,7 +16,8 @@ from popproxy.tls.ca import CAError
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 Runner = Callable[[argparse.Namespace], int]
-COMMANDS: tuple[str, ...] = ("record", "show", "list", "stats", "diff", "lint", "export", "replay", "serve",
+COMMANDS: tuple[str, ...] = (
+    "record", "show", "list", "stats", "diff", "lint", "export", "replay", "serve",
             "demo", "ca")
 COMMANDS = tuple(c for c in COMMANDS if importlib.util.find_spec(f"popproxy.cli.{c}"))
 

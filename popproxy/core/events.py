@@ -12,6 +12,10 @@ class Direction(enum.Enum):
     CLIENT = "c"
     SERVER = "s"
 
+    # Members are singletons: identity hashing is correct and far cheaper than Enum's
+    # Python-level __hash__ (directions key dicts on the relay's hot path).
+    __hash__ = object.__hash__
+
     @property
     def other(self) -> Direction:
         return Direction.SERVER if self is Direction.CLIENT else Direction.CLIENT

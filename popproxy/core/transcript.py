@@ -128,7 +128,9 @@ class TranscriptBuilder:
     """Consumes (time, events) and yields display items; keeps only unfinished exchanges."""
 
     def __init__(self, *, hash_bodies: bool = True, keep_listings: bool = True,
-                 body_items: int = 0, reveal_secrets: bool = False) -> None:
+                 body_items: int = 0, reveal_secrets: bool = False,
+                 scan_attachments: bool = True) -> None:
+        self.scan_attachments = scan_attachments  # a full scan of every message body
         self.reveal_secrets = reveal_secrets  # args from the raw bytes, not the masked copy
         self.hash_bodies = hash_bodies
         self.keep_listings = keep_listings
@@ -191,7 +193,7 @@ class TranscriptBuilder:
                 ex._hash.update(event.data)
             if ex._head is not None and len(ex._head) < HEAD_LIMIT:
                 ex._head += event.data[: HEAD_LIMIT - len(ex._head)]
-            if ex.message is not None and b"name" in event.data:
+            if self.scan_attachments and ex.message is not None and b"name" in event.data:
                 names = ex.message.attachments
                 for match in _FILENAME_RE.finditer(event.data):
                     name = decode_text(match.group(1)).strip()

@@ -25,7 +25,8 @@ from popproxy.proxy.view import SessionView
 from popproxy.tls.contexts import describe_tls, server_context
 
 C, S = Direction.CLIENT, Direction.SERVER
-CHUNK = 65536
+CHUNK = 65536  # first read size; a pump that fills its reads grows them up to MAX_CHUNK
+MAX_CHUNK = 1 << 20  # large reads amortise the per-chunk cost of parsing and recording
 FLUSH_INTERVAL = 0.05  # relayed bytes reach the file well within ~100 ms (crash safety)
 FLUSH_SIZE = 1 << 20
 HIGH_WATER = 8 << 20  # released bytes the disk may lag behind before the pumps wait
@@ -284,16 +285,19 @@ class Session:
         tap = self.tap
         assert tap is not None
         who = "client" if direction is C else "server"
+        size = CHUNK
         try:
             while True:
                 src = self.client if direction is C else self.upstream
                 assert src is not None
                 try:
-                    data = bytes(await src.receive_some(CHUNK))
+                    data = bytes(await src.receive_some(size))
                 except STREAM_ERRORS as exc:
                     self.end(f"{who}-reset", _describe(exc))
                     return
                 self._last = trio.current_time()
+                if len(data) == size and size < MAX_CHUNK:
+                    size *= 4
                 start = tap.offsets[direction]
                 events = tap.data(direction, self.now(), data)
                 if not data:
@@ -324,8 +328,7 @@ class Session:
             # The client's next bytes are a TLS ClientHello: stop reading until the server
             # has answered STLS and (on +OK) both handshakes are done.
             self._stls_done = trio.Event()
-        async with self._to_server:
-            await self.upstream.send_all(data)
+        await _locked_send(self._to_server, self.upstream, data)
         if self._stls_done is not None:
             await self._stls_done.wait()
             self._stls_done = None
@@ -351,8 +354,7 @@ class Session:
 
     async def _to_client_send(self, data: bytes) -> None:
         if data:
-            async with self._to_client:
-                await self.client.send_all(data)
+            await _locked_send(self._to_client, self.client, data)
 
     async def _originate(self, line: bytes) -> None:
         """Send bytes popproxy itself makes to the client; recorded as such."""
@@ -501,6 +503,19 @@ def _sockname(stream: trio.abc.Stream | None, *, peer: bool) -> str:
     except OSError:
         return "?"
     return format_hostport(addr[0], addr[1])
+
+
+async def _locked_send(lock: trio.StrictFIFOLock, stream: trio.abc.Stream, data: bytes) -> None:
+    """``send_all`` under ``lock`` without the extra scheduling round trip of ``async with``
+    when the lock is free (the common case: only popproxy's own rare lines contend)."""
+    if lock.locked():
+        await lock.acquire()
+    else:
+        lock.acquire_nowait()
+    try:
+        await stream.send_all(data)
+    finally:
+        lock.release()
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:

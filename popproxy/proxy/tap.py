@@ -28,7 +28,7 @@ class Tap:
         self.view = view
         self.observer = Observer()
         self.builder = TranscriptBuilder(hash_bodies=False, keep_listings=False,
-                                         body_items=body_items)
+                                         body_items=body_items, scan_attachments=False)
         self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
         self.broken: str | None = None
 

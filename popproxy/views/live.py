@@ -17,8 +17,8 @@ from popproxy.views.theme import session_style
 
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 REFRESH = 0.1  # at most ~10 screen updates a second
-MAX_QUEUE = 5000  # items waiting; past this they are counted as skipped, never buffered
-MAX_BATCH = 400  # lines printed per refresh
+MAX_QUEUE = 2000  # items waiting; past this they are counted as skipped, never buffered
+MAX_BATCH = 60  # lines rendered per refresh: bounds the GIL time rendering takes from the relay
 
 
 class LiveView:
@@ -78,6 +78,14 @@ class LiveView:
 
     def _drain(self) -> None:
         lines: list[Text] = []
+        backlog = len(self._queue) - MAX_BATCH
+        if backlog > MAX_BATCH:
+            # Far behind: drop the oldest display lines (session starts and ends are kept).
+            keep = [e for e in list(self._queue)[:backlog] if e[0] != "item"]
+            for _ in range(backlog):
+                self._queue.popleft()
+            self._skipped += backlog - len(keep)
+            self._queue.extendleft(reversed(keep))
         while self._queue and len(lines) < MAX_BATCH:
             kind, number, payload = self._queue.popleft()
             line = self._render(kind, number, payload)
