@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import Progress as ProgressBar
 
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
+from popproxy.inspect import Progress, metered_records
+from popproxy.inspect.eml import export_eml
+from popproxy.inspect.html import export_html
+from popproxy.inspect.pcap import export_pcap
+from popproxy.inspect.text import export_text
 from popproxy.proxy.config import UsageError
+from popproxy.views.theme import make_console
+
+EXPORTS = ("streams", "eml", "text", "html", "pcap")
+PROGRESS_MIN = 8 << 20  # captures smaller than this export too fast for a progress bar
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,22 +38,78 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("capture", metavar="CAPTURE")
     p.add_argument("--streams", metavar="DIR",
                    help="write DIR/client.bin and DIR/server.bin: the bytes each side sent")
+    p.add_argument("--eml", metavar="DIR",
+                   help="write every message retrieved with RETR to DIR as an .eml file, "
+                        "named by its UIDL unique-id when the session listed it")
+    p.add_argument("--include-top", action="store_true",
+                   help="with --eml: also write TOP results (names end in -top)")
+    p.add_argument("--text", metavar="FILE",
+                   help="write a plain-text transcript (C:/S: lines, credentials masked)")
+    p.add_argument("--html", metavar="FILE",
+                   help="write a self-contained HTML page of the transcript")
+    p.add_argument("--pcap", metavar="FILE",
+                   help="write the client leg as a pcap file (IPv4/TCP, server port 110) "
+                        "for Wireshark/tshark")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    wanted = [name for name in ("streams",) if getattr(args, name, None)]
+    wanted = [name for name in EXPORTS if getattr(args, name, None)]
     if not wanted:
-        raise UsageError("say what to export, e.g. --streams DIR")
+        raise UsageError("say what to export: --streams DIR, --eml DIR, --text FILE, "
+                         "--html FILE or --pcap FILE")
+    if args.include_top and not args.eml:
+        raise UsageError("--include-top goes with --eml DIR")
     with CaptureReader(args.capture) as reader:
-        if args.streams:
-            export_streams(reader, Path(args.streams))
-        for warning in reader.warnings:
+        for name in wanted:
+            target = Path(getattr(args, name))
+            try:
+                with progress_bar(reader, name) as progress:
+                    notes = _export(reader, name, target, args, progress)
+            except OSError as exc:
+                raise CaptureError(f"--{name} {target}: {exc.strerror or exc}") from None
+            for note in notes:  # after the progress bar is gone
+                print(f"popproxy export: {note}", file=sys.stderr)
+        for warning in dict.fromkeys(reader.warnings):
             print(f"popproxy export: warning: {warning}", file=sys.stderr)
     return 0
 
 
-def export_streams(reader: CaptureReader, out: Path) -> tuple[int, int]:
+def _export(reader: CaptureReader, name: str, target: Path, args: argparse.Namespace,
+            progress: Progress | None) -> list[str]:
+    """Run one exporter; return the notes to show about what it wrote."""
+    if name == "streams":
+        export_streams(reader, target, progress=progress)
+    elif name == "eml":
+        result = export_eml(reader, target, include_top=args.include_top, progress=progress)
+        return [f"warning: {w}" for w in result.warnings] + [
+            f"{len(result.written)} message(s) written to {target}"]
+    elif name == "text":
+        export_text(reader, target, progress=progress)
+    elif name == "html":
+        export_html(reader, target, progress=progress)
+    elif name == "pcap":
+        pcap = export_pcap(reader, target, progress=progress)
+        return [f"{pcap.packets} packets on {pcap.connections} connection(s) written to "
+                f"{target}", *(f"  {line}" for line in pcap.endpoints)]
+    return []
+
+
+@contextlib.contextmanager
+def progress_bar(reader: CaptureReader, label: str) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr (by capture bytes read), only on a terminal."""
+    if not sys.stderr.isatty() or reader.size < PROGRESS_MIN:
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with ProgressBar(*columns, console=make_console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"export --{label}", total=reader.size)
+        yield lambda done: bar.update(task, completed=min(done, reader.size))
+
+
+def export_streams(reader: CaptureReader, out: Path, *,
+                   progress: Progress | None = None) -> tuple[int, int]:
     """The bytes each side sent, as recorded: popproxy's own bytes are left out."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +120,7 @@ def export_streams(reader: CaptureReader, out: Path) -> tuple[int, int]:
     sizes = {"c": 0, "s": 0}
     redacted = 0
     try:
-        for record in reader.records():
+        for record in metered_records(reader, progress):
             if record.kind == fmt.DATA and record.data is not None and not record.fields.get("p"):
                 d = record.fields.get("d", "s")
                 files[d].write(record.data)

@@ -1,0 +1,161 @@
+"""``export --eml``: every retrieved message as an .eml file, written while it streams past."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from popproxy.capture.format import CaptureError
+from popproxy.capture.reader import CaptureReader
+from popproxy.core import BodyChunk, BodyEnd, Command, Reply
+from popproxy.inspect import Progress, metered_events
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]+")
+MAX_NAME_PART = 80
+
+
+@dataclass
+class EmlResult:
+    """What ``export_eml`` wrote: final paths (partial ones too) and warnings to show."""
+
+    written: list[Path] = field(default_factory=list)
+    partial: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Body:
+    verb: str
+    number: int | None
+    tmp: Path
+    file: IO[bytes]
+    octets: int = 0
+
+
+def session_stamp(header: dict[str, Any]) -> str:
+    """The session's start as ``YYYYmmddTHHMMSSZ`` (UTC), from ``t0``; "" when unknown."""
+    t0 = header.get("t0")
+    if isinstance(t0, int | float) and not isinstance(t0, bool):
+        try:
+            return datetime.fromtimestamp(float(t0), UTC).strftime("%Y%m%dT%H%M%SZ")
+        except (OverflowError, OSError, ValueError):
+            return ""
+    return ""
+
+
+def safe_part(text: str) -> str:
+    """``text`` reduced to characters safe in a file name on every system."""
+    # RFC 1939 §7: a unique-id is 1-70 characters 0x21-0x7E, so "/" and ":" can occur.
+    cleaned = _UNSAFE.sub("_", text).strip("._")
+    return cleaned[:MAX_NAME_PART]
+
+
+def message_number(args: str | None) -> int | None:
+    """The msg argument of ``RETR msg`` / ``TOP msg n`` (RFC 1939 §7), if it is a number."""
+    words = (args or "").split()
+    if not words or not words[0].isdigit() or len(words[0]) > 9:
+        return None
+    return int(words[0])
+
+
+def export_eml(reader: CaptureReader, out: Path, *, include_top: bool = False,
+               progress: Progress | None = None) -> EmlResult:
+    """Write each RETR body (and TOP body with ``include_top``) to ``out`` as an .eml file.
+
+    The file holds the body as the client received it after un-stuffing (RFC 1939 §3):
+    every octet between the status line and the terminating ``.`` line, leading dots
+    removed.  Names are ``<start>-<nnnn>-<VERB>-<uid>.eml``, the uid taken from the
+    session's UIDL listings, else ``msg-<n>``; a body cut off by a close gets ``.partial``.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CaptureError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    verbs = ("RETR", "TOP") if include_top else ("RETR",)
+    stamp = session_stamp(reader.header)
+    result = EmlResult()
+    uids: dict[int, str] = {}
+    commands: dict[int, tuple[str, int | None]] = {}
+    uidl_bodies: set[int] = set()
+    bodies: dict[int, _Body] = {}
+    count = 0
+
+    def finish(seq: int, body: _Body, truncated: bool) -> None:
+        nonlocal count
+        body.file.close()
+        count += 1
+        if body.number is None:
+            ident = "msg-unknown"
+        else:
+            ident = safe_part(uids.get(body.number, "")) or f"msg-{body.number}"
+        name = f"{count:04d}-{body.verb}-{ident}"
+        if stamp:
+            name = f"{stamp}-{name}"
+        if body.verb == "TOP":
+            name += "-top"
+        if truncated:
+            name += ".partial"
+        final = out / f"{name}.eml"
+        try:
+            os.replace(body.tmp, final)
+        except OSError as exc:
+            raise CaptureError(f"cannot write {final}: {exc.strerror or exc}") from None
+        result.written.append(final)
+        if truncated:
+            result.partial.append(final)
+            result.warnings.append(
+                f"{body.verb} {body.number if body.number is not None else '?'} was cut off "
+                f"after {body.octets:,} octets; kept as {final.name}")
+
+    try:
+        for _record, _t, events in metered_events(reader, progress):
+            for event in events:
+                if isinstance(event, Command):
+                    commands[event.seq] = (event.verb, message_number(event.args))
+                elif isinstance(event, Reply):
+                    verb, number = commands.pop(event.seq, (event.verb, None))
+                    if event.status != "+OK":
+                        continue
+                    if verb == "UIDL" and event.value is not None and len(event.value) >= 2:
+                        # RFC 1939 §7: "UIDL msg" answers "+OK msg unique-id".
+                        n, uid = event.value[0], event.value[1]
+                        if isinstance(n, int):
+                            uids[n] = str(uid)
+                    elif verb == "UIDL" and event.multiline:
+                        uidl_bodies.add(event.seq)
+                    elif verb in verbs and event.multiline:
+                        tmp = out / f".popproxy-{os.getpid()}-{event.seq}.eml.tmp"
+                        try:
+                            handle = open(tmp, "wb")  # noqa: SIM115 - closed in finish()
+                        except OSError as exc:
+                            raise CaptureError(
+                                f"cannot write {tmp}: {exc.strerror or exc}") from None
+                        bodies[event.seq] = _Body(verb, number, tmp, handle)
+                elif isinstance(event, BodyChunk):
+                    body = bodies.get(event.seq)
+                    if body is not None:
+                        body.file.write(event.data)
+                        body.octets += len(event.data)
+                elif isinstance(event, BodyEnd):
+                    if event.seq in uidl_bodies:
+                        uidl_bodies.discard(event.seq)
+                        for entry in event.listing or ():
+                            if len(entry) >= 2 and entry[0].isdigit():
+                                uids[int(entry[0])] = entry[1]
+                    body = bodies.pop(event.seq, None)
+                    if body is not None:
+                        finish(event.seq, body, event.truncated)
+        for seq, body in sorted(bodies.items()):
+            finish(seq, body, True)
+        bodies.clear()
+    finally:
+        for body in bodies.values():  # an error stopped the export: leave no temp files
+            body.file.close()
+            with contextlib.suppress(OSError):
+                body.tmp.unlink()
+    return result
