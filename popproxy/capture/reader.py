@@ -49,6 +49,11 @@ class CaptureReader:
         self._body_start = self._resume = self._file.tell()
         self.size = os.fstat(self._file.fileno()).st_size
 
+    @property
+    def position(self) -> int:
+        """File offset just past the last record read (for progress bars)."""
+        return self._resume
+
     def close(self) -> None:
         self._file.close()
 

@@ -1,0 +1,146 @@
+"""``popproxy list``: one row per capture, from end records only (fast on huge captures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from popproxy.capture import format as fmt
+from popproxy.capture.format import CaptureError
+from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.cli.stats import ScanProgress, fmt_size
+from popproxy.core.transcript import TranscriptBuilder
+from popproxy.inspect import metered_events
+from popproxy.views.render import fmt_ms
+from popproxy.views.theme import make_console
+
+CLEAN_ENDINGS = frozenset({"quit", "closed", "client-closed", "server-closed"})
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("list", help="list captures: who, when, how much, how it ended",
+                       description="One row per capture in DIR, sorted by start, read from each "
+                                   "capture's end record (its last bytes). Captures without one "
+                                   "(still being written, or the proxy died) are read in full "
+                                   "and marked 'unfinished'.")
+    p.add_argument("folder", nargs="?", default="captures", metavar="DIR",
+                   help="folder of captures (default: captures/)")
+    p.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    if not folder.exists():
+        raise CaptureError(f"{folder}: no such file or folder")
+    paths = capture_paths([args.folder])
+    rows: list[dict[str, Any]] = []
+    status = 0
+    unfinished: list[Path] = []
+    for path in paths:
+        try:
+            with CaptureReader(path) as reader:
+                end = reader.end()
+                if end is None:
+                    unfinished.append(path)
+                else:
+                    rows.append(row_from_end(reader, end))
+        except CaptureError as exc:
+            print(f"popproxy list: error: {exc}", file=sys.stderr)
+            status = 2
+    with ScanProgress("list", unfinished) as progress:
+        for path in unfinished:
+            try:
+                with CaptureReader(path) as reader:
+                    rows.append(row_from_scan(reader, progress.capture(path, reader.size)))
+            except CaptureError as exc:
+                print(f"popproxy list: error: {exc}", file=sys.stderr)
+                status = 2
+    rows.sort(key=lambda r: (str(r.get("start") or ""), r["path"]))
+    if args.json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        render_list(make_console(), rows)
+    return status
+
+
+def _base(reader: CaptureReader) -> dict[str, Any]:
+    h = reader.header
+    return {"path": str(reader.path), "start": h.get("start"), "client": h.get("client"),
+            "upstream": h.get("upstream")}
+
+
+def row_from_end(reader: CaptureReader, end: dict[str, Any]) -> dict[str, Any]:
+    """A row from the header and the end record alone."""
+    octets = end.get("octets") or {}
+    return {**_base(reader), "user": end.get("user"), "commands": end.get("commands"),
+            "client_octets": octets.get("c"), "server_octets": octets.get("s"),
+            "duration": end.get("t"), "how": end.get("how"), "error": end.get("error"),
+            "anomalies": end.get("anomalies"), "unfinished": False}
+
+
+def row_from_scan(reader: CaptureReader, progress: Any = None) -> dict[str, Any]:
+    """A row for a capture without an end record: read it all through the observer."""
+    builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
+    octets = {"c": 0, "s": 0}
+    last = 0.0
+    for record, t, events in metered_events(reader, progress):
+        last = max(last, t)
+        if record is not None and record.kind == fmt.DATA and record.data is not None:
+            d = str(record.fields.get("d"))
+            if d in octets:
+                octets[d] += len(record.data)
+        builder.feed(t, events)
+    session = builder.session
+    return {**_base(reader), "user": session.user, "commands": session.commands,
+            "client_octets": octets["c"], "server_octets": octets["s"], "duration": last,
+            "how": "unfinished", "error": None, "anomalies": len(session.anomalies),
+            "unfinished": True}
+
+
+def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(rows)} capture(s)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("start", min_width=10)
+    table.add_column("ended", overflow="fold", min_width=6)
+    table.add_column("anom.", justify="right")
+    table.add_column("user", overflow="fold", min_width=5)
+    wide = console.width >= 110  # narrower terminals lose the addresses (--json has them)
+    if wide:
+        table.add_column("client → upstream", overflow="fold", min_width=12)
+    for name in ("cmds", "C→S", "S→C", "duration"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        how = str(r.get("how") or "?")
+        ended = Text(how, style="pop.ok" if how in CLEAN_ENDINGS else
+                     "pop.warning" if r["unfinished"] else "pop.err")
+        if r.get("error"):
+            ended.append(f" ({r['error']})", style="pop.muted")
+        anomalies = r.get("anomalies") or 0
+        start = str(r.get("start") or "?").replace("T", " ").rstrip("Z").partition(".")[0]
+        cells: list[str | Text] = [
+            start, ended, Text(str(anomalies), style="pop.warning" if anomalies else ""),
+            str(r.get("user") or "")]
+        if wide:
+            cells.append(f"{r.get('client') or '?'} → {r.get('upstream') or '?'}")
+        cells += [_count(r.get("commands")), _size(r.get("client_octets")),
+                  _size(r.get("server_octets")),
+                  fmt_ms(float(r["duration"])) if r.get("duration") is not None else "?"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def _size(value: Any) -> str:
+    return fmt_size(value) if isinstance(value, int) else "?"

@@ -1,0 +1,189 @@
+"""``popproxy stats``: per-command counts, latency percentiles, octets and error rates."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from popproxy.capture.format import CaptureError
+from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.core.transcript import TranscriptBuilder
+from popproxy.inspect import metered_events
+from popproxy.inspect.stats import StatsCollector
+from popproxy.views.render import fmt_ms
+from popproxy.views.theme import make_console
+
+LATENCY_HELP = (
+    "Latency of a command runs from max(time it was sent, end of the previous reply) to the "
+    "end of its own reply (after the body's terminating '.'), so a pipelined command is not "
+    "charged for the time it waited behind earlier replies. Percentiles are nearest-rank, "
+    "exact up to 100,000 replies per command (a uniform sample beyond that); max is exact."
+)
+PROGRESS_MIN = 8 << 20  # smaller jobs finish before a bar would be worth drawing
+BAR_WIDTH = 12
+
+
+class ScanProgress:
+    """One rich progress bar on stderr over all captures' bytes, only on a terminal."""
+
+    def __init__(self, label: str, paths: list[Path]) -> None:
+        self.label = label
+        sizes = []
+        for path in paths:
+            try:
+                sizes.append(os.stat(path).st_size)
+            except OSError:
+                sizes.append(0)
+        total = sum(sizes)
+        self._bar: Progress | None = None
+        self._task = None
+        self._done: dict[int, int] = {}
+        if sys.stderr.isatty() and total >= PROGRESS_MIN:
+            self._bar = Progress(TextColumn("[progress.description]{task.description}"),
+                                 BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                                 console=make_console(stderr=True), transient=True)
+            self._task = self._bar.add_task(label, total=total)
+
+    def __enter__(self) -> ScanProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def capture(self, path: Path, size: int) -> Callable[[int], None] | None:
+        """A callback for one capture's bytes read so far (``popproxy.inspect.Progress``)."""
+        bar, task = self._bar, self._task
+        if bar is None or task is None:
+            return None
+        key = len(self._done)
+        self._done[key] = 0
+        description = f"{self.label} {path.name}"
+        done_by_capture = self._done
+
+        def update(done: int) -> None:
+            done_by_capture[key] = min(done, size)
+            bar.update(task, completed=sum(done_by_capture.values()), description=description)
+
+        return update
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("stats", help="per-command counts, latencies, octets and error rates",
+                       description="Statistics over captures, per command: count, -ERR rate, "
+                                   "latency p50/p90/p99/max, octets each way. " + LATENCY_HELP)
+    p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = capture_paths(args.captures)
+    if not paths:
+        raise CaptureError(f"no captures in {' '.join(args.captures)}")
+    stats = StatsCollector()
+    status, read = 0, []
+    with ScanProgress("stats", paths) as progress:
+        for path in paths:
+            try:
+                with CaptureReader(path) as reader:
+                    collect(reader, stats, progress.capture(path, reader.size))
+                    for warning in reader.warnings:
+                        print(f"popproxy stats: warning: {warning}", file=sys.stderr)
+                read.append(str(path))
+            except CaptureError as exc:
+                print(f"popproxy stats: error: {exc}", file=sys.stderr)
+                status = 2
+    if args.json:
+        sys.stdout.write(json.dumps({"captures": read, **stats.to_json()}) + "\n")
+    else:
+        render_stats(make_console(), stats)
+    return status
+
+
+def collect(reader: CaptureReader, stats: StatsCollector,
+            progress: Callable[[int], None] | None = None) -> None:
+    """Stream one capture into ``stats``."""
+    stats.start_session()
+    builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
+    for _record, t, events in metered_events(reader, progress):
+        for item in builder.feed(t, events):
+            if item.what == "done" and item.exchange is not None:
+                stats.add(item.exchange)
+    for ex in builder.unfinished():
+        stats.add(ex)
+
+
+def bar(value: float, largest: float, width: int = BAR_WIDTH) -> Text:
+    """A small horizontal bar, in eighths of a cell."""
+    if largest <= 0 or value <= 0:
+        return Text("")
+    eighths = max(1, round(value / largest * width * 8))
+    full, part = divmod(eighths, 8)
+    return Text("█" * full + (" ▏▎▍▌▋▊▉"[part] if part else ""), style="pop.body")
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else fmt_ms(float(value))
+
+
+def fmt_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def render_stats(console: Console, stats: StatsCollector) -> None:
+    """Two tables: counts and octets with a count bar; latencies with a p90 bar."""
+    rows = stats.ordered()
+    total = stats.total()
+    most = max((s.count for s in rows), default=0)
+    counts = Table(title=f"Commands ({stats.sessions} session(s))", title_justify="left",
+                   box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("command", "count", "", "-ERR", "err %", "no reply", "C→S", "S→C"):
+        counts.add_column(name, justify="left" if name in ("command", "") else "right",
+                          no_wrap=True, min_width=BAR_WIDTH if name == "" else None)
+    for s in [*rows, total]:
+        counts.add_row(Text(s.verb, style="pop.session" if s is total else "pop.client"),
+                       f"{s.count:,}", bar(s.count, most) if s is not total else Text(""),
+                       f"{s.errors:,}", f"{s.error_rate:.1%}", f"{s.no_reply:,}",
+                       fmt_size(s.client_octets), fmt_size(s.server_octets))
+    console.print(counts)
+    latencies = {s.verb: s.latency() for s in rows}
+    slowest = max((float(v["p90"] or 0.0) for v in latencies.values()), default=0.0)
+    table = Table(title="Latency (reply end − max(sent, previous reply end))",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("command", "p50", "p90", "p99", "max", "p90 bar"):
+        table.add_column(name, justify="left" if name in ("command", "p90 bar") else "right",
+                         no_wrap=True)
+    for s in rows:
+        lat = latencies[s.verb]
+        table.add_row(Text(s.verb, style="pop.client"), _ms(lat["p50"]), _ms(lat["p90"]),
+                      _ms(lat["p99"]), _ms(lat["max"]), bar(float(lat["p90"] or 0.0), slowest))
+    console.print(table)
+
+

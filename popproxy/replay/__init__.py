@@ -1,0 +1,1 @@
+"""Replay and comparison of recorded POP3 sessions."""
