@@ -1,0 +1,458 @@
+"""A fake POP3 server: plays recorded server sides, byte for byte, to live clients."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.text import Text
+
+from popproxy.proxy.config import format_hostport
+from popproxy.replay import auth
+from popproxy.replay.script import RecordedSession, Step
+from popproxy.tls.ca import CertificateAuthority
+
+BACKLOG = 1024
+MAX_LINE = 8192  # RFC 2449 §4 allows 255 octets a command; anything near this is garbage
+SKIPPABLE = frozenset({"CAPA", "NOOP"})  # lenient mode: a client may skip or repeat these
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+Log = Callable[[Text], None]
+
+
+@dataclass
+class ServeConfig:
+    """What ``popproxy serve`` (and the pytest plugin) plays, and how."""
+
+    sessions: list[RecordedSession]
+    listen: tuple[str, int] = ("127.0.0.1", 1110)
+    password: str | None = None
+    strict: bool = False
+    tls: bool = False
+    repeat: bool = False
+    timeout: float = 60.0  # a silent client is dropped after this long
+    ca: CertificateAuthority | None = None
+    ca_dir: Path | None = None
+
+    def certificate_authority(self) -> CertificateAuthority:
+        if self.ca is None:
+            from popproxy.tls.ca import default_ca_dir
+
+            self.ca = CertificateAuthority.load_or_create(self.ca_dir or default_ca_dir())
+        return self.ca
+
+
+@dataclass
+class NearMiss:
+    """A client command the recording did not expect, and the closest recorded one."""
+
+    connection: int
+    received: str
+    closest: str | None
+    differed: str
+
+    def describe(self) -> str:
+        where = f"closest recorded: {self.closest}" if self.closest else "nothing recorded left"
+        return f"#{self.connection} got {self.received!r}: {self.differed} ({where})"
+
+
+@dataclass
+class ConnectionReport:
+    """One client connection: which capture it got and how far it went."""
+
+    number: int
+    capture: Path | None
+    peer: str
+    played: set[int] = field(default_factory=set)
+    unplayed: list[str] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    ended: str = "open"
+
+
+@dataclass
+class ServeReport:
+    """Everything the fake server saw; read it after the server stopped."""
+
+    connections: list[ConnectionReport] = field(default_factory=list)
+    unserved: list[Path] = field(default_factory=list)
+    refused: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def near_misses(self) -> list[NearMiss]:
+        return [m for c in self.connections for m in c.near_misses]
+
+    def unplayed(self) -> list[str]:
+        """Recorded exchanges no client asked for, and captures no client connected for."""
+        out = [f"{c.capture}: {cmd}" for c in self.connections for cmd in c.unplayed]
+        out.extend(f"{path}: the whole session (no client connected for it)"
+                   for path in self.unserved)
+        return out
+
+
+def _matches(step: Step, verb: str, args: str | None) -> bool:
+    """Verb case-insensitive (RFC 1939 §3); credentials never compared here."""
+    if step.verb != verb:
+        return False
+    if verb in ("PASS", "RPOP"):
+        return True
+    if verb == "APOP":
+        return (args or "").split(" ")[0] == (step.args or "").split(" ")[0]
+    if verb == "AUTH":
+        return (step.mechanism or "") == (args or "").split(" ")[0].upper()
+    return (args or "").split() == (step.args or "").split()
+
+
+class _Closed(Exception):
+    pass
+
+
+class FakeSession:
+    """One client connection answered from one recorded session."""
+
+    def __init__(self, config: ServeConfig, session: RecordedSession, stream: trio.abc.Stream,
+                 report: ConnectionReport, log: Log | None) -> None:
+        self.config = config
+        self.session = session
+        self.steps = session.steps
+        self.stream = stream
+        self.report = report
+        self.log = log
+        self.cursor = 0
+        self.skipped: set[int] = set()
+        self.last_capa: bytes | None = None
+        self._buf = b""
+
+    # ------------------------------------------------------------------ IO
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            with trio.fail_after(self.config.timeout):
+                await self.stream.send_all(data)
+        except (*STREAM_ERRORS, trio.TooSlowError):
+            raise _Closed from None
+
+    async def _line(self) -> bytes:
+        """The next client line (with its LF), b"" at EOF; a silent client ends the session."""
+        while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
+            try:
+                with trio.fail_after(self.config.timeout):
+                    data = bytes(await self.stream.receive_some(65536))
+            except trio.TooSlowError:
+                self.report.ended = f"idle for {self.config.timeout:g} s"
+                raise _Closed from None
+            except STREAM_ERRORS:
+                data = b""
+            if not data:
+                rest, self._buf = self._buf, b""
+                return rest
+            self._buf += data
+        end = self._buf.find(b"\n")
+        end = MAX_LINE if end < 0 else end + 1
+        line, self._buf = self._buf[:end], self._buf[end:]
+        return line
+
+    def _say(self, text: str, style: str = "pop.muted") -> None:
+        if self.log is not None:
+            tag = Text(f"#{self.report.number} ", style="pop.session")
+            tag.append(text, style=style)
+            self.log(tag)
+
+    # ------------------------------------------------------------------ the session
+
+    async def run(self) -> None:
+        try:
+            if self.config.tls:
+                await self._handshake()
+            await self._send(self.session.greeting or b"+OK popproxy fake server ready\r\n")
+            while True:
+                line = await self._line()
+                if not line:
+                    self.report.ended = self.report.ended if self.report.ended != "open" \
+                        else "client closed"
+                    break
+                if not await self._command(line):
+                    break
+        except _Closed:
+            if self.report.ended == "open":
+                self.report.ended = "connection lost"
+        finally:
+            self.report.unplayed = [s.command_text for i, s in enumerate(self.steps)
+                                    if i not in self.report.played and i not in self.skipped
+                                    and s.verb not in SKIPPABLE]
+
+    async def _command(self, line: bytes) -> bool:
+        """Answer one client line; False ends the session."""
+        text = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").strip(" \t")
+        verb, _, args_text = text.partition(" ")
+        verb = verb.upper()
+        args = args_text.strip() or None
+        shown = f"{verb} {'#' * len(args or '')}" if verb in ("PASS", "RPOP") else text
+        index = self._find(verb, args)
+        if index is None:
+            if not self.config.strict and verb == "CAPA" and self._capa() is not None:
+                capa = self._capa()
+                assert capa is not None
+                self._say(f"{shown} → recorded CAPA reply again (lenient)")
+                await self._send(capa)
+                return True
+            if not self.config.strict and verb == "NOOP":
+                await self._send(b"+OK\r\n")  # RFC 1939 §5: NOOP just answers +OK
+                return True
+            return await self._mismatch(shown, verb, args)
+        for skipped in range(self.cursor, index):
+            if self.steps[skipped].verb in SKIPPABLE:
+                self.skipped.add(skipped)
+        step = self.steps[index]
+        self.cursor = index + 1
+        if verb in ("PASS", "RPOP", "APOP") and not self._credentials_ok(step, verb, args):
+            self.cursor = index  # the client may try again
+            self._say(f"{shown} → wrong password", "pop.err")
+            await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
+            return not self.config.strict
+        if verb == "AUTH":
+            return await self._auth(step, index, args, shown)
+        self.report.played.add(index)
+        self._say(f"{shown} → {_first_line(step.reply)}")
+        if verb == "CAPA":
+            self.last_capa = step.reply
+        await self._send(step.reply)
+        if verb == "STLS" and step.reply.startswith(b"+OK"):
+            if self._buf:
+                self._say("plaintext after STLS discarded (RFC 2595 §4)", "pop.warning")
+                self._buf = b""
+            await self._handshake()
+        return self._more(index)
+
+    def _more(self, index: int) -> bool:
+        """After the last recorded answer the server closes, as the recording did."""
+        if index == len(self.steps) - 1:
+            self.report.ended = "script finished"
+            return False
+        return True
+
+    def _find(self, verb: str, args: str | None) -> int | None:
+        steps, cursor = self.steps, self.cursor
+        if cursor < len(steps) and _matches(steps[cursor], verb, args):
+            return cursor
+        if self.config.strict:
+            return None
+        j = cursor
+        while j < len(steps) and steps[j].verb in SKIPPABLE:
+            j += 1  # lenient: the client skipped a recorded CAPA or NOOP
+            if j < len(steps) and _matches(steps[j], verb, args):
+                return j
+        if verb == "QUIT":
+            for k in range(cursor, len(steps)):
+                if steps[k].verb == "QUIT":
+                    return k  # an early QUIT: what it skipped stays unplayed
+        return None
+
+    def _capa(self) -> bytes | None:
+        if self.last_capa is not None:
+            return self.last_capa
+        return next((s.reply for s in self.steps if s.verb == "CAPA"), None)
+
+    async def _mismatch(self, shown: str, verb: str, args: str | None) -> bool:
+        remaining = list(enumerate(self.steps))[self.cursor:]
+        same = next((s for _, s in remaining if s.verb == verb), None)
+        nxt = remaining[0][1] if remaining else None
+        if same is not None:
+            closest = same
+            differed = (f"arguments differ: got {args!r}, recorded {same.args!r}"
+                        if same is nxt else f"out of order: the next recorded command is "
+                        f"{nxt.command_text if nxt else 'none'}")
+        elif nxt is not None:
+            closest, differed = nxt, f"command differs: expected {nxt.verb}"
+        else:
+            closest, differed = None, "the recording has no more commands"
+        miss = NearMiss(self.report.number, shown, closest.command_text if closest else None,
+                        differed)
+        self.report.near_misses.append(miss)
+        self._say(f"near miss: {miss.describe()}", "pop.warning")
+        expected = f" (next recorded: {nxt.command_text})" if nxt else ""
+        await self._send(f"-ERR popproxy serve: not in the recording{expected}\r\n".encode())
+        if self.config.strict:
+            self.report.ended = "mismatch (strict)"
+            return False
+        return True
+
+    def _credentials_ok(self, step: Step, verb: str, args: str | None) -> bool:
+        password = self.config.password
+        if password is None:
+            return True  # reference §12: accept any credentials unless told the password
+        if verb in ("PASS", "RPOP"):
+            return (args or "") == password
+        digest = (args or "").split(" ")[-1]
+        return auth.check_apop(_timestamp(self.session.greeting), password, digest)
+
+    async def _auth(self, step: Step, index: int, args: str | None, shown: str) -> bool:
+        """Replay the recorded SASL exchange (RFC 5034 §4), checking the password if given."""
+        mech = step.mechanism or ""
+        parts = (args or "").split(" ", 1)
+        responses = [parts[1].strip()] if len(parts) > 1 else []
+        challenges: list[bytes] = []
+        for kind, raw in step.sasl:
+            if kind == "s":
+                await self._send(raw)
+                challenges.append(raw.rstrip(b"\r\n")[2:])
+                continue
+            line = (await self._line()).rstrip(b"\r\n").decode("utf-8", "replace")
+            if line.strip() == "*":
+                self.cursor = index
+                self._say(f"{shown} cancelled by the client", "pop.warning")
+                await self._send(b"-ERR popproxy serve: authentication cancelled\r\n")
+                return not self.config.strict
+            responses.append(line)
+        password = self.config.password
+        if password is not None and not _sasl_ok(mech, password, responses, challenges):
+            self.cursor = index
+            self._say(f"{shown} → wrong password", "pop.err")
+            await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
+            return not self.config.strict
+        self.report.played.add(index)
+        self._say(f"{shown} → {_first_line(step.reply)}")
+        await self._send(step.reply)
+        return self._more(index)
+
+    async def _handshake(self) -> None:
+        from popproxy.tls.contexts import server_context
+
+        local = getattr(self.stream, "socket", None)
+        local_ip = local.getsockname()[0] if local is not None else "127.0.0.1"
+        ctx = server_context(self.config.certificate_authority(), default_host="localhost",
+                             local_ip=local_ip)
+        tls = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(self.config.timeout):
+                await tls.do_handshake()
+        except (*STREAM_ERRORS, trio.TooSlowError, ssl.SSLError) as exc:
+            self.report.ended = f"TLS handshake failed: {exc or type(exc).__name__}"
+            raise _Closed from None
+        self.stream = tls
+
+
+def _sasl_ok(mech: str, password: str, responses: list[str], challenges: list[bytes]) -> bool:
+    if mech == "PLAIN":
+        return bool(responses) and auth.check_plain(responses[0], password)
+    if mech == "LOGIN":
+        return len(responses) >= 2 and auth.check_login_password(responses[1], password)
+    if mech == "CRAM-MD5":
+        challenge = auth.b64(challenges[0].decode("ascii", "replace")) if challenges else None
+        return challenge is not None and bool(responses) and \
+            auth.check_cram_md5(challenge, responses[0], password)
+    return False  # a mechanism popproxy cannot verify: refuse rather than pretend
+
+
+def _timestamp(greeting: bytes | None) -> str | None:
+    from popproxy.core.values import apop_timestamp
+
+    return apop_timestamp(greeting) if greeting else None
+
+
+def _first_line(data: bytes) -> str:
+    return data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")[:100]
+
+
+# ------------------------------------------------------------------ the listener
+
+
+class FakeServer:
+    """Hands recorded sessions to successive connections, in order (cycling with ``repeat``)."""
+
+    def __init__(self, config: ServeConfig, log: Log | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.report = ServeReport(unserved=[s.path for s in config.sessions])
+        self._next = 0
+        self._count = 0
+
+    def _take(self) -> RecordedSession | None:
+        sessions = self.config.sessions
+        if self._next >= len(sessions):
+            if not self.config.repeat or not sessions:
+                return None
+            self._next = 0
+        session = sessions[self._next]
+        self._next += 1
+        with self.report.lock:
+            if session.path in self.report.unserved:
+                self.report.unserved.remove(session.path)
+        return session
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self._count += 1
+        number = self._count
+        peer = _peer(stream)
+        session = self._take()
+        if session is None:
+            self.report.refused += 1
+            if self.log:
+                self.log(Text(f"#{number} from {peer}: no recorded session left", "pop.error"))
+            with trio.move_on_after(2), contextlib.suppress(*STREAM_ERRORS):
+                await stream.send_all(b"-ERR [SYS/TEMP] popproxy serve: no recorded "
+                                      b"session left\r\n")
+            await _close(stream)
+            return
+        report = ConnectionReport(number, session.path, peer)
+        with self.report.lock:
+            self.report.connections.append(report)
+        if self.log:
+            self.log(Text(f"#{number} from {peer}: playing {session.path}", "pop.session"))
+        fake = FakeSession(self.config, session, stream, report, self.log)
+        try:
+            await fake.run()
+        finally:
+            await _close(fake.stream)
+            if self.log:
+                left = f", {len(report.unplayed)} recorded exchange(s) unplayed" \
+                    if report.unplayed else ""
+                self.log(Text(f"#{number} ended: {report.ended}{left}", "pop.muted"))
+
+
+async def serve_replay(config: ServeConfig, log: Log | None = None, *, announce: bool = True,
+                       server: FakeServer | None = None,
+                       task_status: trio.TaskStatus[list[tuple[str, int]]]
+                       = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen and play until cancelled; prints ``listening on HOST:PORT`` like ``record``."""
+    fake = server or FakeServer(config, log)
+    host, port = config.listen
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+    addresses: list[tuple[str, int]] = []
+    for listener in listeners:
+        name = listener.socket.getsockname()
+        addresses.append((name[0], name[1]))
+        if announce:
+            print(f"listening on {format_hostport(name[0], name[1])}", flush=True,
+                  file=sys.stdout)
+    async with trio.open_nursery() as nursery:
+        task_status.started(addresses)
+        await trio.serve_listeners(partial(_handle, fake), listeners, handler_nursery=nursery)
+
+
+async def _handle(fake: FakeServer, stream: trio.SocketStream) -> None:
+    await fake.handle(stream)
+
+
+def _peer(stream: Any) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except (OSError, AttributeError):
+        return "?"
+    return format_hostport(addr[0], addr[1])
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    with trio.move_on_after(1), trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except (*STREAM_ERRORS, trio.BusyResourceError):
+            pass

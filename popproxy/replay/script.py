@@ -1,0 +1,170 @@
+"""A capture read back as a script: the greeting, then each command with its recorded answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from popproxy.capture import format as fmt
+from popproxy.capture.events import replay_events
+from popproxy.capture.format import CaptureError
+from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.core import (
+    BodyChunk,
+    BodyEnd,
+    Command,
+    Direction,
+    Greeting,
+    LineTail,
+    Reply,
+    SaslChallenge,
+    SaslResponse,
+    Unsolicited,
+)
+from popproxy.core.transcript import Exchange, TranscriptBuilder
+
+CREDENTIAL_VERBS = frozenset({"PASS", "APOP", "AUTH", "RPOP"})
+
+
+@dataclass
+class Step:
+    """One recorded command and everything the server sent in answer, as raw bytes.
+
+    ``reply`` is the final status line plus any body, exactly as recorded (dot-stuffed);
+    ``sasl`` is an AUTH exchange's middle part, ``("s", challenge)`` and ``("c", response)``
+    lines in wire order (RFC 5034 §4).  ``batch`` names the client data record that carried
+    the command: commands sharing one were pipelined (RFC 2449 §6.6).
+    """
+
+    seq: int
+    verb: str
+    args: str | None
+    line: bytes
+    batch: int
+    reply: bytes = b""
+    status: str | None = None
+    sasl: list[tuple[str, bytes]] = field(default_factory=list)
+    tls_after: bool = False
+    exchange: Exchange | None = None
+
+    @property
+    def command_text(self) -> str:
+        return self.verb if self.args is None else f"{self.verb} {self.args}"
+
+    @property
+    def mechanism(self) -> str | None:
+        if self.verb != "AUTH" or not self.args:
+            return None
+        return self.args.split(" ")[0].upper()
+
+    @property
+    def initial_response(self) -> str | None:
+        """The masked (or kept) AUTH initial response, RFC 5034 §4."""
+        if self.verb != "AUTH" or not self.args or " " not in self.args:
+            return None
+        return self.args.split(" ", 1)[1].strip()
+
+
+@dataclass
+class RecordedSession:
+    """One capture as a script for either side of a replay."""
+
+    path: Path
+    header: dict[str, Any]
+    greeting: bytes | None = None
+    greeting_exchange: Exchange | None = None
+    steps: list[Step] = field(default_factory=list)
+    trailer: bytes = b""  # server bytes after the last answer (an unsolicited goodbye)
+    identity: str | None = None
+    mechanism: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def user(self) -> str | None:
+        """The login name: USER's argument, APOP's name, or the SASL identity record."""
+        for step in self.steps:
+            if step.verb == "USER" and step.args:
+                return step.args.strip()
+            if step.verb == "APOP" and step.args:
+                return step.args.split(" ")[0]
+        return self.identity
+
+    @property
+    def implicit_tls(self) -> bool:
+        return bool(self.header.get("listen_tls"))
+
+    def by_seq(self) -> dict[int, Step]:
+        return {step.seq: step for step in self.steps}
+
+
+def load_session(path: str | Path) -> RecordedSession:
+    """Read one capture into a ``RecordedSession``; raises ``CaptureError`` if unusable."""
+    with CaptureReader(path) as reader:
+        session = RecordedSession(Path(path), dict(reader.header))
+        builder = TranscriptBuilder(hash_bodies=True, keep_listings=True)
+        steps: dict[int, Step] = {}
+        last: Step | None = None
+        data_records = 0
+        for record, t, events in replay_events(reader):
+            if record is not None and record.kind == fmt.DATA:
+                data_records += 1
+            if record is not None and record.kind == fmt.TLS and last is not None \
+                    and last.verb == "STLS":
+                last.tls_after = True
+            if record is not None and record.kind == fmt.IDENTITY:
+                session.identity = str(record.fields.get("identity") or "") or None
+                session.mechanism = str(record.fields.get("mech") or "") or None
+            for event in events:
+                if isinstance(event, Greeting):
+                    session.greeting = event.raw
+                elif isinstance(event, Command):
+                    last = steps[event.seq] = Step(event.seq, event.verb, event.args, event.raw,
+                                                   data_records)
+                    session.steps.append(last)
+                elif isinstance(event, Reply) and event.seq in steps:
+                    step = steps[event.seq]
+                    step.reply += event.raw
+                    step.status = event.status
+                elif isinstance(event, BodyChunk | BodyEnd) and event.seq in steps:
+                    steps[event.seq].reply += event.raw
+                elif isinstance(event, SaslChallenge) and event.seq in steps:
+                    steps[event.seq].sasl.append(("s", event.raw))
+                elif isinstance(event, SaslResponse) and event.seq in steps:
+                    steps[event.seq].sasl.append(("c", event.raw))
+                elif isinstance(event, Unsolicited):
+                    session.trailer += event.raw
+                elif isinstance(event, LineTail) and last is not None:
+                    if event.direction is Direction.CLIENT:
+                        last.line += event.raw
+                    else:
+                        last.reply += event.raw
+            for item in builder.feed(t, events):
+                ex = item.exchange
+                if item.what != "done" or ex is None:
+                    continue
+                if ex.kind == "greeting":
+                    session.greeting_exchange = ex
+                elif ex.seq is not None and ex.seq in steps:
+                    steps[ex.seq].exchange = ex
+        for ex in builder.unfinished():
+            if ex.seq is not None and ex.seq in steps and steps[ex.seq].exchange is None:
+                steps[ex.seq].exchange = ex
+        session.warnings.extend(reader.warnings)
+    return session
+
+
+def load_sessions(targets: list[str]) -> list[RecordedSession]:
+    """Every capture named by files and folders, in order; a folder without any is an error."""
+    paths = capture_paths(targets)
+    if not paths:
+        raise CaptureError(f"no captures in {' '.join(targets)}")
+    return [load_session(path) for path in paths]
+
+
+def require_client_side(session: RecordedSession) -> None:
+    """A capture with nothing the client said cannot be replayed against a server."""
+    if session.greeting is None and not session.steps:
+        raise CaptureError(f"{session.path}: the capture holds no POP3 session")
+    if not session.steps:
+        raise CaptureError(f"{session.path}: the capture has no client side (no commands)")
