@@ -68,6 +68,10 @@ class CaptureWriter:
     def observe(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Secret):
+                if event.offset < self._written[event.direction]:
+                    # Its first bytes are on disk already: only possible if the observer's
+                    # settled offset was wrong.  Counted loudly; the rest is still redacted.
+                    self.stats.late_redactions += 1
                 self._secrets.append(event)
             elif isinstance(event, AuthIdentity):
                 self._queue.append({"r": fmt.IDENTITY, "seq": event.seq,
@@ -119,10 +123,6 @@ class CaptureWriter:
             if secret.direction is not chunk.direction or secret.offset >= end:
                 keep.append(secret)
                 continue
-            if secret.offset < self._written[chunk.direction]:
-                # The span began in bytes already written: only possible if the observer's
-                # settled offset was wrong.  Count it loudly; the rest is still redacted.
-                self.stats.late_redactions += 1
             lo, hi = max(secret.offset, start), min(s_end, end)
             if s_end > end:
                 keep.append(secret)

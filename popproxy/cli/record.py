@@ -99,12 +99,15 @@ def run(args: argparse.Namespace) -> int:
     view = LiveView(make_console(), mode=mode)
     if config.insecure:
         view.notice("WARNING: --insecure: the upstream certificate is NOT verified", "pop.error")
+    failed: OSError | None = None
     try:
         trio.run(_main, config, view)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    except* OSError as group:  # binding fails inside the nursery, so it comes grouped
+        failed = next(e for e in group.exceptions if isinstance(e, OSError))
     finally:
         view.close()
+    if failed is not None:
+        raise UsageError(f"cannot listen on {args.listen}: {failed.strerror or failed}")
     return 0
 
 

@@ -66,7 +66,11 @@ def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) ->
     text = prefix(t, tag)
     text.append("S: ", style="pop.server")
     if ex.status is None:
-        text.append("(no reply)", style="pop.err")
+        if ex.kind == "unsolicited":  # a line that is not a status line at all
+            _append_masked(text, ex.text or "")
+            text.append("  (not a status line)", style="pop.warning")
+        else:
+            text.append("(no reply)", style="pop.err")
         return text
     text.append(ex.status, style=_status_style(ex.status))
     if ex.code:

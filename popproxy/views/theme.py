@@ -46,5 +46,7 @@ def make_console(file: IO[str] | None = None, *, stderr: bool = False,
                  width: int | None = None) -> Console:
     """A console with the theme; honours NO_COLOR (rich does) and never colours a pipe."""
     target = file if file is not None else (sys.stderr if stderr else sys.stdout)
-    return Console(file=target, theme=THEME, width=width, highlight=False,
-                   no_color="NO_COLOR" in os.environ or None, soft_wrap=False)
+    if os.environ.get("NO_COLOR"):  # https://no-color.org: no escapes at all, bold included
+        return Console(file=target, theme=THEME, width=width, highlight=False,
+                       color_system=None, soft_wrap=False)
+    return Console(file=target, theme=THEME, width=width, highlight=False, soft_wrap=False)
