@@ -78,6 +78,7 @@ class Session:
         self._to_client = trio.StrictFIFOLock()
         self._to_server = trio.StrictFIFOLock()
         self._stls_done: trio.Event | None = None
+        self._replied = trio.Event()  # set after each server chunk reached the client
         self._capa_seqs: set[int] = set()
 
     # ----------------------------------------------------------------- life cycle
@@ -139,6 +140,7 @@ class Session:
             "stls": cfg.stls.value, "insecure": cfg.insecure, **cfg.extra_header,
         }
         writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
+        fmt.write_all(self._fd, writer.take())  # the header at once: the file is a capture now
         sink = None
         if self.view is not None:
             view, number = self.view, self.number
@@ -351,6 +353,7 @@ class Session:
         if self._hide_stls():
             data = self._strip_capability(data, events, start)
         await self._to_client_send(data)
+        self._replied.set()
 
     async def _to_client_send(self, data: bytes) -> None:
         if data:
@@ -425,20 +428,37 @@ class Session:
         assert self.tap is not None and self.upstream is not None
         lo, hi = stls.offset - start, stls.offset - start + len(stls.raw)
         self.tap.drop(C, stls.offset, len(stls.raw), "STLS answered by popproxy")
-        rest = data[:lo] + data[hi:]
-        if rest:
-            async with self._to_server:
-                await self.upstream.send_all(rest)
+        before, after = data[:lo], data[hi:]
+        if before:
+            await _locked_send(self._to_server, self.upstream, before)
+        # RFC 2449 §6.6: replies come in command order, so answer STLS only after the server
+        # has answered every command pipelined before it.
+        await self._replies_before(stls.seq)
         if self._tls[C]:
             await self._originate(b"-ERR TLS is already active.\r\n")
         elif self.config.stls is StlsMode.STRIP:
             self.tap.event(self.now(), "strip", detail="STLS refused by popproxy (strip mode)")
             await self._originate(b"-ERR STLS not available.\r\n")
         else:
+            # RFC 2595 §4: bytes sent after STLS, before the handshake, are injected plaintext:
+            # never forward them (the upstream leg is TLS: they would arrive as if encrypted).
+            self.tap.drop(C, start + hi, len(after), "plaintext after STLS")
             # The upstream leg is TLS already: upgrade only the client leg.
             await self._originate(b"+OK Begin TLS negotiation now.\r\n")
             self.client = await self._client_handshake(self.client, "stls")
             self.tap.start_tls(S, self.now(), {"leg": "upstream", "mode": "already-tls"})
+            return
+        if after:  # after -ERR the session goes on in plaintext: relay what followed STLS
+            await _locked_send(self._to_server, self.upstream, after)
+
+    async def _replies_before(self, seq: int) -> None:
+        """Wait until every exchange before command ``seq`` is finished (bodies included)."""
+        tap = self.tap
+        assert tap is not None
+        while tap.broken is None and any(
+                ex.seq is not None and ex.seq < seq for ex in tap.builder.unfinished()):
+            self._replied = trio.Event()
+            await self._replied.wait()
 
     async def _after_stls_ok(self) -> None:
         assert self.tap is not None and self.upstream is not None
