@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import poplib
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import trio
 from rich.text import Text
 
 from popproxy.core.transcript import Item, SessionSummary
-from popproxy.proxy.config import ProxyConfig, UsageError
+from popproxy.proxy.config import ProxyConfig, capture_dir
 from popproxy.proxy.server import serve_record
 from popproxy.replay.fake import ServeConfig, serve_replay
 from popproxy.replay.script import load_session
@@ -89,13 +88,7 @@ class _DemoView:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot write captures to {out}: {exc.strerror or exc}") from None
+    out = capture_dir(args.out)
     console = make_console()
     console.print(Text("popproxy demo: a poplib client → popproxy record → a fake POP3 server "
                        "playing a recorded Dovecot session (all on 127.0.0.1, no network)",

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import trio
 
-from popproxy.proxy.config import ProxyConfig, StlsMode, UsageError, parse_hostport
+from popproxy.proxy.config import (
+    ProxyConfig,
+    StlsMode,
+    UsageError,
+    capture_dir,
+    parse_hostport,
+)
 from popproxy.proxy.server import serve_record
 from popproxy.tls.ca import default_ca_dir
 from popproxy.tls.contexts import client_context
@@ -67,13 +72,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.upstream_tls and args.upstream_stls:
         raise UsageError("--upstream-tls and --upstream-stls exclude each other")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot write captures to {out}: {exc.strerror or exc}") from None
+    out = capture_dir(args.out)
     if args.upstream_ca and not os.path.isfile(args.upstream_ca):
         raise UsageError(f"--upstream-ca {args.upstream_ca}: no such file")
     config = ProxyConfig(

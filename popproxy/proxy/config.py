@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"bad address {text!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
+
+
+def capture_dir(text: str) -> Path:
+    """The ``--out`` folder, created if needed and checked writable (a clear error if not)."""
+    out = Path(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write captures to {out}: {exc.strerror or exc}") from None
+    return out
 
 
 def format_hostport(host: str, port: int) -> str:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 
 import trio
 
-from popproxy.proxy.config import ProxyConfig, format_hostport
+from popproxy.netutil import open_listeners
+from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.session import Session
 from popproxy.proxy.view import SessionView
-
-BACKLOG = 4096  # room for 1,000 simultaneous connects and more
-
 
 Addresses = list[tuple[str, int]]
 
@@ -29,15 +26,7 @@ async def serve_record(
     Prints ``listening on HOST:PORT`` once per bound address on stdout, flushed, before
     accepting (scripts wait for that line, so it is printed even in quiet mode).
     """
-    host, port = config.listen
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
-    addresses: list[tuple[str, int]] = []
-    for listener in listeners:
-        sockname = listener.socket.getsockname()
-        addresses.append((sockname[0], sockname[1]))
-        if announce:
-            print(f"listening on {format_hostport(sockname[0], sockname[1])}", flush=True,
-                  file=sys.stdout)
+    listeners, addresses = await open_listeners(*config.listen, announce=announce)
     handler = partial(_handle, config, view)
     async with trio.open_nursery() as nursery:
         task_status.started(addresses)

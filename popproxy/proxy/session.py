@@ -18,8 +18,9 @@ from popproxy import __version__
 from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Command, Direction, Event
+from popproxy.netutil import describe_error, is_ip, stream_address
 from popproxy.proxy import control
-from popproxy.proxy.config import ProxyConfig, StlsMode, format_hostport
+from popproxy.proxy.config import ProxyConfig, StlsMode
 from popproxy.proxy.tap import Tap
 from popproxy.proxy.view import SessionView
 from popproxy.tls.contexts import describe_tls, server_context
@@ -40,17 +41,6 @@ class _Abort(Exception):
     """Ends the session from inside a pump after ``Session.end`` recorded why."""
 
 
-def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
-        exc = cause
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
 class Session:
     """Relays one connection byte for byte and records it; never lets the tap stall it."""
 
@@ -60,8 +50,8 @@ class Session:
         self.number = next(_counter)
         self.client: trio.abc.Stream = client
         self.upstream: trio.abc.Stream | None = None
-        self.peer = _sockname(client, peer=True)
-        self.local = _sockname(client, peer=False)
+        self.peer = stream_address(client, peer=True)
+        self.local = stream_address(client, peer=False)
         self.view = view
         self.how: str | None = None
         self.error: str | None = None
@@ -79,6 +69,7 @@ class Session:
         self._to_server = trio.StrictFIFOLock()
         self._stls_done: trio.Event | None = None
         self._replied = trio.Event()  # set after each server chunk reached the client
+        self._poke = trio.Event()  # wakes the watchdog when a direction closes
         self._capa_seqs: set[int] = set()
 
     # ----------------------------------------------------------------- life cycle
@@ -97,7 +88,7 @@ class Session:
         try:
             self._open_capture()
         except OSError as exc:
-            reason = f"cannot create a capture file in {self.config.out_dir}: {_describe(exc)}"
+            reason = f"cannot create a capture file in {self.config.out_dir}: {describe_error(exc)}"
             if self.view:
                 self.view.failed(self.number, self.peer, reason)
             with trio.move_on_after(2):
@@ -175,7 +166,7 @@ class Session:
         try:
             fmt.write_all(self._fd, tap.writer.take())
         except OSError as exc:
-            self.error = self.error or f"capture write failed: {_describe(exc)}"
+            self.error = self.error or f"capture write failed: {describe_error(exc)}"
         finally:
             os.close(self._fd)
         if self.view:
@@ -193,11 +184,11 @@ class Session:
             with trio.fail_after(cfg.connect_timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else _describe(exc)
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
             await self._refuse("upstream-error", f"cannot reach upstream {cfg.upstream_text}: "
                                                  f"{reason}")
         self.upstream = stream
-        self.tap.event(self.now(), "upstream-connected", addr=_sockname(stream, peer=True))
+        self.tap.event(self.now(), "upstream-connected", addr=stream_address(stream, peer=True))
         if cfg.insecure:
             self.tap.event(self.now(), "insecure",
                            detail="upstream certificate verification is OFF")
@@ -225,7 +216,7 @@ class Session:
             with trio.fail_after(self.config.connect_timeout):
                 await tls.do_handshake()
         except (*STREAM_ERRORS, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else _describe(exc)
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
             self.end("client-tls-error", f"TLS handshake with the client failed: {reason}")
             raise _Abort from None
         self._tls[C] = True
@@ -236,14 +227,14 @@ class Session:
         cfg = self.config
         assert cfg.upstream_context is not None and self.tap is not None
         host = cfg.upstream[0]
-        sni = None if _is_ip(host) else host
+        sni = None if is_ip(host) else host
         tls = trio.SSLStream(stream, cfg.upstream_context, server_hostname=sni or host,
                              https_compatible=True)
         try:
             with trio.fail_after(cfg.connect_timeout):
                 await tls.do_handshake()
         except (*STREAM_ERRORS, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else _describe(exc)
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
             # Never relay mail from an upstream whose certificate failed verification.
             await self._refuse("upstream-tls-error", f"TLS with upstream failed: {reason}")
         self._tls[S] = True
@@ -295,7 +286,7 @@ class Session:
                 try:
                     data = bytes(await src.receive_some(size))
                 except STREAM_ERRORS as exc:
-                    self.end(f"{who}-reset", _describe(exc))
+                    self.end(f"{who}-reset", describe_error(exc))
                     return
                 self._last = trio.current_time()
                 if len(data) == size and size < MAX_CHUNK:
@@ -316,7 +307,7 @@ class Session:
                     await self._space.wait()  # bounded memory: the disk sets the pace
         except STREAM_ERRORS as exc:
             other = "server" if direction is C else "client"
-            self.end(f"{other}-reset", _describe(exc))
+            self.end(f"{other}-reset", describe_error(exc))
         except _Abort:
             return
 
@@ -330,7 +321,7 @@ class Session:
             # The client's next bytes are a TLS ClientHello: stop reading until the server
             # has answered STLS and (on +OK) both handshakes are done.
             self._stls_done = trio.Event()
-        await _locked_send(self._to_server, self.upstream, data)
+        await self._send(C, data)
         if self._stls_done is not None:
             await self._stls_done.wait()
             self._stls_done = None
@@ -357,7 +348,26 @@ class Session:
 
     async def _to_client_send(self, data: bytes) -> None:
         if data:
-            await _locked_send(self._to_client, self.client, data)
+            await self._send(S, data)
+
+    async def _send(self, direction: Direction, data: bytes) -> None:
+        """Pass ``direction``'s bytes on, under that leg's lock.
+
+        The stream is looked up only once the lock is held: an STLS upgrade replaces it
+        while holding the same lock, so no byte can slip onto the plaintext socket after
+        the switch.  A free lock is taken without ``async with``'s scheduling round trip.
+        """
+        lock = self._to_server if direction is C else self._to_client
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            stream = self.upstream if direction is C else self.client
+            assert stream is not None
+            await stream.send_all(data)
+        finally:
+            lock.release()
 
     async def _originate(self, line: bytes) -> None:
         """Send bytes popproxy itself makes to the client; recorded as such."""
@@ -367,14 +377,20 @@ class Session:
             await _send_quietly(self.client, line)
 
     async def _half_close(self, direction: Direction) -> None:
+        """Pass an EOF on (RFC 1939 §6: the server closes after QUIT's reply)."""
+        self._poke.set()
         dst = self.upstream if direction is C else self.client
         if isinstance(dst, trio.SocketStream):
             lock = self._to_server if direction is C else self._to_client
             async with lock:
                 with contextlib.suppress(*STREAM_ERRORS):
                     await dst.send_eof()
-        # A TLS leg cannot half-close (trio.SSLStream has no send_eof): the watchdog's
-        # linger ends the session once the other direction has been quiet for a while.
+        elif direction is S:
+            # A TLS leg cannot half-close (trio.SSLStream has no send_eof).  The server is
+            # done and its direction drained: close the client leg now (close_notify).
+            self.end("server-closed")
+        # A client EOF towards a TLS upstream: the watchdog's linger ends the session once
+        # the server has been quiet for a while (it may still be answering).
 
     async def _watchdog(self) -> None:
         cfg = self.config
@@ -391,7 +407,9 @@ class Session:
                 else:
                     self.end("idle-timeout", f"no traffic for {limit:g} s")
                 return
-            await trio.sleep(min(remaining, 1.0))
+            with trio.move_on_after(min(remaining, 1.0)):
+                await self._poke.wait()  # an EOF shortens the limit: look again at once
+            self._poke = trio.Event()
 
     async def _flusher(self) -> None:
         assert self.tap is not None and self._fd is not None
@@ -405,7 +423,7 @@ class Session:
                 try:
                     await trio.to_thread.run_sync(fmt.write_all, fd, pieces)
                 except OSError as exc:
-                    reason = _describe(exc)
+                    reason = describe_error(exc)
                     if exc.errno == errno.ENOSPC:
                         reason = "disk full"
                     # Never relay unrecorded: this session stops, others go on.
@@ -430,7 +448,7 @@ class Session:
         self.tap.drop(C, stls.offset, len(stls.raw), "STLS answered by popproxy")
         before, after = data[:lo], data[hi:]
         if before:
-            await _locked_send(self._to_server, self.upstream, before)
+            await self._send(C, before)
         # RFC 2449 §6.6: replies come in command order, so answer STLS only after the server
         # has answered every command pipelined before it.
         await self._replies_before(stls.seq)
@@ -443,13 +461,15 @@ class Session:
             # RFC 2595 §4: bytes sent after STLS, before the handshake, are injected plaintext:
             # never forward them (the upstream leg is TLS: they would arrive as if encrypted).
             self.tap.drop(C, start + hi, len(after), "plaintext after STLS")
-            # The upstream leg is TLS already: upgrade only the client leg.
+            # The upstream leg is TLS already: upgrade only the client leg, holding its lock
+            # so that no server byte reaches the client between +OK and the handshake.
             await self._originate(b"+OK Begin TLS negotiation now.\r\n")
-            self.client = await self._client_handshake(self.client, "stls")
+            async with self._to_client:
+                self.client = await self._client_handshake(self.client, "stls")
             self.tap.start_tls(S, self.now(), {"leg": "upstream", "mode": "already-tls"})
             return
         if after:  # after -ERR the session goes on in plaintext: relay what followed STLS
-            await _locked_send(self._to_server, self.upstream, after)
+            await self._send(C, after)
 
     async def _replies_before(self, seq: int) -> None:
         """Wait until every exchange before command ``seq`` is finished (bodies included)."""
@@ -489,7 +509,7 @@ def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:
     ca = config.certificate_authority()
     host = config.upstream[0]
     local_ip = local.rsplit(":", 1)[0].strip("[]")
-    key = (id(ca), None if _is_ip(host) else host, local_ip)
+    key = (id(ca), None if is_ip(host) else host, local_ip)
     ctx = _server_contexts.get(key)
     if ctx is None:
         ctx = _server_contexts[key] = server_context(ca, default_host=key[1],
@@ -502,40 +522,6 @@ def _tls_info(stream: trio.SSLStream[Any], leg: str, mode: str) -> dict[str, Any
     return {"leg": leg, "mode": mode, "version": info.version, "cipher": info.cipher,
             "sni": info.sni, "peer_subject": info.peer_subject,
             "peer_sha256": info.peer_fingerprint_sha256}
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _sockname(stream: trio.abc.Stream | None, *, peer: bool) -> str:
-    sock = getattr(stream, "socket", None)
-    if sock is None:
-        return "?"
-    try:
-        addr = sock.getpeername() if peer else sock.getsockname()
-    except OSError:
-        return "?"
-    return format_hostport(addr[0], addr[1])
-
-
-async def _locked_send(lock: trio.StrictFIFOLock, stream: trio.abc.Stream, data: bytes) -> None:
-    """``send_all`` under ``lock`` without the extra scheduling round trip of ``async with``
-    when the lock is free (the common case: only popproxy's own rare lines contend)."""
-    if lock.locked():
-        await lock.acquire()
-    else:
-        lock.acquire_nowait()
-    try:
-        await stream.send_all(data)
-    finally:
-        lock.release()
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:

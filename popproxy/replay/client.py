@@ -21,6 +21,7 @@ from popproxy.core import (
     SaslChallenge,
 )
 from popproxy.core.transcript import Exchange, TranscriptBuilder
+from popproxy.netutil import describe_error, is_ip
 from popproxy.proxy.config import format_hostport
 from popproxy.replay import auth
 from popproxy.replay.auth import AuthError, Credentials
@@ -159,7 +160,7 @@ class _Live:
             self._take(self.observer.receive_data(S, data))
 
     async def start_tls(self, host: str, context: ssl.SSLContext) -> None:
-        sni = None if _is_ip(host) else host
+        sni = None if is_ip(host) else host
         tls = trio.SSLStream(self.stream, context, server_hostname=sni,
                              https_compatible=True)
         try:
@@ -168,7 +169,7 @@ class _Live:
         except trio.TooSlowError:
             raise ReplayError(f"TLS handshake timed out after {self.timeout:g} s") from None
         except STREAM_ERRORS as exc:
-            raise ReplayError(f"TLS handshake failed: {_describe(exc)}") from None
+            raise ReplayError(f"TLS handshake failed: {describe_error(exc)}") from None
         self.stream = tls
         self._take(self.observer.start_tls(S))
         self._take(self.observer.start_tls(C))
@@ -228,7 +229,7 @@ async def replay_session(session: RecordedSession, options: ReplayOptions) -> Re
         raise ReplayError(f"cannot reach {report.server}: timed out after "
                           f"{options.timeout:g} s") from None
     except OSError as exc:
-        raise ReplayError(f"cannot reach {report.server}: {_describe(exc)}") from None
+        raise ReplayError(f"cannot reach {report.server}: {describe_error(exc)}") from None
     live = _Live(stream, options.timeout)
     try:
         await _Replayer(session, options, live, report).run()
@@ -513,24 +514,3 @@ def _uid_map(exchanges: Any) -> dict[int, str]:
                 out[int(fields[0])] = str(fields[1])
         return out
     return {}
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
-        exc = cause
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 from rich.text import Text
 
-from popproxy.proxy.config import format_hostport
+from popproxy.netutil import open_listeners, stream_address
 from popproxy.replay import auth
 from popproxy.replay.script import RecordedSession, Step
 from popproxy.tls.ca import CertificateAuthority
 
-BACKLOG = 1024
 MAX_LINE = 8192  # RFC 2449 §4 allows 255 octets a command; anything near this is garbage
 SKIPPABLE = frozenset({"CAPA", "NOOP"})  # lenient mode: a client may skip or repeat these
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -391,7 +388,7 @@ class FakeServer:
     async def handle(self, stream: trio.SocketStream) -> None:
         self._count += 1
         number = self._count
-        peer = _peer(stream)
+        peer = stream_address(stream, peer=True)
         session = self._take()
         if session is None:
             self.report.refused += 1
@@ -424,15 +421,7 @@ async def serve_replay(config: ServeConfig, log: Log | None = None, *, announce:
                        = trio.TASK_STATUS_IGNORED) -> None:
     """Listen and play until cancelled; prints ``listening on HOST:PORT`` like ``record``."""
     fake = server or FakeServer(config, log)
-    host, port = config.listen
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
-    addresses: list[tuple[str, int]] = []
-    for listener in listeners:
-        name = listener.socket.getsockname()
-        addresses.append((name[0], name[1]))
-        if announce:
-            print(f"listening on {format_hostport(name[0], name[1])}", flush=True,
-                  file=sys.stdout)
+    listeners, addresses = await open_listeners(*config.listen, announce=announce)
     async with trio.open_nursery() as nursery:
         task_status.started(addresses)
         await trio.serve_listeners(partial(_handle, fake), listeners, handler_nursery=nursery)
@@ -440,14 +429,6 @@ async def serve_replay(config: ServeConfig, log: Log | None = None, *, announce:
 
 async def _handle(fake: FakeServer, stream: trio.SocketStream) -> None:
     await fake.handle(stream)
-
-
-def _peer(stream: Any) -> str:
-    try:
-        addr = stream.socket.getpeername()
-    except (OSError, AttributeError):
-        return "?"
-    return format_hostport(addr[0], addr[1])
 
 
 async def _close(stream: trio.abc.Stream) -> None:
