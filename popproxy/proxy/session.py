@@ -8,7 +8,9 @@ import itertools
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,12 @@ class _Abort(Exception):
 class Session:
     """Relays one connection byte for byte and records it; never lets the tap stall it."""
 
-    def __init__(self, config: ProxyConfig, client: trio.SocketStream,
-                 view: SessionView | None = None) -> None:
+    def __init__(self, config: ProxyConfig, client: trio.abc.Stream,
+                 view: SessionView | None = None,
+                 connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> None:
         self.config = config
+        # How to reach the upstream: TCP by default; tests pass in-memory streams.
+        self._connect = connect or partial(trio.open_tcp_stream, *config.upstream)
         self.number = next(_counter)
         self.client: trio.abc.Stream = client
         self.upstream: trio.abc.Stream | None = None
@@ -179,10 +184,9 @@ class Session:
         assert self.tap is not None
         if cfg.listen_tls:
             self.client = await self._client_handshake(self.client, "implicit")
-        host, port = cfg.upstream
         try:
             with trio.fail_after(cfg.connect_timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                stream: trio.abc.Stream = await self._connect()
         except (OSError, trio.TooSlowError) as exc:
             reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
             await self._refuse("upstream-error", f"cannot reach upstream {cfg.upstream_text}: "
@@ -380,7 +384,7 @@ class Session:
         """Pass an EOF on (RFC 1939 §6: the server closes after QUIT's reply)."""
         self._poke.set()
         dst = self.upstream if direction is C else self.client
-        if isinstance(dst, trio.SocketStream):
+        if isinstance(dst, trio.abc.HalfCloseableStream):
             lock = self._to_server if direction is C else self._to_client
             async with lock:
                 with contextlib.suppress(*STREAM_ERRORS):
