@@ -68,8 +68,9 @@ class Session:
         self._eof = {C: False, S: False}
         self._tls = {C: False, S: False}
         self._scope: trio.CancelScope | None = None
-        self._wake = trio.Event()
-        self._space = trio.Event()
+        self._dirty = trio.Event()  # records are waiting for the flusher
+        self._wake = trio.Event()  # ... and enough of them to write at once
+        self._space = trio.Event()  # the flusher wrote: pumps held back may go on
         self._to_client = trio.StrictFIFOLock()
         self._to_server = trio.StrictFIFOLock()
         self._stls_done: trio.Event | None = None
@@ -305,6 +306,7 @@ class Session:
                     await self._client_chunk(data, events, start)
                 else:
                     await self._server_chunk(data, events, start)
+                self._dirty.set()
                 if tap.writer.buffered > FLUSH_SIZE:
                     self._wake.set()
                 while tap.writer.buffered > HIGH_WATER and self.how is None:
@@ -419,8 +421,10 @@ class Session:
         assert self.tap is not None and self._fd is not None
         writer, fd = self.tap.writer, self._fd
         while True:
-            with trio.move_on_after(FLUSH_INTERVAL):
-                await self._wake.wait()
+            await self._dirty.wait()  # an idle session costs no wake-ups
+            self._dirty = trio.Event()
+            with trio.move_on_after(FLUSH_INTERVAL):  # gather ~50 ms of records per write
+                await self._wake.wait()  # ... unless a pump says there is a lot already
             self._wake = trio.Event()
             pieces = writer.take()
             if pieces:
