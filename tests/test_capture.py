@@ -112,14 +112,14 @@ def test_truncated_at_every_offset_of_the_last_record(tmp_path: Path, end: bool)
         path.unlink()
 
 
-def test_cut_at_a_record_boundary_has_no_warning(tmp_path: Path) -> None:
+def test_cut_at_a_record_boundary_warns_of_the_missing_end(tmp_path: Path) -> None:
     full = write_capture(tmp_path / "full.popcap", sample_writer()).read_bytes()
     last = _record_starts(full)[-1]
     path = tmp_path / "cut.popcap"
     path.write_bytes(full[:last])
     with CaptureReader(path) as reader:
         assert len(list(reader.records())) == 7
-        assert reader.warnings == []
+        assert len(reader.warnings) == 1 and "no end record" in reader.warnings[0]
         assert reader.end() is None
 
 

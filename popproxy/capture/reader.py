@@ -76,6 +76,10 @@ class CaptureReader:
                 if record.kind == fmt.END:
                     return
             if not follow:
+                if not self.warnings:
+                    self.warnings.append(
+                        f"{self.path}: has no end record: the session was still running, or "
+                        "popproxy was stopped abruptly; read up to the last complete record")
                 return
             position = self._resume
             time.sleep(poll)

@@ -108,6 +108,11 @@ class CaptureWriter:
         out, self._out, self._out_bytes = self._out, [], 0
         return out
 
+    def untake(self, pieces: list[bytes]) -> None:
+        """Put back what ``take`` returned but could not be written (kept in order)."""
+        self._out[:0] = pieces
+        self._out_bytes += sum(len(p) for p in pieces)
+
     def _emit(self, record: bytes) -> None:
         self._out.append(record)
         self._out_bytes += len(record)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trio
 
+from popproxy.cli.common import run_listening
 from popproxy.proxy.config import (
     ProxyConfig,
     StlsMode,
@@ -98,15 +99,10 @@ def run(args: argparse.Namespace) -> int:
     view = LiveView(make_console(), mode=mode)
     if config.insecure:
         view.notice("WARNING: --insecure: the upstream certificate is NOT verified", "pop.error")
-    failed: OSError | None = None
     try:
-        trio.run(_main, config, view)
-    except* OSError as group:  # binding fails inside the nursery, so it comes grouped
-        failed = next(e for e in group.exceptions if isinstance(e, OSError))
+        run_listening(_main, config, view, listen=args.listen)
     finally:
         view.close()
-    if failed is not None:
-        raise UsageError(f"cannot listen on {args.listen}: {failed.strerror or failed}")
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 from rich.text import Text
 
+from popproxy.cli.common import run_listening
 from popproxy.cli.replay import add_password_options, add_tls_options
 from popproxy.proxy.config import UsageError, parse_hostport
 from popproxy.replay.auth import read_password
@@ -68,17 +69,15 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     console = make_console()
+    notes = make_console(stderr=True)  # stdout carries "listening on" first, for scripts
     for session in config.sessions:
         if session.implicit_tls and not config.tls:
-            console.print(Text(f"note: {session.path} was recorded over implicit TLS; "
+            notes.print(Text(f"note: {session.path} was recorded over implicit TLS; "
                                "add --tls to serve it the same way", style="pop.warning"))
         for warning in session.warnings:
-            console.print(Text(f"warning: {warning}", style="pop.warning"))
+            notes.print(Text(f"warning: {warning}", style="pop.warning"))
     server = FakeServer(config, console.print)
-    try:
-        trio.run(_main, config, server)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    run_listening(_main, config, server, listen=args.listen)
     unplayed = server.report.unplayed()
     if unplayed:
         console.print(Text(f"{len(unplayed)} recorded exchange(s) were not played:",

@@ -160,13 +160,13 @@ class TranscriptBuilder:
                 session.user = event.args
             elif event.verb == "APOP" and event.args:
                 session.user = event.args.split(" ")[0]
-            elif event.verb == "QUIT":
-                session.quit = True
             self._open[event.seq] = ex
             return Item("command", t, ex)
         if isinstance(event, Reply):
             ex = self._open.get(event.seq) or Exchange("command", event.seq, event.verb)
             ex.status, ex.code, ex.text = event.status, event.code, event.text
+            if event.verb == "QUIT" and event.status == "+OK":
+                session.quit = True  # RFC 1939 §6: the server acknowledged QUIT
             ex.multiline, ex.value, ex.t_reply = event.multiline, event.value, t
             ex.server_octets += len(event.raw)
             if event.multiline:

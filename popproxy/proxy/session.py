@@ -66,6 +66,7 @@ class Session:
         self._t0 = trio.current_time()
         self._last = self._t0
         self._eof = {C: False, S: False}
+        self._first_eof: str | None = None  # "client" or "server": who closed first
         self._tls = {C: False, S: False}
         self._scope: trio.CancelScope | None = None
         self._dirty = trio.Event()  # records are waiting for the flusher
@@ -126,8 +127,8 @@ class Session:
         cfg = self.config
         started = datetime.now(UTC)
         name = f"{started:%Y%m%dT%H%M%S}.{started:%f}Z-{self.number:05d}{fmt.SUFFIX}"
-        self.path = cfg.out_dir / name
-        self._fd = create_capture_file(self.path)
+        self.path = path = cfg.out_dir / name
+        self._fd = create_capture_file(path)
         header: dict[str, Any] = {
             "popproxy": __version__, "start": started.isoformat().replace("+00:00", "Z"),
             "t0": time.time(), "session": self.number, "client": self.peer,
@@ -137,7 +138,14 @@ class Session:
             "stls": cfg.stls.value, "insecure": cfg.insecure, **cfg.extra_header,
         }
         writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
-        fmt.write_all(self._fd, writer.take())  # the header at once: the file is a capture now
+        try:
+            fmt.write_all(self._fd, writer.take())  # the header at once: a capture from now on
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            with contextlib.suppress(OSError):
+                path.unlink()  # an empty file would only fail to read later
+            raise
         sink = None
         if self.view is not None:
             view, number = self.view, self.number
@@ -153,7 +161,8 @@ class Session:
             if not self._eof[direction]:
                 tap.data(direction, t, b"")
         session = tap.builder.session
-        how = self.how or ("quit" if session.quit else "closed")
+        first = self._first_eof
+        how = self.how or ("quit" if session.quit else f"{first}-closed" if first else "closed")
         if how in ("client-closed", "server-closed") and session.quit:
             how = "quit"
         stats = tap.writer.stats
@@ -300,6 +309,7 @@ class Session:
                 events = tap.data(direction, self.now(), data)
                 if not data:
                     self._eof[direction] = True
+                    self._first_eof = self._first_eof or who
                     await self._half_close(direction)
                     return
                 if direction is C:
@@ -430,6 +440,11 @@ class Session:
             if pieces:
                 try:
                     await trio.to_thread.run_sync(fmt.write_all, fd, pieces)
+                except trio.Cancelled:
+                    # Cancelled before the thread started: hand the records back, so the
+                    # end-of-session write still puts them on disk.
+                    writer.untake(pieces)
+                    raise
                 except OSError as exc:
                     reason = describe_error(exc)
                     if exc.errno == errno.ENOSPC:
