@@ -2,4 +2,5 @@
 
 from popproxy.cli.main import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # the live view's renderer process imports this module again
+    raise SystemExit(main())

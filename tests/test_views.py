@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from rich.text import Text
 
 from popproxy.core import Direction, Observer
@@ -243,8 +244,22 @@ def test_flooded_queue_drops_with_a_skipped_note() -> None:
     text = out.getvalue()
     assert "lines skipped" in text
     shown = text.count("C: NOOP")
-    assert shown <= live.MAX_QUEUE + live.MAX_BATCH
+    assert shown <= live.MAX_QUEUE + live.ConsoleSink.batch
     skipped = sum(int(word) for line in text.splitlines() if "lines skipped" in line
                   for word in line.split() if word.isdigit())
     assert shown + skipped == flood
     assert "session ended: quit" in text.splitlines()[-1] or "session ended: quit" in text
+
+
+def test_renderer_process_draws_on_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    """``record`` renders in a child process (no GIL shared with the relay)."""
+    view = LiveView.in_subprocess()
+    ex = Exchange("command", 1, "PASS", "#########", t_sent=0.5)
+    view.started(7, "127.0.0.1:5000", "pop.example:110", None)
+    view.items(7, [Item("command", 0.5, ex)])
+    view.ended(7, "quit", None, 1.0, SessionSummary(commands=1))
+    view.close(timeout=20)
+    out = capfd.readouterr().out
+    assert "#7 session from 127.0.0.1:5000" in out
+    assert "C: PASS" in out and "#########" not in out  # the secret shows as dots
+    assert "session ended: quit" in out

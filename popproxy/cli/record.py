@@ -21,7 +21,6 @@ from popproxy.proxy.server import serve_record
 from popproxy.tls.ca import default_ca_dir
 from popproxy.tls.contexts import client_context
 from popproxy.views.live import NORMAL, QUIET, VERBOSE, LiveView
-from popproxy.views.theme import make_console
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,7 +95,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     mode = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
-    view = LiveView(make_console(), mode=mode)
+    view = LiveView.in_subprocess(mode)
     if config.insecure:
         view.notice("WARNING: --insecure: the upstream certificate is NOT verified", "pop.error")
     try:

@@ -32,6 +32,7 @@ CHUNK = 65536  # first read size; a pump that fills its reads grows them up to M
 MAX_CHUNK = 1 << 20  # large reads amortise the per-chunk cost of parsing and recording
 FLUSH_INTERVAL = 0.05  # relayed bytes reach the file well within ~100 ms (crash safety)
 FLUSH_SIZE = 1 << 20
+SMALL_WRITE = 64 << 10  # smaller batches are written inline, larger ones in a worker thread
 HIGH_WATER = 8 << 20  # released bytes the disk may lag behind before the pumps wait
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -436,10 +437,16 @@ class Session:
             with trio.move_on_after(FLUSH_INTERVAL):  # gather ~50 ms of records per write
                 await self._wake.wait()  # ... unless a pump says there is a lot already
             self._wake = trio.Event()
+            size = writer.buffered
             pieces = writer.take()
             if pieces:
                 try:
-                    await trio.to_thread.run_sync(fmt.write_all, fd, pieces)
+                    if size <= SMALL_WRITE:
+                        # A few KiB into the page cache costs less than a thread hop (and
+                        # with 1,000 sessions, many hops fight over the GIL).
+                        fmt.write_all(fd, pieces)
+                    else:
+                        await trio.to_thread.run_sync(fmt.write_all, fd, pieces)
                 except trio.Cancelled:
                     # Cancelled before the thread started: hand the records back, so the
                     # end-of-session write still puts them on disk.

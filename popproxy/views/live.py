@@ -1,40 +1,62 @@
-"""The live view: a bounded queue the relay drops items into, rendered by its own thread."""
+"""The live view: a bounded queue the relay drops items into, rendered off the relay."""
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import threading
 import time
 from collections import deque
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.text import Text
 
 from popproxy.core.transcript import Item, SessionSummary
 from popproxy.views import render
-from popproxy.views.theme import session_style
+from popproxy.views.theme import make_console, session_style
 
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 REFRESH = 0.1  # at most ~10 screen updates a second
 MAX_QUEUE = 2000  # items waiting; past this they are counted as skipped, never buffered
-MAX_BATCH = 60  # lines rendered per refresh: bounds the GIL time rendering takes from the relay
+
+Entry = tuple[str, int, Any]
+
+
+class Sink(Protocol):
+    """Where queued entries go: rendered here (a thread) or in a child process."""
+
+    batch: int  # entries taken per refresh
+
+    def write(self, entries: list[Entry], skipped: int) -> bool: ...
+
+    def close(self, timeout: float) -> None: ...
 
 
 class LiveView:
     """Implements ``SessionView``.  The relay's calls only append to a deque (thread-safe,
-    non-blocking); a daemon thread renders.  A paused or slow terminal blocks that thread
-    alone: the queue fills, later items are dropped and shown as "N lines skipped".
+    non-blocking); a daemon thread hands batches to the sink.  A paused or slow terminal
+    blocks that thread (or the renderer process) alone: the queue fills, later items are
+    dropped and shown as "N lines skipped".
     """
 
-    def __init__(self, console: Console, *, mode: str = NORMAL) -> None:
-        self.console = console
+    def __init__(self, console: Console | None = None, *, mode: str = NORMAL,
+                 sink: Sink | None = None) -> None:
         self.mode = mode
-        self._queue: deque[tuple[str, int, Any]] = deque()
+        self.sink: Sink = sink or ConsoleSink(console or make_console(), mode)
+        self._queue: deque[Entry] = deque()
         self._skipped = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="popproxy-live-view", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def in_subprocess(cls, mode: str = NORMAL) -> LiveView:
+        """A live view whose rendering runs in its own process: rich's per-line cost then
+        never competes with the relay for the GIL (the relay only queues small tuples)."""
+        return cls(mode=mode, sink=ProcessSink(mode))
 
     # -------------------------------------------------------------- SessionView (relay side)
 
@@ -56,18 +78,19 @@ class LiveView:
     def notice(self, message: str, style: str = "pop.warning") -> None:
         self._put(("notice", 0, (message, style)), force=True)
 
-    def _put(self, entry: tuple[str, int, Any], *, force: bool = False) -> None:
+    def _put(self, entry: Entry, *, force: bool = False) -> None:
         if len(self._queue) >= MAX_QUEUE and not force:
             self._skipped += 1
             return
         self._queue.append(entry)
 
-    # -------------------------------------------------------------- renderer thread
+    # -------------------------------------------------------------- the view's thread
 
     def close(self, timeout: float = 2.0) -> None:
-        """Render what is queued (within ``timeout``) and stop the thread."""
+        """Show what is queued (within ``timeout``) and stop."""
         self._stop.set()
         self._thread.join(timeout)
+        self.sink.close(timeout)
 
     def _run(self) -> None:
         while True:
@@ -77,30 +100,98 @@ class LiveView:
                 return
 
     def _drain(self) -> None:
-        lines: list[Text] = []
-        backlog = len(self._queue) - MAX_BATCH
-        if backlog > MAX_BATCH:
+        batch = self.sink.batch
+        backlog = len(self._queue) - batch
+        if backlog > batch:
             # Far behind: drop the oldest display lines (session starts and ends are kept).
             keep = [e for e in list(self._queue)[:backlog] if e[0] != "item"]
             for _ in range(backlog):
                 self._queue.popleft()
             self._skipped += backlog - len(keep)
             self._queue.extendleft(reversed(keep))
-        while self._queue and len(lines) < MAX_BATCH:
-            kind, number, payload = self._queue.popleft()
-            line = self._render(kind, number, payload)
-            if line is not None:
-                lines.append(line)
+        entries = [self._queue.popleft() for _ in range(min(batch, len(self._queue)))]
         skipped, self._skipped = self._skipped, 0
+        if (entries or skipped) and not self.sink.write(entries, skipped):
+            self._skipped += skipped + len(entries)  # the terminal went away: keep counting
+
+
+class ConsoleSink:
+    """Renders in the calling thread; few lines per refresh, to bound the GIL time taken."""
+
+    batch = 20
+
+    def __init__(self, console: Console, mode: str) -> None:
+        self.console = console
+        self.renderer = LineRenderer(mode)
+
+    def write(self, entries: list[Entry], skipped: int) -> bool:
+        lines = [line for e in entries if (line := self.renderer.render(*e)) is not None]
         if skipped:
             lines.append(Text(f"… {skipped} lines skipped (terminal too slow)",
                               style="pop.skipped"))
-        if lines:
-            try:
-                for line in lines:
-                    self.console.print(line, overflow="ellipsis", no_wrap=True)
-            except (OSError, ValueError):
-                self._skipped += len(lines)  # the terminal went away: keep counting
+        try:
+            for line in lines:
+                self.console.print(line, overflow="ellipsis", no_wrap=True)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def close(self, timeout: float) -> None:
+        return None
+
+
+class ProcessSink:
+    """Sends batches through a pipe to a child process that renders them on stdout."""
+
+    batch = 1000
+
+    def __init__(self, mode: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        reader, self._conn = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_render_child, args=(reader, mode),
+                                 name="popproxy-view", daemon=True)
+        self._proc.start()
+        reader.close()
+
+    def write(self, entries: list[Entry], skipped: int) -> bool:
+        try:
+            self._conn.send((entries, skipped))  # blocks only this thread when it is behind
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def close(self, timeout: float) -> None:
+        try:
+            self._conn.send(None)
+            self._conn.close()
+        except (OSError, ValueError):
+            pass
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+
+
+def _render_child(conn: Connection, mode: str) -> None:
+    """The renderer process: draw what the proxy sends until it says stop."""
+    # Ctrl-C goes to the whole process group: the proxy decides when drawing ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sink = ConsoleSink(make_console(), mode)
+    try:
+        while (message := conn.recv()) is not None:
+            entries, skipped = message
+            sink.write(entries, skipped)
+    except (EOFError, OSError, KeyboardInterrupt):
+        pass  # the proxy went away, or Ctrl-C reached the whole process group
+
+
+class LineRenderer:
+    """Turns queued entries into rich lines: the same functions as ``popproxy show``."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def render(self, kind: str, number: int, payload: Any) -> Text | None:
+        return self._render(kind, number, payload)
 
     def _render(self, kind: str, number: int, payload: Any) -> Text | None:
         tag = Text(f"#{number}", style=session_style(number)) if number else None
