@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,10 +15,8 @@ from popproxy.tls.ca import CAError
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 Runner = Callable[[argparse.Namespace], int]
-COMMANDS: tuple[str, ...] = (
-    "record", "show", "list", "stats", "diff", "lint", "export", "replay", "serve",
+COMMANDS = ("record", "show", "list", "stats", "diff", "lint", "export", "replay", "serve",
             "demo", "ca")
-COMMANDS = tuple(c for c in COMMANDS if importlib.util.find_spec(f"popproxy.cli.{c}"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="folder for capture files (default captures/)")
     p.add_argument("--keep-secrets", action="store_true",
                    help="write credentials to the capture instead of redacting them")
-    p.add_argument("--show-secrets", action="store_true",
-                   help="(display) secrets are always masked live; reserved for symmetry")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quiet", "-q", action="store_true", help="only session start and end")
     level.add_argument("--verbose", "-v", action="store_true", help="show message bodies too")
