@@ -364,3 +364,17 @@ def test_no_color_means_no_escapes(capture: Path) -> None:
 def test_no_color_pipe(capture: Path) -> None:
     proc = popproxy("show", str(capture), env={"NO_COLOR": "1"})
     assert proc.returncode == 0 and not ANSI.search(proc.stdout + proc.stderr)
+
+
+@pytest.mark.parametrize("flag", ["--idle-timeout", "--connect-timeout"])
+def test_record_refuses_a_timeout_that_is_not_a_number(flag: str, tmp_path: Path) -> None:
+    result = popproxy("record", "--upstream", "127.0.0.1:110", "--listen", "127.0.0.1:0",
+                      "--out", str(tmp_path), flag, "nan")
+    assert result.returncode == 2
+    assert "must be a positive number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_show_names_itself_in_errors_even_with_command_filter(tmp_path: Path) -> None:
+    result = popproxy("show", "--command", "RETR", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("popproxy show: error: no captures in")

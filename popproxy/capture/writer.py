@@ -61,6 +61,10 @@ class CaptureWriter:
         self._next[direction] += len(data)
         self._queued_bytes += len(data)
 
+    def written(self, direction: Direction) -> int:
+        """Offset of ``direction``'s stream up to which data has been released."""
+        return self._written[direction]
+
     def meta(self, fields: dict[str, Any]) -> None:
         """A non-data record, kept in order with the data around it."""
         self._queue.append(fields)

@@ -67,6 +67,7 @@ class _DemoView:
 
     def __init__(self, live: LiveView) -> None:
         self.live = live
+        self.detail = live.detail
         self.path: Path | None = None
         self.done = trio.Event()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 from pathlib import Path
@@ -66,7 +67,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     if upstream[1] == 0:
         raise UsageError("--upstream needs a real port, not 0")
     for name in ("connect_timeout", "idle_timeout"):
-        if getattr(args, name) <= 0:
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.upstream_tls and args.upstream_stls:
         raise UsageError("--upstream-tls and --upstream-stls exclude each other")

@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="one JSON object per capture per line (schema: docs/show.schema.json)")
     p.add_argument("--bodies", action="store_true", help="expand message bodies")
     p.add_argument("--raw", action="store_true", help="the recorded bytes, escaped, per chunk")
-    p.add_argument("--command", metavar="VERB", help="only exchanges of this command")
+    p.add_argument("--command", dest="verb", metavar="VERB",
+                   help="only exchanges of this command")
     p.add_argument("--errors", action="store_true", help="only -ERR replies and anomalies")
     p.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
     p.add_argument("--follow", "-f", action="store_true",
@@ -108,7 +109,7 @@ def show_text(console: Console, reader: CaptureReader, args: argparse.Namespace)
     console.print(_header_line(reader))
     builder = TranscriptBuilder(hash_bodies=False, body_items=(1 << 62) if args.bodies else 0,
                                 reveal_secrets=args.show_secrets)
-    verb = args.command.upper() if args.command else None
+    verb = args.verb.upper() if args.verb else None
     grep = args.grep.lower() if args.grep else None
     for record, t, events in replay_events(reader, follow=args.follow):
         lines: list[Text] = []

@@ -12,8 +12,9 @@ command pushed on a FIFO of pending commands (RFC 2449 §6.6 pipelining: POP3 ha
 tags, order is the only key).  The server side is split into lines while it expects a
 status line; the head of the FIFO decides what a status line means, and only
 (verb, has-argument, status) decides whether a multi-line body follows (RFC 1939 §3).
-Bodies are scanned chunk-wise with ``bytes.find``/``count``/``replace`` for the
-terminator and the stuffed dots: no Python loop runs per body line.
+Bodies are scanned chunk-wise (``core/body.py``: a compiled pattern jumps between lines
+that start with a dot, ``bytes.count`` counts lines): no Python loop runs per message
+line.  Only listing bodies (LIST, UIDL, CAPA, ...) are split into lines, for their values.
 
 Client lines sent while an AUTH or STLS command is outstanding are *held*: only the
 server's next reply tells whether they were SASL responses, commands, or plaintext
@@ -110,7 +111,11 @@ class _Side:
 class Observer:
     """Frames one POP3 session from both directions into events."""
 
-    def __init__(self, *, max_pending: int = 100_000, max_line: int = 8192) -> None:
+    def __init__(self, *, max_pending: int = 100_000, max_line: int = 8192,
+                 listings: frozenset[str] = LISTING_VERBS) -> None:
+        """``listings``: the verbs whose bodies are parsed into ``BodyEnd.listing`` (a line
+        loop: a live proxy keeps it to the short CAPA and AUTH lists)."""
+        self.listings = listings
         self.max_pending = max_pending
         self.max_line = max_line
         self.state = State.AUTHORIZATION
@@ -556,7 +561,7 @@ class Observer:
         self._last = (head.seq, head.verb, head.has_arg, status)
         self._after_reply(side, head, status)
         if multiline:
-            listing: list[tuple[str, ...]] | None = [] if head.verb in LISTING_VERBS else None
+            listing: list[tuple[str, ...]] | None = [] if head.verb in self.listings else None
             self._body = Body(head.seq, head.verb, listing=listing)
             side.mode = _Mode.BODY
 
@@ -607,7 +612,7 @@ class Observer:
         if self._pending and self._pending[0].seq != seq + 1:
             return False
         self._anomaly("multiline-reply-to-single", Direction.SERVER, seq, verb)
-        self._body = Body(seq, verb, listing=[] if verb in LISTING_VERBS else None)
+        self._body = Body(seq, verb, listing=[] if verb in self.listings else None)
         self._last = None
         side.mode = _Mode.BODY
         self._feed(side, line)  # re-read this line as body data

@@ -129,7 +129,8 @@ class TranscriptBuilder:
 
     def __init__(self, *, hash_bodies: bool = True, keep_listings: bool = True,
                  body_items: int = 0, reveal_secrets: bool = False,
-                 scan_attachments: bool = True) -> None:
+                 scan_attachments: bool = True, summarise_messages: bool = True) -> None:
+        self.summarise_messages = summarise_messages  # From/Subject of RETR/TOP bodies
         self.scan_attachments = scan_attachments  # a full scan of every message body
         self.reveal_secrets = reveal_secrets  # args from the raw bytes, not the masked copy
         self.hash_bodies = hash_bodies
@@ -173,7 +174,7 @@ class TranscriptBuilder:
                 ex.body_lines = ex.body_octets = 0
                 if self.hash_bodies:
                     ex._hash = hashlib.sha256()
-                if event.verb in MESSAGE_VERBS:
+                if event.verb in MESSAGE_VERBS and self.summarise_messages:
                     ex._head = bytearray()
                     ex.message = MessageSummary()
                 self._open[event.seq] = ex

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from functools import partial
 
 import trio
@@ -35,4 +37,11 @@ async def serve_record(
 
 async def _handle(config: ProxyConfig, view: SessionView | None,
                   stream: trio.SocketStream) -> None:
-    await Session(config, stream, view).run()
+    session = Session(config, stream, view)
+    try:
+        await session.run()
+    except Exception as exc:  # a bug in one session must never end the proxy
+        print(f"popproxy: session {session.number} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            await stream.aclose()

@@ -25,6 +25,7 @@ from popproxy.proxy import control
 from popproxy.proxy.config import ProxyConfig, StlsMode
 from popproxy.proxy.tap import Tap
 from popproxy.proxy.view import SessionView
+from popproxy.tls.ca import CAError
 from popproxy.tls.contexts import describe_tls, server_context
 
 C, S = Direction.CLIENT, Direction.SERVER
@@ -37,7 +38,7 @@ HIGH_WATER = 8 << 20  # released bytes the disk may lag behind before the pumps 
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 _counter = itertools.count(1)
-_server_contexts: dict[tuple[int, str | None, str | None], ssl.SSLContext] = {}
+_server_contexts: dict[tuple[str, str | None, str | None], ssl.SSLContext] = {}
 
 
 class _Abort(Exception):
@@ -148,7 +149,7 @@ class Session:
                 path.unlink()  # an empty file would only fail to read later
             raise
         sink = None
-        if self.view is not None:
+        if self.view is not None and self.view.detail:
             view, number = self.view, self.number
             sink = lambda items: view.items(number, items)  # noqa: E731
         self.tap = Tap(writer, sink, body_items=65536 if cfg.verbose else 0)
@@ -210,7 +211,11 @@ class Session:
         if cfg.upstream_tls:
             self.upstream = await self._upstream_handshake(stream, "implicit")
         elif cfg.upstream_stls:
-            await self._upstream_stls()
+            try:
+                await self._upstream_stls()
+            except STREAM_ERRORS as exc:
+                await self._refuse("upstream-error",
+                                   f"STLS with upstream failed: {describe_error(exc)}")
         async with trio.open_nursery() as pumps:
             pumps.start_soon(self._pump, C)
             pumps.start_soon(self._pump, S)
@@ -225,7 +230,12 @@ class Session:
 
     async def _client_handshake(self, stream: trio.abc.Stream, mode: str) -> trio.abc.Stream:
         assert self.tap is not None
-        ctx = _server_context(self.config, self.local)
+        try:
+            # First use may create the CA (a key, files, a lock): off the event loop.
+            ctx = await trio.to_thread.run_sync(_server_context, self.config, self.local)
+        except (CAError, OSError, ssl.SSLError) as exc:
+            self.end("client-tls-error", f"popproxy's CA is unusable: {exc}")
+            raise _Abort from None
         tls = trio.SSLStream(stream, ctx, server_side=True, https_compatible=True)
         try:
             with trio.fail_after(self.config.connect_timeout):
@@ -493,8 +503,10 @@ class Session:
             self.tap.drop(C, start + hi, len(after), "plaintext after STLS")
             # The upstream leg is TLS already: upgrade only the client leg, holding its lock
             # so that no server byte reaches the client between +OK and the handshake.
-            await self._originate(b"+OK Begin TLS negotiation now.\r\n")
+            line = b"+OK Begin TLS negotiation now.\r\n"
+            self.tap.data(S, self.now(), line, proxy=True)
             async with self._to_client:
+                await _send_quietly(self.client, line)
                 self.client = await self._client_handshake(self.client, "stls")
             self.tap.start_tls(S, self.now(), {"leg": "upstream", "mode": "already-tls"})
             return
@@ -539,7 +551,7 @@ def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:
     ca = config.certificate_authority()
     host = config.upstream[0]
     local_ip = local.rsplit(":", 1)[0].strip("[]")
-    key = (id(ca), None if is_ip(host) else host, local_ip)
+    key = (str(ca.cert_path), None if is_ip(host) else host, local_ip)
     ctx = _server_contexts.get(key)
     if ctx is None:
         ctx = _server_contexts[key] = server_context(ca, default_host=key[1],

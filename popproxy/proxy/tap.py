@@ -12,6 +12,7 @@ from popproxy.core import Direction, Event, Observer, Reply, Secret, SecretKind
 from popproxy.core.transcript import Item, TranscriptBuilder
 
 ViewSink = Callable[[list[Item]], None]
+LIVE_LISTINGS = frozenset({"CAPA", "AUTH"})
 
 
 class Tap:
@@ -23,12 +24,15 @@ class Tap:
     """
 
     def __init__(self, writer: CaptureWriter, view: ViewSink | None, *,
-                 body_items: int = 0) -> None:
+                 body_items: int = 0, summaries: bool = True) -> None:
         self.writer = writer
         self.view = view
-        self.observer = Observer()
-        self.builder = TranscriptBuilder(hash_bodies=False, keep_listings=False,
-                                         body_items=body_items, scan_attachments=False)
+        # Live, only what a person may be shown is worked out: listings of CAPA and AUTH,
+        # message summaries when a view shows them; `popproxy show` re-reads the rest.
+        self.observer = Observer(listings=LIVE_LISTINGS)
+        self.builder = TranscriptBuilder(hash_bodies=False, body_items=body_items,
+                                         scan_attachments=False,
+                                         summarise_messages=summaries and view is not None)
         self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
         self.broken: str | None = None
 
@@ -77,6 +81,10 @@ class Tap:
                 self.broken = "".join(traceback.format_exception_only(exc)).strip()
                 self.writer.meta({"r": fmt.EVENT, "kind": "observer-error",
                                   "detail": self.broken})
+                # Every client byte not yet on disk may hold a credential the observer was
+                # still deciding about (held SASL lines): redact all of it.
+                length = self.offsets[Direction.CLIENT] - self.writer.written(Direction.CLIENT)
+                direction = Direction.CLIENT
         if direction is Direction.CLIENT and length and not self.writer.keep_secrets:
             start = self.offsets[direction] - length
             return [Secret(direction, start, length, SecretKind.SASL)]

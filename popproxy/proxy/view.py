@@ -11,6 +11,8 @@ from popproxy.core.transcript import Item, SessionSummary
 class SessionView(Protocol):
     """Called from the relay's thread; implementations must return at once (never block)."""
 
+    detail: bool  # whether it shows exchanges (``items``), or only session starts and ends
+
     def started(self, number: int, peer: str, upstream: str, path: Path | None) -> None: ...
 
     def items(self, number: int, items: list[Item]) -> None: ...

@@ -45,6 +45,7 @@ class LiveView:
     def __init__(self, console: Console | None = None, *, mode: str = NORMAL,
                  sink: Sink | None = None) -> None:
         self.mode = mode
+        self.detail = mode != QUIET
         self.sink: Sink = sink or ConsoleSink(console or make_console(), mode)
         self._queue: deque[Entry] = deque()
         self._skipped = 0
@@ -191,9 +192,6 @@ class LineRenderer:
         self.mode = mode
 
     def render(self, kind: str, number: int, payload: Any) -> Text | None:
-        return self._render(kind, number, payload)
-
-    def _render(self, kind: str, number: int, payload: Any) -> Text | None:
         tag = Text(f"#{number}", style=session_style(number)) if number else None
         if kind == "started":
             peer, upstream, path, _ = payload

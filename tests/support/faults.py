@@ -278,6 +278,8 @@ class RecordingView:
 
 
 class _ViewAdapter:
+    detail = True
+
     def __init__(self, record: RecordingView) -> None:
         self.record = record
 
