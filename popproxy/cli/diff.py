@@ -15,13 +15,13 @@ from rich.text import Text
 
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
-from popproxy.cli.stats import ScanProgress
 from popproxy.replay.compare import (
     Difference,
     capture_exchanges,
     compare_sessions,
     first_body_differences,
 )
+from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
 
 MAX_BODY_OFFSETS = 1000  # bodies whose first differing offset is looked up

@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.progress import Progress as ProgressBar
 
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
@@ -26,10 +15,9 @@ from popproxy.inspect.html import export_html
 from popproxy.inspect.pcap import export_pcap
 from popproxy.inspect.text import export_text
 from popproxy.proxy.config import UsageError
-from popproxy.views.theme import make_console
+from popproxy.views.progress import ScanProgress
 
 EXPORTS = ("streams", "eml", "text", "html", "pcap")
-PROGRESS_MIN = 8 << 20  # captures smaller than this export too fast for a progress bar
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         for name in wanted:
             target = Path(getattr(args, name))
             try:
-                with progress_bar(reader, name) as progress:
+                with ScanProgress(f"export --{name}", [reader.path]) as bar:
+                    progress = bar.capture(reader.path, reader.size)
                     notes = _export(reader, name, target, args, progress)
             except OSError as exc:
                 raise CaptureError(f"--{name} {target}: {exc.strerror or exc}") from None
@@ -93,19 +82,6 @@ def _export(reader: CaptureReader, name: str, target: Path, args: argparse.Names
         return [f"{pcap.packets} packets on {pcap.connections} connection(s) written to "
                 f"{target}", *(f"  {line}" for line in pcap.endpoints)]
     return []
-
-
-@contextlib.contextmanager
-def progress_bar(reader: CaptureReader, label: str) -> Iterator[Progress | None]:
-    """A rich progress bar on stderr (by capture bytes read), only on a terminal."""
-    if not sys.stderr.isatty() or reader.size < PROGRESS_MIN:
-        yield None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with ProgressBar(*columns, console=make_console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"export --{label}", total=reader.size)
-        yield lambda done: bar.update(task, completed=min(done, reader.size))
 
 
 def export_streams(reader: CaptureReader, out: Path, *,

@@ -15,9 +15,9 @@ from rich.text import Text
 
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
-from popproxy.cli.stats import ScanProgress
 from popproxy.inspect import metered_events
 from popproxy.inspect.lint_rules import RANK, SEVERITIES, Finding, Linter
+from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
 
 SEVERITY_STYLE = {"error": "pop.error", "warning": "pop.warning", "advice": "pop.muted"}

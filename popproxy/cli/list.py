@@ -16,9 +16,10 @@ from rich.text import Text
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
-from popproxy.cli.stats import ScanProgress, fmt_size
+from popproxy.cli.stats import fmt_size
 from popproxy.core.transcript import TranscriptBuilder
 from popproxy.inspect import metered_events
+from popproxy.views.progress import ScanProgress
 from popproxy.views.render import fmt_ms
 from popproxy.views.theme import make_console
 
