@@ -30,6 +30,7 @@ class Body:
     unstuffed_dots: int = 0
     listing: list[tuple[str, ...]] | None = None
     partial: bytes = b""
+    count_lines: bool = True  # a full pass per chunk; a proxy showing nothing can skip it
 
     def scan(self, data: bytes, pos: int, *, bare_lf: bool
              ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
@@ -81,7 +82,8 @@ class Body:
             data = b"".join(pieces)
         self.prev_cr = raw.endswith(b"\r")
         self.bol = raw.endswith(b"\n")
-        self.lines += raw.count(b"\n")
+        if self.count_lines:
+            self.lines += raw.count(b"\n")
         self.octets += len(data)
         if self.listing is not None:
             parts = (self.partial + data).split(b"\n")

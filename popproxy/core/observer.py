@@ -112,10 +112,12 @@ class Observer:
     """Frames one POP3 session from both directions into events."""
 
     def __init__(self, *, max_pending: int = 100_000, max_line: int = 8192,
-                 listings: frozenset[str] = LISTING_VERBS) -> None:
+                 listings: frozenset[str] = LISTING_VERBS, count_lines: bool = True) -> None:
         """``listings``: the verbs whose bodies are parsed into ``BodyEnd.listing`` (a line
-        loop: a live proxy keeps it to the short CAPA and AUTH lists)."""
+        loop: a live proxy keeps it to the short CAPA and AUTH lists).  Without
+        ``count_lines``, ``BodyEnd.lines`` is 0 (a live proxy that shows no transcript)."""
         self.listings = listings
+        self.count_lines = count_lines
         self.max_pending = max_pending
         self.max_line = max_line
         self.state = State.AUTHORIZATION
@@ -562,7 +564,7 @@ class Observer:
         self._after_reply(side, head, status)
         if multiline:
             listing: list[tuple[str, ...]] | None = [] if head.verb in self.listings else None
-            self._body = Body(head.seq, head.verb, listing=listing)
+            self._body = Body(head.seq, head.verb, listing=listing, count_lines=self.count_lines)
             side.mode = _Mode.BODY
 
     def _challenge(self, side: _Side, line: bytes, rest: bytes, head: _Pending) -> None:
@@ -612,7 +614,8 @@ class Observer:
         if self._pending and self._pending[0].seq != seq + 1:
             return False
         self._anomaly("multiline-reply-to-single", Direction.SERVER, seq, verb)
-        self._body = Body(seq, verb, listing=[] if verb in self.listings else None)
+        self._body = Body(seq, verb, listing=[] if verb in self.listings else None,
+                          count_lines=self.count_lines)
         self._last = None
         side.mode = _Mode.BODY
         self._feed(side, line)  # re-read this line as body data

@@ -29,7 +29,7 @@ class Tap:
         self.view = view
         # Live, only what a person may be shown is worked out: listings of CAPA and AUTH,
         # message summaries when a view shows them; `popproxy show` re-reads the rest.
-        self.observer = Observer(listings=LIVE_LISTINGS)
+        self.observer = Observer(listings=LIVE_LISTINGS, count_lines=view is not None)
         self.builder = TranscriptBuilder(hash_bodies=False, body_items=body_items,
                                          scan_attachments=False,
                                          summarise_messages=summaries and view is not None)
