@@ -8,6 +8,7 @@ import itertools
 import os
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -80,6 +81,7 @@ class Session:
         self._replied = trio.Event()  # set after each server chunk reached the client
         self._poke = trio.Event()  # wakes the watchdog when a direction closes
         self._capa_seqs: set[int] = set()
+        self._unfed: deque[tuple[Direction, float, bytes]] = deque()  # relayed, not parsed yet
 
     # ----------------------------------------------------------------- life cycle
 
@@ -158,6 +160,7 @@ class Session:
         """Close the observer's streams and write the end record, synchronously."""
         tap = self.tap
         assert tap is not None and self._fd is not None
+        self._observe()  # chunks relayed (or received) just before the end
         t = self.now()
         for direction in (S, C):
             if not self._eof[direction]:
@@ -316,17 +319,27 @@ class Session:
                 self._last = trio.current_time()
                 if len(data) == size and size < MAX_CHUNK:
                     size *= 4
-                start = tap.offsets[direction]
-                events = tap.data(direction, self.now(), data)
+                self._unfed.append((direction, self.now(), data))
                 if not data:
+                    self._observe()
                     self._eof[direction] = True
                     self._first_eof = self._first_eof or who
                     await self._half_close(direction)
                     return
-                if direction is C:
-                    await self._client_chunk(data, events, start)
+                if self._needs_control(direction, data):
+                    # Relay control (STLS boundary, strip mode): parse first, then relay.
+                    start, events = self._observe()
+                    if direction is C:
+                        await self._client_chunk(data, events, start)
+                    else:
+                        await self._server_chunk(data, events, start)
                 else:
-                    await self._server_chunk(data, events, start)
+                    # The common case: relay first, parse after (the relay never waits on
+                    # the parser); chunks are parsed in arrival order whichever pump runs.
+                    await self._send(direction, data)
+                    self._observe()
+                    if direction is S:
+                        self._replied.set()
                 self._dirty.set()
                 if tap.writer.buffered > FLUSH_SIZE:
                     self._wake.set()
@@ -337,6 +350,27 @@ class Session:
             self.end(f"{other}-reset", describe_error(exc))
         except _Abort:
             return
+
+    def _observe(self) -> tuple[int, list[Event]]:
+        """Feed the tap every chunk not yet fed, oldest first (both directions keep their
+        arrival order, so a reply is never parsed before its command); return the last
+        chunk's stream offset and events."""
+        tap = self.tap
+        assert tap is not None
+        start, events = 0, []
+        while self._unfed:
+            direction, t, data = self._unfed.popleft()
+            start = tap.offsets[direction]
+            events = tap.data(direction, t, data)
+        return start, events
+
+    def _needs_control(self, direction: Direction, data: bytes) -> bool:
+        """Whether relay control must see this chunk parsed before it is relayed."""
+        if direction is C:
+            # A chunk that may carry STLS: the pump must stop reading after it (intercept)
+            # or popproxy answers it itself (strip, or a leg already in TLS).
+            return b"STLS" in data.upper() or self.config.stls is StlsMode.STRIP
+        return self._stls_done is not None or self._hide_stls()
 
     async def _client_chunk(self, data: bytes, events: list[Event], start: int) -> None:
         assert self.upstream is not None and self.tap is not None
