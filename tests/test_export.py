@@ -185,6 +185,22 @@ def test_safe_part_keeps_uids_and_strips_path_tricks() -> None:
 # ------------------------------------------------------------------------- text, html
 
 
+def sasl_tokens(fixture: dict[str, Any]) -> list[str]:
+    """Every base64 token the client sent that carries the password (SASL lines, AUTH IR)."""
+    client = b"".join(base64.b64decode(c["b64"]) for c in fixture["chunks"] if c["dir"] == "c")
+    password = fixture["password"].encode()
+    tokens = []
+    for line in client.split(b"\r\n"):
+        word = line.rsplit(b" ", 1)[-1]
+        try:
+            decoded = base64.b64decode(word, validate=True)
+        except ValueError:
+            continue
+        if password in decoded:
+            tokens.append(word.decode())
+    return tokens
+
+
 @pytest.mark.parametrize("name", ["poplib_userpass", "curl_plain", "curl_login", "pipelined"])
 def test_text_has_both_sides_and_no_password(tmp_path: Path, name: str) -> None:
     cap, fixture = fixture_capture(tmp_path, name)
@@ -194,6 +210,9 @@ def test_text_has_both_sides_and_no_password(tmp_path: Path, name: str) -> None:
     text = out.read_text()
     assert "C: QUIT" in text and "S: +OK" in text
     assert fixture["password"] not in text
+    assert not [token for token in sasl_tokens(fixture) if token in text]
+    if name in ("curl_plain", "curl_login"):
+        assert sasl_tokens(fixture), "the check above would have nothing to find"
     for line in text.splitlines():
         assert line.startswith(("#", " ")), line
     if name == "poplib_userpass":
@@ -243,6 +262,7 @@ def test_html_is_well_formed_self_contained_and_masked(tmp_path: Path, name: str
     assert not checker.errors and not checker.stack
     text = "".join(checker.text)
     assert fixture["password"] not in page
+    assert not [token for token in sasl_tokens(fixture) if token in page]
     assert "C: QUIT" in text and "+OK" in text
     for verb in verbs_of(cap):
         assert f"C: {verb}" in text

@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from popproxy.capture import format as fmt
-from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.cli.show import capture_json
 from popproxy.proxy.config import ProxyConfig, StlsMode
@@ -28,6 +27,7 @@ from popproxy.proxy.server import serve_record
 from popproxy.tls.contexts import client_context
 from tests.support import clients
 from tests.support.dovecot import STANDARD_MESSAGES, DovecotServer
+from tests.support.faults import wait_ended
 from tests.support.scripted import TeeRelay
 from tests.support.tlsfakes import BODY, LineClient, StlsServer, client_hello, client_ssl_context
 
@@ -69,28 +69,9 @@ async def in_thread(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw))
 
 
-def _ended(path: Path) -> bool:
-    try:
-        with CaptureReader(path) as reader:
-            return reader.end() is not None
-    except CaptureError:
-        return False
-
-
 async def wait_captures(config: ProxyConfig, count: int) -> list[Path]:
     """The ``count`` finished captures, in session order."""
-    while True:
-        paths = sorted(config.out_dir.glob(f"*{fmt.SUFFIX}"))
-        if len(paths) >= count and all(_ended(p) for p in paths):
-            break
-        await trio.sleep(0.02)
-    assert len(paths) == count, paths
-
-    def number(p: Path) -> int:
-        with CaptureReader(p) as r:
-            return int(r.header["session"])
-
-    return sorted(paths, key=number)
+    return await wait_ended(config.out_dir, count)
 
 
 class Capture:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from html import escape
 from pathlib import Path
 from typing import IO, Any
@@ -14,10 +13,10 @@ from popproxy.core.values import decode_text
 from popproxy.inspect import Progress
 from popproxy.inspect.text import Note, walk
 from popproxy.views import render
+from popproxy.views.render import masked_parts
 
 PREVIEW_LIMIT = 64 * 1024  # octets of each body shown in the page
 BATCH = 256 * 1024  # characters of HTML gathered before a write
-_MASK_RE = re.compile(r"(#{3,})")
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
@@ -43,13 +42,8 @@ summary{cursor:pointer;color:#238}.sasl{color:#a60;margin:0;padding-left:1em}
 
 def _masked(value: str) -> str:
     """HTML of a string whose ``#`` runs are masked credentials."""
-    out = []
-    for i, part in enumerate(_MASK_RE.split(value)):
-        if i % 2:
-            out.append(f'<span class="secret" title="masked">{"•" * len(part)}</span>')
-        else:
-            out.append(escape(part))
-    return "".join(out)
+    return "".join(f'<span class="secret" title="masked">{"•" * len(part)}</span>' if secret
+                   else escape(part) for part, secret in masked_parts(value))
 
 
 def _time(t: object) -> str:

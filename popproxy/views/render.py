@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from rich.text import Text
@@ -51,12 +52,19 @@ def command_line(ex: Exchange, tag: Text | None = None) -> Text:
     return text
 
 
-def _append_masked(text: Text, value: str) -> None:
-    """Show runs of ``#`` filler (redacted credentials) as dots in the secret style."""
+def masked_parts(value: str) -> Iterator[tuple[str, bool]]:
+    """Split text into (piece, is_secret): runs of ``#`` filler are masked credentials."""
     for i, part in enumerate(_MASK_RE.split(value)):
-        if i % 2:
+        if part:
+            yield part, bool(i % 2)
+
+
+def _append_masked(text: Text, value: str) -> None:
+    """Show masked credentials as dots in the secret style."""
+    for part, secret in masked_parts(value):
+        if secret:
             text.append("•" * len(part), style="pop.secret")
-        elif part:
+        else:
             text.append(part, style="pop.args")
 
 
