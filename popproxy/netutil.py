@@ -33,8 +33,9 @@ def is_ip(host: str) -> bool:
     return True
 
 
-async def open_listeners(host: str, port: int, *, announce: bool
-                         ) -> tuple[list[trio.SocketListener], list[tuple[str, int]]]:
+async def open_listeners(
+    host: str, port: int, *, announce: bool
+) -> tuple[list[trio.SocketListener], list[tuple[str, int]]]:
     """Bind ``host:port`` (port 0 picks one) and print ``listening on HOST:PORT`` per
     bound address on stdout, flushed: scripts wait for that line, even in quiet mode."""
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
@@ -43,8 +44,7 @@ async def open_listeners(host: str, port: int, *, announce: bool
         name = listener.socket.getsockname()
         addresses.append((name[0], name[1]))
         if announce:
-            print(f"listening on {format_hostport(name[0], name[1])}", flush=True,
-                  file=sys.stdout)
+            print(f"listening on {format_hostport(name[0], name[1])}", flush=True, file=sys.stdout)
     return listeners, addresses
 
 

@@ -38,8 +38,14 @@ def scrub(src: Path, dst: Path) -> None:
     pieces: list[bytes] = []
     with CaptureReader(src) as reader:
         header = dict(reader.header)
-        header.update(start=START, t0=T0, client="127.0.0.1:50000", listen="127.0.0.1:1110",
-                      upstream=f"{HOST}:110", session=1)
+        header.update(
+            start=START,
+            t0=T0,
+            client="127.0.0.1:50000",
+            listen="127.0.0.1:1110",
+            upstream=f"{HOST}:110",
+            session=1,
+        )
         pieces.append(fmt.encode_meta(header))
         greeting_done = False
         for record_ in reader.records():
@@ -50,8 +56,11 @@ def scrub(src: Path, dst: Path) -> None:
                     # The APOP timestamp (RFC 1939 §7) names the host: keep its shape.
                     data = _APOP_HOST.sub(rb"\1" + HOST.encode() + b">", data)
                     greeting_done = True
-                pieces.extend(fmt.encode_data(fields["d"], float(fields.get("t", 0.0)), data,
-                                              proxy=bool(fields.get("p"))))
+                pieces.extend(
+                    fmt.encode_data(
+                        fields["d"], float(fields.get("t", 0.0)), data, proxy=bool(fields.get("p"))
+                    )
+                )
                 continue
             if record_.kind == fmt.EVENT and "addr" in fields:
                 fields["addr"] = f"{HOST}:110"
@@ -67,8 +76,9 @@ def main() -> int:
         server.reset_mailbox(DEMO_USER, STANDARD_MESSAGES[:3])
         server.start()
         with tempfile.TemporaryDirectory() as tmp:
-            path, _ = record((server.host, server.port), Path(tmp),
-                             lambda host, port: demo_client(host, port))
+            path, _ = record(
+                (server.host, server.port), Path(tmp), lambda host, port: demo_client(host, port)
+            )
             OUT.parent.mkdir(exist_ok=True)
             scrub(path, OUT)
     finally:

@@ -33,7 +33,7 @@ def write_capture(path: Path, writer: CaptureWriter) -> Path:
 
 def sample_writer(*, end: bool = True) -> CaptureWriter:
     w = CaptureWriter(HEADER)
-    big = bytes(range(256)) * 40 + b"\n\n{\"r\":\"end\"}\n"  # binary, with LFs and a fake record
+    big = bytes(range(256)) * 40 + b'\n\n{"r":"end"}\n'  # binary, with LFs and a fake record
     w.data(S, 0.001, b"+OK ready\r\n")
     w.meta({"r": fmt.EVENT, "t": 0.002, "kind": "upstream-connected", "addr": "x"})
     w.data(C, 0.003, b"STAT\r\n")
@@ -63,8 +63,12 @@ def test_round_trip(tmp_path: Path) -> None:
     assert data[3].data is not None and data[3].data.startswith(bytes(range(256)))
     assert data[4].fields.get("p") == 1 and "p" not in data[0].fields
     assert [r.t for r in data] == [0.001, 0.003, 0.004, 0.005, 0.007]
-    assert records[1].fields == {"r": "event", "t": 0.002, "kind": "upstream-connected",
-                                 "addr": "x"}
+    assert records[1].fields == {
+        "r": "event",
+        "t": 0.002,
+        "kind": "upstream-connected",
+        "addr": "x",
+    }
 
 
 def test_mode_0600_and_exclusive(tmp_path: Path) -> None:
@@ -132,7 +136,7 @@ def test_corruption_in_the_middle_raises(tmp_path: Path, which: str) -> None:
         full[pos : pos + 5] = b"xxxxx"
     elif which == "data-length":
         pos = starts[2]  # STAT's data record: claims one octet more than it has
-        full[pos:pos + full.index(b"\n", pos) - pos] = b'{"r":"d","d":"c","t":0.003,"n":7}'
+        full[pos : pos + full.index(b"\n", pos) - pos] = b'{"r":"d","d":"c","t":0.003,"n":7}'
     else:
         pos = starts[3]
         nl = full.index(b"\n", pos)
@@ -157,14 +161,25 @@ def test_newer_major_version_is_refused(tmp_path: Path) -> None:
 
 def test_newer_minor_version_is_read(tmp_path: Path) -> None:
     path = tmp_path / "v1.9.popcap"
-    path.write_bytes(fmt.encode_meta({"r": fmt.FORMAT_NAME, "v": "1.9"})
-                     + b'{"r":"d","d":"s","t":0.1,"n":4}\n+OK\n\n')
+    path.write_bytes(
+        fmt.encode_meta({"r": fmt.FORMAT_NAME, "v": "1.9"})
+        + b'{"r":"d","d":"s","t":0.1,"n":4}\n+OK\n\n'
+    )
     with CaptureReader(path) as reader:
         assert [r.data for r in reader.records()] == [b"+OK\n"]
 
 
-@pytest.mark.parametrize("content", [b"", b"hello\n", b"[1, 2]\n", b'{"r":"other"}\n',
-                                     b'{"r":"popproxy-capture"}\n', b"\x00\xff\n"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"hello\n",
+        b"[1, 2]\n",
+        b'{"r":"other"}\n',
+        b'{"r":"popproxy-capture"}\n',
+        b"\x00\xff\n",
+    ],
+)
 def test_not_a_capture(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.popcap"
     path.write_bytes(content)
@@ -194,7 +209,9 @@ def test_unknown_record_kinds_are_skipped(tmp_path: Path) -> None:
     with CaptureReader(path) as reader:
         doc = capture_json(reader)
     assert [(ex["kind"], ex["command"], ex["status"]) for ex in doc["exchanges"]] == [
-        ("greeting", None, "+OK"), ("command", "NOOP", "+OK")]
+        ("greeting", None, "+OK"),
+        ("command", "NOOP", "+OK"),
+    ]
     assert doc["session"]["end"]["how"] == "closed"
 
 
@@ -269,8 +286,7 @@ def test_redaction_same_length_filler_and_offsets(tmp_path: Path) -> None:
     assert data == [b"USER bob\r\nPASS ###", b"####\r\nSTAT\r\n"]
     assert [len(d or b"") for d in data] == [len(first), len(second)]
     (redact,) = [r.fields for r in records if r.kind == fmt.REDACT]
-    assert redact == {"r": "redact", "d": "c", "off": 15, "len": 7, "kind": "PASS",
-                      "masked": True}
+    assert redact == {"r": "redact", "d": "c", "off": 15, "len": 7, "kind": "PASS", "masked": True}
     assert b"hunter2" not in path.read_bytes()
 
 
@@ -312,8 +328,7 @@ def test_tap_redacts_through_the_real_observer(tmp_path: Path) -> None:
     writer = CaptureWriter(HEADER)
     tap = Tap(writer, None)
     server = b"+OK <1.2@host>\r\n+OK\r\n+OK\r\n+ \r\n+OK\r\n+OK bye\r\n"
-    client = (b"USER alice\r\nPASS s3cr3t-pass\r\nAUTH PLAIN\r\n"
-              b"AGFsaWNlAHMzY3IzdC1wYXNz\r\nQUIT\r\n")
+    client = b"USER alice\r\nPASS s3cr3t-pass\r\nAUTH PLAIN\r\nAGFsaWNlAHMzY3IzdC1wYXNz\r\nQUIT\r\n"
     tap.data(S, 0.0, server[:16])
     for i, b in enumerate(client):  # one byte at a time
         tap.data(C, 0.001 * i, bytes([b]))
@@ -329,11 +344,13 @@ def test_tap_redacts_through_the_real_observer(tmp_path: Path) -> None:
     assert b"s3cr3t-pass" not in raw
     assert b"AGFsaWNlAHMzY3IzdC1wYXNz" not in raw
     with CaptureReader(path) as reader:
-        c = b"".join(r.data or b"" for r in reader.records()
-                     if r.kind == fmt.DATA and r.fields["d"] == "c")
+        c = b"".join(
+            r.data or b"" for r in reader.records() if r.kind == fmt.DATA and r.fields["d"] == "c"
+        )
     assert len(c) == len(client)
     assert c.replace(b"#", b"") == client.replace(b"s3cr3t-pass", b"").replace(
-        b"AGFsaWNlAHMzY3IzdC1wYXNz", b"")
+        b"AGFsaWNlAHMzY3IzdC1wYXNz", b""
+    )
     assert tap.broken is None
     assert writer.stats.redactions == 2
 

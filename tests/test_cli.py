@@ -34,12 +34,19 @@ ANSI = re.compile(r"\x1b\[")
 C, S = Direction.CLIENT, Direction.SERVER
 
 
-def popproxy(*args: str, env: dict[str, str] | None = None,
-             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def popproxy(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "popproxy", *args], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=full_env, cwd=cwd or ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "popproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=full_env,
+        cwd=cwd or ROOT,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str]) -> None:
@@ -61,8 +68,11 @@ SESSION = [
     (C, b"AGFsaWNlAGFsaWNlLXNlY3JldA==\r\n"),
     (S, b"+OK Logged in.\r\n"),
     (C, b"RETR 1\r\n"),
-    (S, b"+OK 96 octets\r\nFrom: Carol <carol@example.org>\r\nSubject: Hi there\r\n\r\n"
-        b"..dotted line\r\nbody\r\n.\r\n"),
+    (
+        S,
+        b"+OK 96 octets\r\nFrom: Carol <carol@example.org>\r\nSubject: Hi there\r\n\r\n"
+        b"..dotted line\r\nbody\r\n.\r\n",
+    ),
     (C, b"DELE 9\r\n"),
     (S, b"-ERR [SYS/PERM] no such message\r\n"),
     (C, b"QUIT\r\n"),
@@ -70,10 +80,17 @@ SESSION = [
 ]
 
 
-def make_capture(path: Path, session: list[tuple[Direction, bytes]], *,
-                 keep_secrets: bool = False, end: bool = True) -> Path:
-    writer = CaptureWriter({"session": 1, "client": "127.0.0.1:5", "upstream": "x:110",
-                            "keep_secrets": keep_secrets}, keep_secrets=keep_secrets)
+def make_capture(
+    path: Path,
+    session: list[tuple[Direction, bytes]],
+    *,
+    keep_secrets: bool = False,
+    end: bool = True,
+) -> Path:
+    writer = CaptureWriter(
+        {"session": 1, "client": "127.0.0.1:5", "upstream": "x:110", "keep_secrets": keep_secrets},
+        keep_secrets=keep_secrets,
+    )
     tap = Tap(writer, None)
     t = 0.0
     for direction, data in session:
@@ -105,8 +122,9 @@ def test_version() -> None:
     assert proc.stdout.strip() == f"popproxy {__version__}"
 
 
-@pytest.mark.parametrize("upstream", ["nohost", "host:99999", "[::1", "::1:110", "host:abc",
-                                      ":110", "host:0"])
+@pytest.mark.parametrize(
+    "upstream", ["nohost", "host:99999", "[::1", "::1:110", "host:abc", ":110", "host:0"]
+)
 def test_record_bad_upstream(tmp_path: Path, upstream: str) -> None:
     proc = popproxy("record", "--upstream", upstream, "--out", str(tmp_path))
     assert_one_line_error(proc)
@@ -116,8 +134,15 @@ def test_record_bad_upstream(tmp_path: Path, upstream: str) -> None:
 def test_record_unusable_out(tmp_path: Path) -> None:
     regular = tmp_path / "file"
     regular.write_text("not a folder")
-    proc = popproxy("record", "--upstream", "127.0.0.1:110", "--out", str(regular / "sub"),
-                    "--listen", "127.0.0.1:0")
+    proc = popproxy(
+        "record",
+        "--upstream",
+        "127.0.0.1:110",
+        "--out",
+        str(regular / "sub"),
+        "--listen",
+        "127.0.0.1:0",
+    )
     assert_one_line_error(proc)
     assert "cannot write captures" in proc.stderr
 
@@ -125,8 +150,16 @@ def test_record_unusable_out(tmp_path: Path) -> None:
 def test_record_port_in_use(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        proc = popproxy("record", "--upstream", "127.0.0.1:110", "--out", str(tmp_path),
-                        "--listen", f"127.0.0.1:{port}", "--quiet")
+        proc = popproxy(
+            "record",
+            "--upstream",
+            "127.0.0.1:110",
+            "--out",
+            str(tmp_path),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--quiet",
+        )
     assert_one_line_error(proc)
 
 
@@ -178,9 +211,25 @@ def test_record_announces_and_stops_on_sigint(tmp_path: Path, tiny_server: _Tiny
     out = tmp_path / "caps"
     env = {k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "popproxy", "record", "--upstream", f"127.0.0.1:{tiny_server.port}",
-         "--listen", "127.0.0.1:0", "--out", str(out), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "popproxy",
+            "record",
+            "--upstream",
+            f"127.0.0.1:{tiny_server.port}",
+            "--listen",
+            "127.0.0.1:0",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     try:
         line = _readline(proc.stdout, TIMEOUT)
         match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
@@ -256,8 +305,11 @@ def test_schema_is_valid_draft_2020_12() -> None:
 
 def test_show_json_validates(capture: Path, tmp_path: Path) -> None:
     rng = random.Random(7)
-    garbage = [(S, bytes(rng.randrange(256) for _ in range(3000))), (C, b"CAPA\r\nLIST\r\n"),
-               (S, bytes(rng.randrange(256) for _ in range(3000)))]
+    garbage = [
+        (S, bytes(rng.randrange(256) for _ in range(3000))),
+        (C, b"CAPA\r\nLIST\r\n"),
+        (S, bytes(rng.randrange(256) for _ in range(3000))),
+    ]
     paths = [
         capture,
         make_capture(tmp_path / "garbage.popcap", garbage),
@@ -272,8 +324,13 @@ def test_show_json_validates(capture: Path, tmp_path: Path) -> None:
         _validate(doc)
     main = docs[0]
     assert [(ex["command"], ex["status"]) for ex in main["exchanges"]] == [
-        (None, "+OK"), ("CAPA", "+OK"), ("AUTH", "+OK"), ("RETR", "+OK"), ("DELE", "-ERR"),
-        ("QUIT", "+OK")]
+        (None, "+OK"),
+        ("CAPA", "+OK"),
+        ("AUTH", "+OK"),
+        ("RETR", "+OK"),
+        ("DELE", "-ERR"),
+        ("QUIT", "+OK"),
+    ]
     assert main["session"]["user"] == "alice" and main["session"]["mechanism"] == "PLAIN"
     (dele,) = [ex for ex in main["exchanges"] if ex["command"] == "DELE"]
     assert dele["code"] == "SYS/PERM"
@@ -327,8 +384,13 @@ def _run_in_pty(args: list[str], env: dict[str, str]) -> str:
     master, slave = pty.openpty()
     full_env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
     full_env.update(env, TERM="xterm-256color", COLUMNS="100")
-    proc = subprocess.Popen([sys.executable, "-m", "popproxy", *args], stdout=slave,
-                            stderr=subprocess.PIPE, cwd=ROOT, env=full_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "popproxy", *args],
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=full_env,
+    )
     os.close(slave)
     chunks = []
     deadline = time.monotonic() + TIMEOUT
@@ -368,8 +430,17 @@ def test_no_color_pipe(capture: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["--idle-timeout", "--connect-timeout"])
 def test_record_refuses_a_timeout_that_is_not_a_number(flag: str, tmp_path: Path) -> None:
-    result = popproxy("record", "--upstream", "127.0.0.1:110", "--listen", "127.0.0.1:0",
-                      "--out", str(tmp_path), flag, "nan")
+    result = popproxy(
+        "record",
+        "--upstream",
+        "127.0.0.1:110",
+        "--listen",
+        "127.0.0.1:0",
+        "--out",
+        str(tmp_path),
+        flag,
+        "nan",
+    )
     assert result.returncode == 2
     assert "must be a positive number" in result.stderr and "Traceback" not in result.stderr
 

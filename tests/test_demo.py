@@ -16,9 +16,13 @@ from popproxy.replay.script import load_session
 def test_demo_runs_offline_and_writes_a_capture(tmp_path: Path) -> None:
     out = tmp_path / "caps"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "popproxy", "demo", "--out", str(out)],
-                          capture_output=True, timeout=20, cwd=tmp_path,
-                          env=dict(os.environ, NO_COLOR="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "popproxy", "demo", "--out", str(out)],
+        capture_output=True,
+        timeout=20,
+        cwd=tmp_path,
+        env=dict(os.environ, NO_COLOR="1"),
+    )
     elapsed = time.monotonic() - started
     text = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
@@ -28,8 +32,20 @@ def test_demo_runs_offline_and_writes_a_capture(tmp_path: Path) -> None:
     assert "What next" in text and f"popproxy show {capture}" in text
     assert "popproxy serve" in text and "popproxy record --upstream" in text
     recorded = load_session(capture)
-    assert [s.verb for s in recorded.steps] == ["CAPA", "USER", "PASS", "STAT", "LIST", "UIDL",
-                                                "TOP", "RETR", "RETR", "RETR", "DELE", "QUIT"]
+    assert [s.verb for s in recorded.steps] == [
+        "CAPA",
+        "USER",
+        "PASS",
+        "STAT",
+        "LIST",
+        "UIDL",
+        "TOP",
+        "RETR",
+        "RETR",
+        "RETR",
+        "DELE",
+        "QUIT",
+    ]
 
 
 def test_packaged_capture_is_scrubbed_and_redacted() -> None:

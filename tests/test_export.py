@@ -30,9 +30,15 @@ from tests.support.dovecot import STANDARD_MESSAGES, standard_uidls
 C, S = Direction.CLIENT, Direction.SERVER
 FIXTURES = Path(__file__).parent / "fixtures"
 HEADER: dict[str, Any] = {
-    "popproxy": "test", "start": "2024-01-01T10:00:00Z", "t0": 1704103200.0, "session": 1,
-    "client": "127.0.0.1:54321", "listen": "127.0.0.1:1110", "upstream": "127.0.0.1:2110",
-    "keep_secrets": False, "stls": "intercept",
+    "popproxy": "test",
+    "start": "2024-01-01T10:00:00Z",
+    "t0": 1704103200.0,
+    "session": 1,
+    "client": "127.0.0.1:54321",
+    "listen": "127.0.0.1:1110",
+    "upstream": "127.0.0.1:2110",
+    "keep_secrets": False,
+    "stls": "intercept",
 }
 
 # A step: (direction, t, bytes), or ("tls", direction, t[, decrypted]) for an STLS upgrade.
@@ -48,8 +54,10 @@ def load(name: str) -> dict[str, Any]:
 
 
 def fixture_steps(fixture: dict[str, Any]) -> list[Step]:
-    return [(C if c["dir"] == "c" else S, float(c["t"]), base64.b64decode(c["b64"]))
-            for c in fixture["chunks"]]
+    return [
+        (C if c["dir"] == "c" else S, float(c["t"]), base64.b64decode(c["b64"]))
+        for c in fixture["chunks"]
+    ]
 
 
 def make_capture(path: Path, steps: list[Step], *, close: bool = True) -> Path:
@@ -67,10 +75,18 @@ def make_capture(path: Path, steps: list[Step], *, close: bool = True) -> Path:
         if step[0] == "tls":
             direction, t = step[1], step[2]
             decrypted = step[3] if len(step) > 3 else True
-            writer.meta({"r": fmt.TLS, "d": direction.value, "t": t, "off": offsets[direction],
-                         "decrypted": decrypted, "version": "TLSv1.3",
-                         "leg": "client" if direction is C else "upstream",
-                         "mode": "stls" if decrypted else "passthrough"})
+            writer.meta(
+                {
+                    "r": fmt.TLS,
+                    "d": direction.value,
+                    "t": t,
+                    "off": offsets[direction],
+                    "decrypted": decrypted,
+                    "version": "TLSv1.3",
+                    "leg": "client" if direction is C else "upstream",
+                    "mode": "stls" if decrypted else "passthrough",
+                }
+            )
             settle(obs.start_tls(direction, decrypted=decrypted))
             continue
         direction, t, data = step
@@ -82,8 +98,9 @@ def make_capture(path: Path, steps: list[Step], *, close: bool = True) -> Path:
             writer.meta({"r": fmt.EOF, "d": direction.value, "t": t})
             settle(obs.receive_data(direction, b""))
         writer.flush_all()
-        writer.meta({"r": fmt.END, "t": t, "how": "quit", "octets": {"c": offsets[C],
-                                                                    "s": offsets[S]}})
+        writer.meta(
+            {"r": fmt.END, "t": t, "how": "quit", "octets": {"c": offsets[C], "s": offsets[S]}}
+        )
     writer.flush_all()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -100,8 +117,12 @@ def fixture_capture(tmp_path: Path, name: str) -> tuple[Path, dict[str, Any]]:
 
 def verbs_of(path: Path) -> list[str]:
     with CaptureReader(path) as reader:
-        return [e.verb for _, _, events in replay_events(reader) for e in events
-                if isinstance(e, Command)]
+        return [
+            e.verb
+            for _, _, events in replay_events(reader)
+            for e in events
+            if isinstance(e, Command)
+        ]
 
 
 def client_lines_of(path: Path) -> list[str]:
@@ -110,9 +131,12 @@ def client_lines_of(path: Path) -> list[str]:
     tshark's POP dissector does not follow AUTH, so SASL responses count as requests.
     """
     with CaptureReader(path) as reader:
-        return [e.verb if isinstance(e, Command) else e.raw.split()[0].decode()
-                for _, _, events in replay_events(reader) for e in events
-                if isinstance(e, Command | SaslResponse)]
+        return [
+            e.verb if isinstance(e, Command) else e.raw.split()[0].decode()
+            for _, _, events in replay_events(reader)
+            for e in events
+            if isinstance(e, Command | SaslResponse)
+        ]
 
 
 # ------------------------------------------------------------------------------- eml
@@ -273,9 +297,13 @@ def test_html_is_well_formed_self_contained_and_masked(tmp_path: Path, name: str
 
 def test_errors_and_anomalies_are_marked(tmp_path: Path) -> None:
     steps: list[Step] = [
-        (S, 0.01, b"+OK hello\r\n"), (C, 0.02, b"USER alice\r\n"), (S, 0.03, b"+ok\r\n"),
-        (C, 0.04, b"PASS wrong <pw>\r\n"), (S, 0.05, b"-ERR [AUTH] Authentication failed.\r\n"),
-        (C, 0.06, b"QUIT\r\n"), (S, 0.07, b"+OK bye\r\n"),
+        (S, 0.01, b"+OK hello\r\n"),
+        (C, 0.02, b"USER alice\r\n"),
+        (S, 0.03, b"+ok\r\n"),
+        (C, 0.04, b"PASS wrong <pw>\r\n"),
+        (S, 0.05, b"-ERR [AUTH] Authentication failed.\r\n"),
+        (C, 0.06, b"QUIT\r\n"),
+        (S, 0.07, b"+OK bye\r\n"),
     ]
     cap = make_capture(tmp_path / "err.popcap", steps)
     with CaptureReader(cap) as reader:
@@ -296,8 +324,9 @@ def _tshark(path: Path, *args: str) -> list[str]:
     tshark = shutil.which("tshark")
     if tshark is None:
         pytest.skip("tshark is not installed (scripts/test installs it)")
-    done = subprocess.run([tshark, "-r", str(path), *args], capture_output=True, text=True,
-                          timeout=120, check=True)
+    done = subprocess.run(
+        [tshark, "-r", str(path), *args], capture_output=True, text=True, timeout=120, check=True
+    )
     return [line for line in done.stdout.splitlines() if line.strip()]
 
 
@@ -318,9 +347,15 @@ def test_pcap_tshark_sees_every_command(tmp_path: Path, name: str) -> None:
     assert shown == client_lines_of(cap)
     if name != "curl_plain":
         assert shown == verbs_of(cap)
-    bad = _tshark(out, "-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE",
-                  "-Y", "tcp.checksum.status == 0 || ip.checksum.status == 0 "
-                        "|| tcp.analysis.flags")
+    bad = _tshark(
+        out,
+        "-o",
+        "tcp.check_checksum:TRUE",
+        "-o",
+        "ip.check_checksum:TRUE",
+        "-Y",
+        "tcp.checksum.status == 0 || ip.checksum.status == 0 || tcp.analysis.flags",
+    )
     assert bad == []
 
 
@@ -341,14 +376,21 @@ def test_pcap_splits_big_records_and_keeps_timestamps(tmp_path: Path) -> None:
 def test_pcap_after_stls_plaintext_is_on_a_second_connection(tmp_path: Path) -> None:
     greeting = b"+OK Dovecot ready.\r\n"
     steps: list[Step] = [
-        (S, 0.01, greeting), (C, 0.02, b"CAPA\r\n"),
-        (S, 0.03, b"+OK\r\nCAPA\r\nSTLS\r\nUSER\r\n.\r\n"), (C, 0.04, b"STLS\r\n"),
+        (S, 0.01, greeting),
+        (C, 0.02, b"CAPA\r\n"),
+        (S, 0.03, b"+OK\r\nCAPA\r\nSTLS\r\nUSER\r\n.\r\n"),
+        (C, 0.04, b"STLS\r\n"),
         (S, 0.05, b"+OK Begin TLS negotiation now.\r\n"),
-        ("tls", S, 0.06), ("tls", C, 0.07),
-        (C, 0.08, b"USER alice\r\n"), (S, 0.09, b"+OK\r\n"),
-        (C, 0.10, b"PASS alice-secret-pw 1\r\n"), (S, 0.11, b"+OK Logged in.\r\n"),
-        (C, 0.12, b"STAT\r\n"), (S, 0.13, b"+OK 0 0\r\n"),
-        (C, 0.14, b"QUIT\r\n"), (S, 0.15, b"+OK Logging out.\r\n"),
+        ("tls", S, 0.06),
+        ("tls", C, 0.07),
+        (C, 0.08, b"USER alice\r\n"),
+        (S, 0.09, b"+OK\r\n"),
+        (C, 0.10, b"PASS alice-secret-pw 1\r\n"),
+        (S, 0.11, b"+OK Logged in.\r\n"),
+        (C, 0.12, b"STAT\r\n"),
+        (S, 0.13, b"+OK 0 0\r\n"),
+        (C, 0.14, b"QUIT\r\n"),
+        (S, 0.15, b"+OK Logging out.\r\n"),
     ]
     cap = make_capture(tmp_path / "stls.popcap", steps)
     out = tmp_path / "stls.pcap"
@@ -356,20 +398,38 @@ def test_pcap_after_stls_plaintext_is_on_a_second_connection(tmp_path: Path) -> 
         result = export_pcap(reader, out)
     assert result.connections == 2
     assert any("after STLS" in line for line in result.endpoints)
-    rows = _tshark(out, "-T", "fields", "-e", "tcp.stream", "-e", "pop.request.command",
-                   "-Y", "pop.request.command")
-    assert [r.split() for r in rows] == [["0", "CAPA"], ["0", "STLS"], ["1", "USER"],
-                                         ["1", "PASS"], ["1", "STAT"], ["1", "QUIT"]]
+    rows = _tshark(
+        out,
+        "-T",
+        "fields",
+        "-e",
+        "tcp.stream",
+        "-e",
+        "pop.request.command",
+        "-Y",
+        "pop.request.command",
+    )
+    assert [r.split() for r in rows] == [
+        ["0", "CAPA"],
+        ["0", "STLS"],
+        ["1", "USER"],
+        ["1", "PASS"],
+        ["1", "STAT"],
+        ["1", "QUIT"],
+    ]
     assert b"alice-secret-pw" not in out.read_bytes()
 
 
 def test_pcap_passthrough_tls_stays_on_one_connection(tmp_path: Path) -> None:
     tls_bytes = bytes.fromhex("160301002a") + bytes(42)
     steps: list[Step] = [
-        (S, 0.01, b"+OK ready\r\n"), (C, 0.02, b"STLS\r\n"),
+        (S, 0.01, b"+OK ready\r\n"),
+        (C, 0.02, b"STLS\r\n"),
         (S, 0.03, b"+OK Begin TLS negotiation now.\r\n"),
-        ("tls", S, 0.04, False), ("tls", C, 0.04, False),
-        (C, 0.05, tls_bytes), (S, 0.06, tls_bytes),
+        ("tls", S, 0.04, False),
+        ("tls", C, 0.04, False),
+        (C, 0.05, tls_bytes),
+        (S, 0.06, tls_bytes),
     ]
     cap = make_capture(tmp_path / "pt.popcap", steps)
     out = tmp_path / "pt.pcap"
@@ -383,12 +443,27 @@ def test_pcap_passthrough_tls_stays_on_one_connection(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- CLI
 
 
-def test_cli_runs_every_exporter_together(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_runs_every_exporter_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cap, fixture = fixture_capture(tmp_path, "poplib_userpass")
-    code = main(["export", str(cap), "--eml", str(tmp_path / "mail"), "--include-top",
-                 "--text", str(tmp_path / "t.txt"), "--html", str(tmp_path / "t.html"),
-                 "--pcap", str(tmp_path / "t.pcap"), "--streams", str(tmp_path / "raw")])
+    code = main(
+        [
+            "export",
+            str(cap),
+            "--eml",
+            str(tmp_path / "mail"),
+            "--include-top",
+            "--text",
+            str(tmp_path / "t.txt"),
+            "--html",
+            str(tmp_path / "t.html"),
+            "--pcap",
+            str(tmp_path / "t.pcap"),
+            "--streams",
+            str(tmp_path / "raw"),
+        ]
+    )
     assert code == 0
     assert len(list((tmp_path / "mail").iterdir())) == 5
     for name in ("t.txt", "t.html", "t.pcap", "raw/client.bin"):
@@ -404,8 +479,9 @@ def test_cli_include_top_needs_eml(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--include-top" in capsys.readouterr().err
 
 
-def test_cli_unwritable_target_is_a_clear_error(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_unwritable_target_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cap, _ = fixture_capture(tmp_path, "curl_plain")
     assert main(["export", str(cap), "--text", str(tmp_path / "no" / "such" / "t.txt")]) == 2
     assert "error" in capsys.readouterr().err
@@ -452,8 +528,9 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
 
 @pytest.mark.parametrize("exporter", ["eml", "text", "html", "pcap"])
-def test_exports_of_a_50mb_body_use_bounded_memory(tmp_path: Path, big: tuple[Path, bytes],
-                                                   exporter: str) -> None:
+def test_exports_of_a_50mb_body_use_bounded_memory(
+    tmp_path: Path, big: tuple[Path, bytes], exporter: str
+) -> None:
     import hashlib
 
     path, digest = big

@@ -73,8 +73,11 @@ def body_of(size: int, seed: int = 1939) -> bytes:
     """A message body of about ``size`` octets: CRLF lines, some needing dot-stuffing."""
     rng = random.Random(seed)
     block = b"".join(
-        (b"." if rng.random() < 0.1 else b"") + rng.randbytes(rng.randrange(20, 70)).hex().encode()
-        + b"\r\n" for _ in range(512))
+        (b"." if rng.random() < 0.1 else b"")
+        + rng.randbytes(rng.randrange(20, 70)).hex().encode()
+        + b"\r\n"
+        for _ in range(512)
+    )
     return (block * (size // len(block) + 1))[:size].rsplit(b"\r\n", 1)[0] + b"\r\n"
 
 
@@ -85,7 +88,11 @@ async def check_bystander(h: Harness, caps: dict[int, Capture], by: Bystander) -
     assert cap.client == bytes(by.client.sent)
     assert cap.server == bytes(by.client.received)
     assert [ex["command"] for ex in cap.doc["exchanges"] if ex["kind"] == "command"] == [
-        "USER", "PASS", "STAT", "QUIT"]
+        "USER",
+        "PASS",
+        "STAT",
+        "QUIT",
+    ]
 
 
 def commands(cap: Capture, verb: str) -> list[dict[str, object]]:
@@ -105,7 +112,8 @@ class _ResetAfter(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if not self.chunks:
             raise trio.BrokenResourceError("reset") from ConnectionResetError(
-                104, "Connection reset by peer")
+                104, "Connection reset by peer"
+            )
         if len(self.chunks) == 2:
             await trio.sleep(0.2)  # the flusher has written the rest and waits for more
         if len(self.chunks) > 1:
@@ -132,8 +140,13 @@ async def test_end_while_a_flush_is_due_loses_nothing(tmp_path: Path) -> None:
 
     # Full reads (64 KiB, 256 KiB, 1 MiB) grow the pump's reads to 1 MiB; after a pause
     # (everything flushed) a small chunk and a big one make the pump wake the flusher...
-    chunks = [GREETING + lines(65536 - len(GREETING)), lines(262144), lines(MB), lines(1000),
-              lines(MB)]
+    chunks = [
+        GREETING + lines(65536 - len(GREETING)),
+        lines(262144),
+        lines(MB),
+        lines(1000),
+        lines(MB),
+    ]
     upstream = _ResetAfter(list(chunks))  # ...and then the RST arrives in the same step
     client_end, proxy_client = trio.testing.memory_stream_pair()
 
@@ -144,8 +157,7 @@ async def test_end_while_a_flush_is_due_loses_nothing(tmp_path: Path) -> None:
         while await client_end.receive_some(MB):
             pass
 
-    config = ProxyConfig(upstream=("fixture.example", 110), out_dir=tmp_path,
-                         keep_secrets=True)
+    config = ProxyConfig(upstream=("fixture.example", 110), out_dir=tmp_path, keep_secrets=True)
     session = Session(config, proxy_client, None, connect=connect)
     with trio.fail_after(STEP):
         async with trio.open_nursery() as nursery:
@@ -319,8 +331,13 @@ async def test_upstream_stls_greeting_never_comes(tmp_path: Path) -> None:
         fake_port = await nursery.start(fake.serve)
         server = FaultServer(behaviours={0: silent, 1: relay_to(fake_port)})
         with trio.fail_after(STEP):
-            async with harness(tmp_path, server, upstream_stls=True, connect_timeout=0.5,
-                               upstream_context=fake.client_context()) as h:
+            async with harness(
+                tmp_path,
+                server,
+                upstream_stls=True,
+                connect_timeout=0.5,
+                upstream_context=fake.client_context(),
+            ) as h:
                 client = await h.client()
                 await server.accepted.wait()
                 by = await h.bystander()  # its upstream leg is TLS, set up by popproxy
@@ -481,8 +498,11 @@ def read_back(path: Path) -> tuple[list[Record], list[str]]:
 
 
 def recorded(records: list[Record], direction: str) -> bytes:
-    return b"".join(r.data or b"" for r in records
-                    if r.kind == fmt.DATA and r.fields["d"] == direction and not r.fields.get("p"))
+    return b"".join(
+        r.data or b""
+        for r in records
+        if r.kind == fmt.DATA and r.fields["d"] == direction and not r.fields.get("p")
+    )
 
 
 @pytest.mark.slow
@@ -525,8 +545,10 @@ async def test_capture_file_too_large_mid_session(tmp_path: Path) -> None:
     assert len(server_rec) > limit // 2 and got.startswith(server_rec)
     assert recorded(records, "c") == bytes(client.sent)
     unrecorded = len(got) - len(server_rec)
-    print(f"EFBIG at {limit} octets: the client got {len(got)} octets, {unrecorded} of them "
-          f"unrecorded")
+    print(
+        f"EFBIG at {limit} octets: the client got {len(got)} octets, {unrecorded} of them "
+        f"unrecorded"
+    )
     assert unrecorded <= HIGH_WATER + 2 * MAX_CHUNK  # the disk may lag this far, no further
     (other,) = [p for p in paths if p != fault]
     cap = read_capture(other, tmp_path)
@@ -537,8 +559,11 @@ async def test_capture_file_too_large_mid_session(tmp_path: Path) -> None:
 @contextlib.contextmanager
 def tiny_disk(path: Path, size: str = "1m") -> Iterator[Path]:
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:
@@ -570,8 +595,7 @@ async def test_disk_full_mid_session_then_new_sessions_refused(tmp_path: Path) -
         assert reason.startswith(f"cannot create a capture file in {disk}"), reason
         assert reason.endswith("No space left on device"), reason
         assert len(server.peers) == 1  # the refused client never reached the upstream
-        matches = [p for p in disk.glob("*.popcap")
-                   if p.name.endswith(f"-{number:05d}.popcap")]
+        matches = [p for p in disk.glob("*.popcap") if p.name.endswith(f"-{number:05d}.popcap")]
         assert len(matches) == 1, list(disk.iterdir())
         records, _ = read_back(matches[0])
         server_rec = recorded(records, "s")
@@ -627,8 +651,12 @@ async def test_proxy_killed_mid_retr(tmp_path: Path) -> None:
         doc = capture_json(reader)
     (retr,) = [ex for ex in doc["exchanges"] if ex["command"] == "RETR"]
     assert retr["truncated"] is True and doc["session"]["end"] is None
-    show = await trio.run_process([sys.executable, "-m", "popproxy", "show", str(path)],
-                                  capture_stdout=True, capture_stderr=True, check=False)
+    show = await trio.run_process(
+        [sys.executable, "-m", "popproxy", "show", str(path)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     stderr = show.stderr.decode()
     assert show.returncode == 0 and "Traceback" not in stderr
     print(f"killed at {path.stat().st_size} octets of capture; reader warnings: {warnings}")
@@ -638,8 +666,9 @@ async def test_proxy_killed_mid_retr(tmp_path: Path) -> None:
 
 
 async def test_capture_cut_between_records_warns(tmp_path: Path) -> None:
-    writer = CaptureWriter({"session": 1, "client": "127.0.0.1:5", "upstream": "x:110"},
-                           keep_secrets=True)
+    writer = CaptureWriter(
+        {"session": 1, "client": "127.0.0.1:5", "upstream": "x:110"}, keep_secrets=True
+    )
     tap = Tap(writer, None)
     tap.data(Direction.SERVER, 0.01, GREETING)
     tap.data(Direction.CLIENT, 0.02, b"RETR 1\r\n")
@@ -651,8 +680,12 @@ async def test_capture_cut_between_records_warns(tmp_path: Path) -> None:
     os.close(fd)
     records, warnings = read_back(path)
     assert records[-1].kind == fmt.DATA
-    show = await trio.run_process([sys.executable, "-m", "popproxy", "show", str(path)],
-                                  capture_stdout=True, capture_stderr=True, check=False)
+    show = await trio.run_process(
+        [sys.executable, "-m", "popproxy", "show", str(path)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert show.returncode == 0
     assert warnings and "warning" in show.stderr.decode()
 
@@ -677,8 +710,7 @@ async def test_1000_sessions_leave_nothing_behind(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 for _ in range(sessions):
                     nursery.start_soon(one, h)
-            while len(h.view.ended) < sessions or not all(
-                    p.closed.is_set() for p in server.peers):
+            while len(h.view.ended) < sessions or not all(p.closed.is_set() for p in server.peers):
                 await trio.sleep(0.02)
             elapsed = trio.current_time() - t0
             fds_after, tasks_after = fd_count(), task_count()
@@ -696,9 +728,10 @@ async def test_1000_sessions_leave_nothing_behind(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- segmentation
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SESSIONS = {p.stem: [(c["dir"], base64.b64decode(c["b64"]))
-                     for c in json.loads(p.read_text())["chunks"]]
-            for p in sorted(FIXTURES.glob("*.json"))}
+SESSIONS = {
+    p.stem: [(c["dir"], base64.b64decode(c["b64"])) for c in json.loads(p.read_text())["chunks"]]
+    for p in sorted(FIXTURES.glob("*.json"))
+}
 
 
 def resplit(data: bytes, rng: random.Random | None) -> list[bytes]:
@@ -711,8 +744,9 @@ def resplit(data: bytes, rng: random.Random | None) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
-async def drive_session(chunks: list[tuple[str, bytes]], out: Path,
-                        seed: int | None) -> tuple[bytes, bytes, Path]:
+async def drive_session(
+    chunks: list[tuple[str, bytes]], out: Path, seed: int | None
+) -> tuple[bytes, bytes, Path]:
     """One recorded session through ``Session`` over in-memory streams, re-split by ``seed``.
 
     Each side sends its chunks in the recorded order, waiting first for every byte the other
@@ -724,8 +758,9 @@ async def drive_session(chunks: list[tuple[str, bytes]], out: Path,
     async def connect() -> trio.abc.Stream:
         return proxy_upstream
 
-    config = ProxyConfig(upstream=("fixture.example", 110), out_dir=out, keep_secrets=True,
-                         linger=0.05)
+    config = ProxyConfig(
+        upstream=("fixture.example", 110), out_dir=out, keep_secrets=True, linger=0.05
+    )
     session = Session(config, proxy_client, None, connect=connect)
     got = {"c": bytearray(), "s": bytearray()}  # what the client / the server received
     arrived = {"c": trio.Event(), "s": trio.Event()}
@@ -771,20 +806,30 @@ async def drive_session(chunks: list[tuple[str, bytes]], out: Path,
 
 def transcript(cap: Capture) -> dict[str, object]:
     """The capture's transcript without timings."""
+
     def untimed(items: list[dict[str, object]]) -> list[dict[str, object]]:
         return [{k: v for k, v in x.items() if not k.startswith("t")} for x in items]
-    return {"exchanges": untimed(cap.doc["exchanges"]), "anomalies": untimed(cap.doc["anomalies"]),
-            "end": {k: v for k, v in cap.end.items() if k != "t"}}
+
+    return {
+        "exchanges": untimed(cap.doc["exchanges"]),
+        "anomalies": untimed(cap.doc["anomalies"]),
+        "end": {k: v for k, v in cap.end.items() if k != "t"},
+    }
 
 
 _BASELINES: dict[str, dict[str, object]] = {}
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(name=st.sampled_from(sorted(SESSIONS)), seed=st.integers(0, 2**32))
 async def test_random_segmentation_changes_nothing(
-        tmp_path_factory: pytest.TempPathFactory, name: str, seed: int) -> None:
+    tmp_path_factory: pytest.TempPathFactory, name: str, seed: int
+) -> None:
     chunks = SESSIONS[name]
     sent = {d: b"".join(data for dd, data in chunks if dd == d) for d in ("c", "s")}
     work = tmp_path_factory.mktemp("seg")

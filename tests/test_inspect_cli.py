@@ -45,15 +45,21 @@ Step = tuple[str, float, bytes]  # (direction "c"/"s", time, bytes); b"" closes 
 
 # ----------------------------------------------------------------- building captures
 
-def make_capture(path: Path, steps: Iterable[Step], header: dict[str, Any] | None = None,
-                 *, end: bool = True) -> Path:
+
+def make_capture(
+    path: Path, steps: Iterable[Step], header: dict[str, Any] | None = None, *, end: bool = True
+) -> Path:
     """Write a capture as the proxy would: writer + observer, settled offsets, end record.
 
     With ``end=False`` the file stops before the directions close and the end record, like
     a capture whose proxy died.
     """
-    hdr = {"start": "2024-01-01T10:00:00Z", "client": "127.0.0.1:40000",
-           "upstream": "pop.example.org:110", **(header or {})}
+    hdr = {
+        "start": "2024-01-01T10:00:00Z",
+        "client": "127.0.0.1:40000",
+        "upstream": "pop.example.org:110",
+        **(header or {}),
+    }
     writer = CaptureWriter(hdr)
     observer = Observer()
     builder = TranscriptBuilder(hash_bodies=False)
@@ -82,11 +88,21 @@ def make_capture(path: Path, steps: Iterable[Step], header: dict[str, Any] | Non
                 feed(d, t, b"")
         writer.flush_all()
         session = builder.session
-        writer.meta({"r": fmt.END, "t": t, "how": "quit" if session.quit else "closed",
-                     "error": None, "octets": octets, "commands": session.commands,
-                     "user": session.user, "mechanism": session.mechanism,
-                     "anomalies": len(session.anomalies), "redactions": 0,
-                     "observer_error": None})
+        writer.meta(
+            {
+                "r": fmt.END,
+                "t": t,
+                "how": "quit" if session.quit else "closed",
+                "error": None,
+                "octets": octets,
+                "commands": session.commands,
+                "user": session.user,
+                "mechanism": session.mechanism,
+                "anomalies": len(session.anomalies),
+                "redactions": 0,
+                "observer_error": None,
+            }
+        )
     writer.flush_all()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -101,8 +117,11 @@ def fixture_steps(name: str) -> list[Step]:
     return [(c["dir"], float(c["t"]), base64.b64decode(c["b64"])) for c in doc["chunks"]]
 
 
-def script(*exchanges: tuple[bytes, bytes], greeting: bytes = b"+OK ready <1.2@host>\r\n",
-           step: float = 0.01) -> list[Step]:
+def script(
+    *exchanges: tuple[bytes, bytes],
+    greeting: bytes = b"+OK ready <1.2@host>\r\n",
+    step: float = 0.01,
+) -> list[Step]:
     """Greeting, then (client bytes, server bytes) pairs; an empty side sends nothing."""
     steps: list[Step] = [("s", 0.0, greeting)]
     t = 0.0
@@ -130,8 +149,11 @@ def fixture_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "fixtures"
     folder.mkdir()
     for i, name in enumerate(FIXTURE_NAMES):
-        make_capture(folder / f"{name}{fmt.SUFFIX}", fixture_steps(name),
-                     {"start": f"2024-01-01T10:00:0{i}Z"})
+        make_capture(
+            folder / f"{name}{fmt.SUFFIX}",
+            fixture_steps(name),
+            {"start": f"2024-01-01T10:00:0{i}Z"},
+        )
     return folder
 
 
@@ -140,55 +162,108 @@ def fixture_dir(tmp_path: Path) -> Path:
 # name -> (exchanges after the greeting, rule expected, severity expected)
 LINT_CASES: dict[str, tuple[tuple[tuple[bytes, bytes], ...], str, str]] = {
     "bare-lf": ((*LOGIN, (b"STAT\r\n", b"+OK 1 10\n"), QUIT), "bare-lf", "warning"),
-    "truncated": ((*LOGIN, (b"RETR 1\r\n", b"+OK 5 octets\r\nabc\r\n")), "body-truncated",
-                  "error"),
-    "unstuffed-dot": ((*LOGIN, (b"RETR 1\r\n", b"+OK\r\n.hidden\r\n.\r\n"), QUIT),
-                      "unstuffed-dot", "error"),
-    "multiline-single": ((*LOGIN, (b"LIST 1\r\n", b"+OK 1 120\r\n1 120\r\n.\r\n"), QUIT),
-                         "multiline-reply-to-single", "error"),
+    "truncated": ((*LOGIN, (b"RETR 1\r\n", b"+OK 5 octets\r\nabc\r\n")), "body-truncated", "error"),
+    "unstuffed-dot": (
+        (*LOGIN, (b"RETR 1\r\n", b"+OK\r\n.hidden\r\n.\r\n"), QUIT),
+        "unstuffed-dot",
+        "error",
+    ),
+    "multiline-single": (
+        (*LOGIN, (b"LIST 1\r\n", b"+OK 1 120\r\n1 120\r\n.\r\n"), QUIT),
+        "multiline-reply-to-single",
+        "error",
+    ),
     "no-reply": ((*LOGIN, (b"STAT\r\n", b"")), "no-reply", "warning"),
-    "quit-err": ((*LOGIN, (b"QUIT\r\n", b"-ERR some deleted messages not removed\r\n")),
-                 "quit-not-ok", "warning"),
+    "quit-err": (
+        (*LOGIN, (b"QUIT\r\n", b"-ERR some deleted messages not removed\r\n")),
+        "quit-not-ok",
+        "warning",
+    ),
     "quit-silent": ((*LOGIN, (b"QUIT\r\n", b"")), "quit-not-ok", "warning"),
-    "command-too-long": ((*LOGIN, (b"NOOP " + b"x" * 300 + b"\r\n", b"+OK\r\n"), QUIT),
-                         "command-too-long", "warning"),
-    "status-too-long": ((*LOGIN, (b"NOOP\r\n", b"+OK " + b"y" * 600 + b"\r\n"), QUIT),
-                        "status-too-long", "warning"),
-    "drop-listing": ((*LOGIN, (b"STAT\r\n", b"+OK lots\r\n"), QUIT),
-                     "malformed-drop-listing", "error"),
-    "scan-listing": ((*LOGIN, (b"LIST\r\n", b"+OK\r\n1 abc\r\n.\r\n"), QUIT),
-                     "malformed-scan-listing", "error"),
-    "scan-listing-single": ((*LOGIN, (b"LIST 2\r\n", b"+OK 3 120\r\n"), QUIT),
-                            "malformed-scan-listing", "error"),
-    "uid-too-long": ((*LOGIN, (b"UIDL\r\n", b"+OK\r\n1 " + b"z" * 71 + b"\r\n.\r\n"), QUIT),
-                     "malformed-unique-id-listing", "error"),
-    "uid-bad-char": ((*LOGIN, (b"UIDL 1\r\n", b"+OK 1 abc\x01def\r\n"), QUIT),
-                     "malformed-unique-id-listing", "error"),
-    "octets": ((*LOGIN, (b"RETR 1\r\n", b"+OK 99 octets\r\nabc\r\n.\r\n"), QUIT),
-               "octets-mismatch", "warning"),
-    "wrong-state-stat": (((b"STAT\r\n", b"-ERR not yet\r\n"), *LOGIN, QUIT), "wrong-state",
-                         "advice"),
-    "wrong-state-user": ((*LOGIN, (b"USER bob\r\n", b"-ERR already\r\n"), QUIT), "wrong-state",
-                         "advice"),
-    "pipelining": ((*LOGIN, (b"STAT\r\nNOOP\r\n", b"+OK 0 0\r\n+OK\r\n"), QUIT),
-                   "pipelining-not-advertised", "advice"),
-    "unsolicited": ((*LOGIN, (b"", b"-ERR Disconnected for inactivity.\r\n")),
-                    "unsolicited-reply", "warning"),
-    "stls-injection": (((b"STLS\r\n", b"+OK Begin TLS\r\n+OK injected\r\n"),),
-                       "plaintext-after-stls", "error"),
-    "client-injection": (((b"STLS\r\nUSER mallory\r\n", b"+OK Begin TLS\r\n"),),
-                         "plaintext-after-stls", "error"),
-    "plus-err": ((*LOGIN, (b"STAT\r\n", b"+ERR no\r\n"), QUIT), "nonstandard-status",
-                 "error"),
+    "command-too-long": (
+        (*LOGIN, (b"NOOP " + b"x" * 300 + b"\r\n", b"+OK\r\n"), QUIT),
+        "command-too-long",
+        "warning",
+    ),
+    "status-too-long": (
+        (*LOGIN, (b"NOOP\r\n", b"+OK " + b"y" * 600 + b"\r\n"), QUIT),
+        "status-too-long",
+        "warning",
+    ),
+    "drop-listing": (
+        (*LOGIN, (b"STAT\r\n", b"+OK lots\r\n"), QUIT),
+        "malformed-drop-listing",
+        "error",
+    ),
+    "scan-listing": (
+        (*LOGIN, (b"LIST\r\n", b"+OK\r\n1 abc\r\n.\r\n"), QUIT),
+        "malformed-scan-listing",
+        "error",
+    ),
+    "scan-listing-single": (
+        (*LOGIN, (b"LIST 2\r\n", b"+OK 3 120\r\n"), QUIT),
+        "malformed-scan-listing",
+        "error",
+    ),
+    "uid-too-long": (
+        (*LOGIN, (b"UIDL\r\n", b"+OK\r\n1 " + b"z" * 71 + b"\r\n.\r\n"), QUIT),
+        "malformed-unique-id-listing",
+        "error",
+    ),
+    "uid-bad-char": (
+        (*LOGIN, (b"UIDL 1\r\n", b"+OK 1 abc\x01def\r\n"), QUIT),
+        "malformed-unique-id-listing",
+        "error",
+    ),
+    "octets": (
+        (*LOGIN, (b"RETR 1\r\n", b"+OK 99 octets\r\nabc\r\n.\r\n"), QUIT),
+        "octets-mismatch",
+        "warning",
+    ),
+    "wrong-state-stat": (
+        ((b"STAT\r\n", b"-ERR not yet\r\n"), *LOGIN, QUIT),
+        "wrong-state",
+        "advice",
+    ),
+    "wrong-state-user": (
+        (*LOGIN, (b"USER bob\r\n", b"-ERR already\r\n"), QUIT),
+        "wrong-state",
+        "advice",
+    ),
+    "pipelining": (
+        (*LOGIN, (b"STAT\r\nNOOP\r\n", b"+OK 0 0\r\n+OK\r\n"), QUIT),
+        "pipelining-not-advertised",
+        "advice",
+    ),
+    "unsolicited": (
+        (*LOGIN, (b"", b"-ERR Disconnected for inactivity.\r\n")),
+        "unsolicited-reply",
+        "warning",
+    ),
+    "stls-injection": (
+        ((b"STLS\r\n", b"+OK Begin TLS\r\n+OK injected\r\n"),),
+        "plaintext-after-stls",
+        "error",
+    ),
+    "client-injection": (
+        ((b"STLS\r\nUSER mallory\r\n", b"+OK Begin TLS\r\n"),),
+        "plaintext-after-stls",
+        "error",
+    ),
+    "plus-err": ((*LOGIN, (b"STAT\r\n", b"+ERR no\r\n"), QUIT), "nonstandard-status", "error"),
     "lowercase": ((*LOGIN, (b"STAT\r\n", b"+ok 1 2\r\n"), QUIT), "status-case", "error"),
-    "continuation": ((*LOGIN, (b"NOOP\r\n", b"+ \r\n"), QUIT), "continuation-outside-auth",
-                     "error"),
+    "continuation": (
+        (*LOGIN, (b"NOOP\r\n", b"+ \r\n"), QUIT),
+        "continuation-outside-auth",
+        "error",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LINT_CASES))
-def test_lint_finds_each_issue(name: str, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_lint_finds_each_issue(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     exchanges, rule, severity = LINT_CASES[name]
     path = make_capture(tmp_path / f"{name}{fmt.SUFFIX}", script(*exchanges))
     code, doc = run_json(["lint", "--json", str(path)], capsys)
@@ -202,8 +277,9 @@ def test_lint_finds_each_issue(name: str, tmp_path: Path,
     assert code == (0 if worst == "advice" else 1)
 
 
-def test_lint_names_exchange_and_direction(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_lint_names_exchange_and_direction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     exchanges, _, _ = LINT_CASES["octets"]
     path = make_capture(tmp_path / f"x{fmt.SUFFIX}", script(*exchanges))
     _, doc = run_json(["lint", "--json", str(path)], capsys)
@@ -223,8 +299,9 @@ def test_lint_counts_bare_lf_exactly(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert bare[0]["message"].startswith("3 of ")
 
 
-def test_lint_sasl_lines_are_exempt_from_length_limits(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_lint_sasl_lines_are_exempt_from_length_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # RFC 5034 §4: SASL responses have no line limit.
     response = base64.b64encode(b"\0alice\0" + b"p" * 400) + b"\r\n"
     steps = script((b"AUTH PLAIN\r\n", b"+ \r\n"), (response, b"+OK Logged in.\r\n"), QUIT)
@@ -234,8 +311,9 @@ def test_lint_sasl_lines_are_exempt_from_length_limits(tmp_path: Path,
     assert code == 0
 
 
-def test_lint_pipelining_advertised_is_fine(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_lint_pipelining_advertised_is_fine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     capa = (b"CAPA\r\n", b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n")
     steps = script(capa, *LOGIN, (b"STAT\r\nNOOP\r\n", b"+OK 0 0\r\n+OK\r\n"), QUIT)
     path = make_capture(tmp_path / f"pipe{fmt.SUFFIX}", steps)
@@ -244,8 +322,9 @@ def test_lint_pipelining_advertised_is_fine(tmp_path: Path,
     assert code == 0
 
 
-def test_lint_dovecot_fixtures_are_clean(fixture_dir: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_lint_dovecot_fixtures_are_clean(
+    fixture_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, doc = run_json(["lint", "--json", str(fixture_dir)], capsys)
     assert len(doc["captures"]) == len(FIXTURE_NAMES)
     for capture in doc["captures"]:
@@ -258,9 +337,21 @@ def test_lint_dovecot_fixtures_are_clean(fixture_dir: Path,
 
 def test_lint_text_output(tmp_path: Path) -> None:
     console = make_console(io.StringIO(), width=100)
-    render_findings(console, "x.popcap", [Finding("bare-lf", "warning", "RFC 1939 §3",
-                                                  "1 of 2 lines end in a bare LF", 3, "STAT",
-                                                  "server")])
+    render_findings(
+        console,
+        "x.popcap",
+        [
+            Finding(
+                "bare-lf",
+                "warning",
+                "RFC 1939 §3",
+                "1 of 2 lines end in a bare LF",
+                3,
+                "STAT",
+                "server",
+            )
+        ],
+    )
     render_findings(console, "y.popcap", [])
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "RFC 1939 §3" in text and "bare LF" in text and "y.popcap: clean" in text
@@ -273,6 +364,7 @@ def test_lint_unreadable_capture_is_exit_2(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------- diff
+
 
 def _altered(name: str, old: bytes, new: bytes) -> list[Step]:
     steps = fixture_steps(name)
@@ -293,29 +385,39 @@ def test_diff_identical_is_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_diff_finds_changed_stat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = make_capture(tmp_path / f"a{fmt.SUFFIX}", fixture_steps("poplib_userpass"))
-    b = make_capture(tmp_path / f"b{fmt.SUFFIX}",
-                     _altered("poplib_userpass", b"+OK 4 210971\r\n", b"+OK 5 210971\r\n"))
+    b = make_capture(
+        tmp_path / f"b{fmt.SUFFIX}",
+        _altered("poplib_userpass", b"+OK 4 210971\r\n", b"+OK 5 210971\r\n"),
+    )
     code, doc = run_json(["diff", "--json", str(a), str(b)], capsys)
     assert code == 1
-    assert [(d["seq"], d["field"], d["expected"], d["actual"]) for d in doc["differences"]] \
-        == [(4, "stat.count", 4, 5)]
+    assert [(d["seq"], d["field"], d["expected"], d["actual"]) for d in doc["differences"]] == [
+        (4, "stat.count", 4, 5)
+    ]
     assert main(["diff", str(a), str(b)]) == 1
 
 
 def test_diff_ignores_volatile_text_unless_strict(tmp_path: Path) -> None:
     a = make_capture(tmp_path / f"a{fmt.SUFFIX}", fixture_steps("poplib_userpass"))
-    b = make_capture(tmp_path / f"b{fmt.SUFFIX}",
-                     _altered("poplib_userpass", b"KCUYD2nnLbPndAsDbz826A", b"X" * 22))
+    b = make_capture(
+        tmp_path / f"b{fmt.SUFFIX}",
+        _altered("poplib_userpass", b"KCUYD2nnLbPndAsDbz826A", b"X" * 22),
+    )
     assert main(["diff", str(a), str(b)]) == 0
     assert main(["diff", "--strict", str(a), str(b)]) == 1
 
 
 def test_diff_body_and_listing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = make_capture(tmp_path / f"a{fmt.SUFFIX}", fixture_steps("poplib_userpass"))
-    steps = _altered("poplib_userpass", b"Subject: Lines that need dot-stuffing",
-                     b"Subject: Lines that need dot-stuffinG")
-    steps = [(d, t, data.replace(b"2 1704103202.M000002P1", b"2 1704103202.M000009P1"))
-             for d, t, data in steps]
+    steps = _altered(
+        "poplib_userpass",
+        b"Subject: Lines that need dot-stuffing",
+        b"Subject: Lines that need dot-stuffinG",
+    )
+    steps = [
+        (d, t, data.replace(b"2 1704103202.M000002P1", b"2 1704103202.M000009P1"))
+        for d, t, data in steps
+    ]
     b = make_capture(tmp_path / f"b{fmt.SUFFIX}", steps)
     code, doc = run_json(["diff", "--json", str(a), str(b)], capsys)
     assert code == 1
@@ -352,14 +454,17 @@ def test_compare_exchanges_api() -> None:
     assert [d.field for d in compare_exchanges(e, a, strict=True)] == ["text"]
     e = Exchange("command", 4, "LIST", "1", status="+OK", value=(1, 120))
     a = Exchange("command", 4, "LIST", "1", status="-ERR", code="SYS/TEMP")
-    assert [(d.field, d.expected, d.actual) for d in compare_exchanges(e, a)] \
-        == [("status", "+OK", "-ERR")]
+    assert [(d.field, d.expected, d.actual) for d in compare_exchanges(e, a)] == [
+        ("status", "+OK", "-ERR")
+    ]
 
 
 def test_diff_text_output(tmp_path: Path) -> None:
     a = make_capture(tmp_path / f"a{fmt.SUFFIX}", fixture_steps("poplib_userpass"))
-    b = make_capture(tmp_path / f"b{fmt.SUFFIX}",
-                     _altered("poplib_userpass", b"+OK 4 210971\r\n", b"+OK 5 210971\r\n"))
+    b = make_capture(
+        tmp_path / f"b{fmt.SUFFIX}",
+        _altered("poplib_userpass", b"+OK 4 210971\r\n", b"+OK 5 210971\r\n"),
+    )
     console = make_console(io.StringIO(), width=100)
     diff_cli.render_diff(console, "a", "b", diff_cli.diff_captures(a, b))
     text = console.file.getvalue()  # type: ignore[attr-defined]
@@ -385,17 +490,22 @@ def big_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_capture(tmp_path_factory.mktemp("big") / f"big{fmt.SUFFIX}", steps)
 
 
-def test_list_reads_only_end_records(big_capture: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_list_reads_only_end_records(
+    big_capture: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     folder = tmp_path / "captures"
     folder.mkdir()
     for i in range(3):
         shutil.copy(big_capture, folder / f"2024010{i}-big{fmt.SUFFIX}")
-    unfinished = make_capture(folder / f"zz-unfinished{fmt.SUFFIX}",
-                              script(*LOGIN, (b"STAT\r\n", b"+OK 0 0\r\n")),
-                              {"start": "2023-12-31T23:00:00Z", "client": "10.0.0.9:1"},
-                              end=False)
+    unfinished = make_capture(
+        folder / f"zz-unfinished{fmt.SUFFIX}",
+        script(*LOGIN, (b"STAT\r\n", b"+OK 0 0\r\n")),
+        {"start": "2023-12-31T23:00:00Z", "client": "10.0.0.9:1"},
+        end=False,
+    )
     read: list[Path] = []
     original = CaptureReader.records
 
@@ -436,6 +546,7 @@ def _ends(folder: Path) -> Iterator[tuple[CaptureReader, dict[str, Any]]]:
 
 # ----------------------------------------------------------------- stats
 
+
 def test_percentile_nearest_rank() -> None:
     values = [0.1 * i for i in range(1, 11)]
     assert percentile(values, 50) == pytest.approx(0.5)
@@ -447,13 +558,21 @@ def test_percentile_nearest_rank() -> None:
 def test_stats_json_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     steps: list[Step] = [
         ("s", 0.0, b"+OK ready\r\n"),
-        ("c", 1.0, b"USER alice\r\n"), ("s", 1.1, b"+OK\r\n"),
-        ("c", 2.0, b"PASS secret\r\n"), ("s", 2.5, b"+OK Logged in.\r\n"),
+        ("c", 1.0, b"USER alice\r\n"),
+        ("s", 1.1, b"+OK\r\n"),
+        ("c", 2.0, b"PASS secret\r\n"),
+        ("s", 2.5, b"+OK Logged in.\r\n"),
         # Pipelined: NOOP waits for STAT's reply; its latency starts at 3.2, not 3.0.
-        ("c", 3.0, b"STAT\r\nNOOP\r\n"), ("s", 3.2, b"+OK 1 5\r\n"), ("s", 3.5, b"+OK\r\n"),
-        ("c", 4.0, b"RETR 9\r\n"), ("s", 4.05, b"-ERR no such message\r\n"),
-        ("c", 4.5, b"RETR 1\r\n"), ("s", 4.6, b"+OK 5 octets\r\nab"), ("s", 4.9, b"c\r\n.\r\n"),
-        ("c", 5.0, b"QUIT\r\n"), ("s", 5.01, b"+OK bye\r\n"),
+        ("c", 3.0, b"STAT\r\nNOOP\r\n"),
+        ("s", 3.2, b"+OK 1 5\r\n"),
+        ("s", 3.5, b"+OK\r\n"),
+        ("c", 4.0, b"RETR 9\r\n"),
+        ("s", 4.05, b"-ERR no such message\r\n"),
+        ("c", 4.5, b"RETR 1\r\n"),
+        ("s", 4.6, b"+OK 5 octets\r\nab"),
+        ("s", 4.9, b"c\r\n.\r\n"),
+        ("c", 5.0, b"QUIT\r\n"),
+        ("s", 5.01, b"+OK bye\r\n"),
     ]
     path = make_capture(tmp_path / f"s{fmt.SUFFIX}", steps)
     code, doc = run_json(["stats", "--json", str(path)], capsys)
@@ -475,8 +594,9 @@ def test_stats_json_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (total["count"], total["errors"], total["no_reply"]) == (7, 1, 0)
 
 
-def test_stats_over_fixtures_and_text(fixture_dir: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_over_fixtures_and_text(
+    fixture_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, doc = run_json(["stats", "--json", str(fixture_dir)], capsys)
     assert code == 0 and doc["sessions"] == len(FIXTURE_NAMES)
     assert doc["commands"]["QUIT"]["count"] == len(FIXTURE_NAMES)
@@ -493,12 +613,23 @@ def test_stats_over_fixtures_and_text(fixture_dir: Path,
 
 # ----------------------------------------------------------------- entry point
 
+
 def test_subprocess_smoke(fixture_dir: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "popproxy", "list", "--json", str(fixture_dir)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "popproxy", "list", "--json", str(fixture_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert len(rows) == len(FIXTURE_NAMES) and done.stderr == ""
-    done = subprocess.run([sys.executable, "-m", "popproxy", "lint", str(fixture_dir)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "popproxy", "lint", str(fixture_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -14,12 +14,17 @@ pytest_plugins = ["pytester"]
 
 SESSION = [
     ("s", b"+OK ready\r\n"),
-    ("c", b"USER alice\r\n"), ("s", b"+OK\r\n"),
-    ("c", b"PASS #####\r\n"), ("s", b"+OK Logged in.\r\n"),
-    ("c", b"STAT\r\n"), ("s", b"+OK 2 300\r\n"),
-    ("c", b"QUIT\r\n"), ("s", b"+OK bye\r\n")]
+    ("c", b"USER alice\r\n"),
+    ("s", b"+OK\r\n"),
+    ("c", b"PASS #####\r\n"),
+    ("s", b"+OK Logged in.\r\n"),
+    ("c", b"STAT\r\n"),
+    ("s", b"+OK 2 300\r\n"),
+    ("c", b"QUIT\r\n"),
+    ("s", b"+OK bye\r\n"),
+]
 
-TESTS = '''
+TESTS = """
 import poplib
 import pytest
 import trio
@@ -55,7 +60,7 @@ def test_unplayed_allowed(pop3_server):
 @pytest.mark.pop3_capture("caps/missing.popcap")
 def test_missing(pop3_server):
     pass
-'''
+"""
 
 
 def test_plays_captures_to_sync_and_async_tests(pytester: pytest.Pytester) -> None:
@@ -76,11 +81,13 @@ def test_marker_is_registered(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.dovecot
-def test_record_mode_once_records_then_replays(pytester: pytest.Pytester,
-                                               dovecot_clean: DovecotServer) -> None:
+def test_record_mode_once_records_then_replays(
+    pytester: pytest.Pytester, dovecot_clean: DovecotServer
+) -> None:
     pw = USERS["alice"]
     pytester.makeini("[pytest]\ntrio_mode = true\n")
-    pytester.makepyfile(test_rec=f'''
+    pytester.makepyfile(
+        test_rec=f"""
 import poplib
 import pytest
 
@@ -91,10 +98,12 @@ def test_login(pop3_server):
     c.pass_({pw!r})
     assert c.stat()[0] == 4
     c.quit()
-''')
+"""
+    )
     upstream = f"{dovecot_clean.host}:{dovecot_clean.port}"
-    result = pytester.runpytest("-p", "no:cacheprovider", "--pop3-record-mode=once",
-                                f"--pop3-upstream={upstream}")
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", "--pop3-record-mode=once", f"--pop3-upstream={upstream}"
+    )
     result.assert_outcomes(passed=1)
     capture = pytester.path / "caps" / "login.popcap"
     assert capture.is_file() and pw.encode() not in capture.read_bytes()

@@ -47,8 +47,9 @@ STEP = 20.0  # generous per-step limit: a stuck proxy fails instead of hanging
 
 
 @asynccontextmanager
-async def running_proxy(config: ProxyConfig,
-                        view: SessionView | None = None) -> AsyncIterator[tuple[str, int]]:
+async def running_proxy(
+    config: ProxyConfig, view: SessionView | None = None
+) -> AsyncIterator[tuple[str, int]]:
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(partial(serve_record, announce=False), config, view)
         yield addrs[0]
@@ -91,8 +92,11 @@ def b64_alignments(secret: bytes) -> list[bytes]:
     for k in range(3):
         encoded = base64.b64encode(b"\0" * k + secret)
         total = k + len(secret)
-        groups = [encoded[4 * i : 4 * i + 4] for i in range(len(encoded) // 4)
-                  if 3 * i >= k and 3 * i + 3 <= total]
+        groups = [
+            encoded[4 * i : 4 * i + 4]
+            for i in range(len(encoded) // 4)
+            if 3 * i >= k and 3 * i + 3 <= total
+        ]
         if groups:
             found.append(b"".join(groups))
     return found
@@ -100,8 +104,24 @@ def b64_alignments(secret: bytes) -> list[bytes]:
 
 def sasl_response_lines(client_stream: bytes) -> list[bytes]:
     """Client lines inside AUTH exchanges (initial responses and continuation answers)."""
-    verbs = {b"USER", b"PASS", b"APOP", b"AUTH", b"STLS", b"CAPA", b"QUIT", b"STAT", b"LIST",
-             b"RETR", b"DELE", b"NOOP", b"RSET", b"TOP", b"UIDL", b"LAST"}
+    verbs = {
+        b"USER",
+        b"PASS",
+        b"APOP",
+        b"AUTH",
+        b"STLS",
+        b"CAPA",
+        b"QUIT",
+        b"STAT",
+        b"LIST",
+        b"RETR",
+        b"DELE",
+        b"NOOP",
+        b"RSET",
+        b"TOP",
+        b"UIDL",
+        b"LAST",
+    }
     out: list[bytes] = []
     in_auth = False
     for line in client_stream.split(b"\r\n"):
@@ -148,12 +168,14 @@ def _poplib(apop: bool) -> Callable[[str, int, Path], Any]:
         result = clients.poplib_session(host, port, ALICE, PASSWORD, apop=apop)
         result.pop("welcome")  # Dovecot's APOP timestamp differs per connection
         return result
+
     return run
 
 
 def _curl(mech: str) -> Callable[[str, int, Path], Any]:
     def run(host: str, port: int, work: Path) -> Any:
         return clients.curl_fetch(host, port, ALICE, PASSWORD, mech=mech, msg=2)  # type: ignore[arg-type]
+
     return run
 
 
@@ -185,8 +207,9 @@ CASES = [pytest.param(name, False, id=name) for name in CLIENTS] + [
 
 @pytest.mark.dovecot
 @pytest.mark.parametrize(("name", "keep"), CASES)
-async def test_real_client_through_proxy(dovecot_clean: DovecotServer, tmp_path: Path,
-                                         name: str, keep: bool) -> None:
+async def test_real_client_through_proxy(
+    dovecot_clean: DovecotServer, tmp_path: Path, name: str, keep: bool
+) -> None:
     run, mech = CLIENTS[name]
     dovecot = dovecot_clean
     with trio.fail_after(STEP):
@@ -196,8 +219,12 @@ async def test_real_client_through_proxy(dovecot_clean: DovecotServer, tmp_path:
     tee = TeeRelay((dovecot.host, dovecot.port))
     async with trio.open_nursery() as nursery:
         tee_port = await nursery.start(tee.serve)
-        config = ProxyConfig(upstream=("127.0.0.1", tee_port), listen=("127.0.0.1", 0),
-                             out_dir=out, keep_secrets=keep)
+        config = ProxyConfig(
+            upstream=("127.0.0.1", tee_port),
+            listen=("127.0.0.1", 0),
+            out_dir=out,
+            keep_secrets=keep,
+        )
         async with running_proxy(config) as (host, port):
             with trio.fail_after(STEP):
                 proxied = await trio.to_thread.run_sync(run, host, port, tmp_path)
@@ -225,8 +252,9 @@ async def test_real_client_through_proxy(dovecot_clean: DovecotServer, tmp_path:
         assert [ex["body_octets"] for ex in retr] == [len(m) for m in STANDARD_MESSAGES]
         assert all(ex["message"]["from"] for ex in retr)
     if name == "poplib-user-pass":
-        assert verbs == ["CAPA", "USER", "PASS", "STAT", "LIST", "UIDL", "TOP"] + \
-            ["RETR"] * 4 + ["QUIT"]
+        assert verbs == ["CAPA", "USER", "PASS", "STAT", "LIST", "UIDL", "TOP"] + ["RETR"] * 4 + [
+            "QUIT"
+        ]
     if name == "poplib-apop":
         assert "APOP" in verbs and "PASS" not in verbs
     if mech is not None:
@@ -270,8 +298,9 @@ def _recv_all(sock: socket.socket) -> bytes:
         chunks.append(data)
 
 
-def _raw_client(port: int, pieces: list[bytes], *, close_write: bool = True,
-                timeout: float = 10.0) -> bytes:
+def _raw_client(
+    port: int, pieces: list[bytes], *, close_write: bool = True, timeout: float = 10.0
+) -> bytes:
     """Send ``pieces`` (each with its own send), half-close, read until EOF."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         received = bytearray()
@@ -323,8 +352,9 @@ async def test_byte_exact_against_scripted_server(tmp_path: Path, keep: bool) ->
     out.mkdir()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
-        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0),
-                             out_dir=out, keep_secrets=keep)
+        config = ProxyConfig(
+            upstream=("127.0.0.1", port), listen=("127.0.0.1", 0), out_dir=out, keep_secrets=keep
+        )
         async with running_proxy(config) as (_, pport):
             with trio.fail_after(STEP):
                 got = await trio.to_thread.run_sync(_raw_client, pport, pieces)
@@ -363,8 +393,12 @@ async def _recv_until_eof(stream: trio.SocketStream) -> bytes:
 
 
 async def test_upstream_refusing_connections(tmp_path: Path) -> None:
-    config = ProxyConfig(upstream=("127.0.0.1", free_port()), listen=("127.0.0.1", 0),
-                         out_dir=tmp_path, connect_timeout=5)
+    config = ProxyConfig(
+        upstream=("127.0.0.1", free_port()),
+        listen=("127.0.0.1", 0),
+        out_dir=tmp_path,
+        connect_timeout=5,
+    )
     async with running_proxy(config) as addr:
         with trio.fail_after(STEP):
             stream = await trio.open_tcp_stream(*addr)
@@ -391,8 +425,13 @@ async def test_silent_upstream_hits_idle_timeout(tmp_path: Path) -> None:
     out.mkdir()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
-        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0),
-                             out_dir=out, connect_timeout=0.5, idle_timeout=0.6)
+        config = ProxyConfig(
+            upstream=("127.0.0.1", port),
+            listen=("127.0.0.1", 0),
+            out_dir=out,
+            connect_timeout=0.5,
+            idle_timeout=0.6,
+        )
         async with running_proxy(config) as addr:
             with trio.fail_after(STEP):
                 stream = await trio.open_tcp_stream(*addr)
@@ -417,8 +456,7 @@ async def test_client_disconnects_mid_retr(tmp_path: Path) -> None:
     out.mkdir()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
-        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0),
-                             out_dir=out)
+        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0), out_dir=out)
         async with running_proxy(config) as addr:
             with trio.fail_after(STEP):
                 stream = await trio.open_tcp_stream(*addr)
@@ -427,8 +465,9 @@ async def test_client_disconnects_mid_retr(tmp_path: Path) -> None:
                 while len(got) < 200_000:
                     got += await stream.receive_some(65536)
                 # A hard close (RST) mid-body, as a killed client does.
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
                 await stream.aclose()
                 await server.connections[0].closed.wait()  # upstream connection closed
                 (path,) = await finished_captures(out)
@@ -450,12 +489,12 @@ async def test_server_garbage_is_relayed_unchanged(tmp_path: Path) -> None:
     out.mkdir()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
-        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0),
-                             out_dir=out)
+        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0), out_dir=out)
         async with running_proxy(config) as (_, pport):
             with trio.fail_after(STEP):
                 got = await trio.to_thread.run_sync(
-                    _raw_client, pport, [b"CAPA\r\n", b"STAT\r\nLIST\r\n", b"QUIT\r\n"])
+                    _raw_client, pport, [b"CAPA\r\n", b"STAT\r\nLIST\r\n", b"QUIT\r\n"]
+                )
                 (path,) = await finished_captures(out)
         nursery.cancel_scope.cancel()
     assert got == bytes(server.connections[0].sent)
@@ -497,8 +536,9 @@ async def test_paused_terminal_does_not_stall_the_relay(tmp_path: Path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve)
-            config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0),
-                                 out_dir=tmp_path)
+            config = ProxyConfig(
+                upstream=("127.0.0.1", port), listen=("127.0.0.1", 0), out_dir=tmp_path
+            )
             async with running_proxy(config, view) as addr:
                 stream = await trio.open_tcp_stream(*addr)
                 with trio.fail_after(STEP):

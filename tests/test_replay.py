@@ -28,8 +28,7 @@ def _server(d: DovecotServer) -> str:
 
 
 def _userpass(d: DovecotServer, out: Path) -> Path:
-    path, _ = record((d.host, d.port), out,
-                     lambda h, p: clients.poplib_session(h, p, ALICE, PW))
+    path, _ = record((d.host, d.port), out, lambda h, p: clients.poplib_session(h, p, ALICE, PW))
     return path
 
 
@@ -47,8 +46,11 @@ def write_capture(path: Path, chunks: list[tuple[str, bytes]]) -> Path:
 
 @pytest.mark.dovecot
 def test_userpass_replays_equivalent_then_names_stat_and_list(
-        dovecot_clean: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    dovecot_clean: DovecotServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     path = _userpass(dovecot_clean, tmp_path)
     assert b"PASS " + b"#" * len(PW) in path.read_bytes()  # redacted
     monkeypatch.setenv("POPPROXY_PASSWORD", PW)
@@ -62,10 +64,14 @@ def test_userpass_replays_equivalent_then_names_stat_and_list(
 
 
 @pytest.mark.dovecot
-def test_apop_replays_with_a_fresh_digest(dovecot_clean: DovecotServer, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    path, _ = record((dovecot_clean.host, dovecot_clean.port), tmp_path,
-                     lambda h, p: clients.poplib_session(h, p, ALICE, PW, apop=True))
+def test_apop_replays_with_a_fresh_digest(
+    dovecot_clean: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = record(
+        (dovecot_clean.host, dovecot_clean.port),
+        tmp_path,
+        lambda h, p: clients.poplib_session(h, p, ALICE, PW, apop=True),
+    )
     assert b"APOP alice " + b"#" * 32 in path.read_bytes()
     monkeypatch.setenv("POPPROXY_PASSWORD", PW)
     assert main(["replay", str(path), "--server", _server(dovecot_clean)]) == 0
@@ -73,23 +79,34 @@ def test_apop_replays_with_a_fresh_digest(dovecot_clean: DovecotServer, tmp_path
 
 @pytest.mark.dovecot
 @pytest.mark.parametrize("mech", ["CRAM-MD5", "PLAIN", "LOGIN"])
-def test_sasl_replays(dovecot_clean: DovecotServer, tmp_path: Path, mech: str,
-                      monkeypatch: pytest.MonkeyPatch,
-                      capsys: pytest.CaptureFixture[str]) -> None:
-    path, _ = record((dovecot_clean.host, dovecot_clean.port), tmp_path,
-                     lambda h, p: clients.curl_fetch(h, p, ALICE, PW, mech=mech))  # type: ignore[arg-type]
+def test_sasl_replays(
+    dovecot_clean: DovecotServer,
+    tmp_path: Path,
+    mech: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, _ = record(
+        (dovecot_clean.host, dovecot_clean.port),
+        tmp_path,
+        lambda h, p: clients.curl_fetch(h, p, ALICE, PW, mech=mech),
+    )  # type: ignore[arg-type]
     assert PW.encode() not in path.read_bytes()
     monkeypatch.setenv("POPPROXY_PASSWORD", PW)
     assert main(["replay", str(path), "--server", _server(dovecot_clean), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["equivalent"] and any(x["command"].startswith(f"AUTH {mech}")
-                                     for x in doc["exchanges"])
+    assert doc["equivalent"] and any(
+        x["command"].startswith(f"AUTH {mech}") for x in doc["exchanges"]
+    )
 
 
 @pytest.mark.dovecot
-def test_deletions_are_undone_unless_committed(dovecot_clean: DovecotServer, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_deletions_are_undone_unless_committed(
+    dovecot_clean: DovecotServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     def dele(host: str, port: int) -> None:
         client = poplib.POP3(host, port, timeout=10)
         client.user(ALICE)
@@ -105,8 +122,7 @@ def test_deletions_are_undone_unless_committed(dovecot_clean: DovecotServer, tmp
     out = capsys.readouterr().out
     assert "RSET" in out and "--commit-deletes" in out
     assert _count(dovecot_clean) == 4
-    assert main(["replay", str(path), "--server", _server(dovecot_clean),
-                 "--commit-deletes"]) == 0
+    assert main(["replay", str(path), "--server", _server(dovecot_clean), "--commit-deletes"]) == 0
     assert _count(dovecot_clean) == 3
 
 
@@ -120,20 +136,25 @@ def _count(d: DovecotServer) -> int:
 
 
 @pytest.mark.dovecot
-def test_wrong_password_is_a_refused_login(dovecot_clean: DovecotServer, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_password_is_a_refused_login(
+    dovecot_clean: DovecotServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _userpass(dovecot_clean, tmp_path)
     started = time.monotonic()
-    assert main(["replay", str(path), "--server", _server(dovecot_clean),
-                 "--password", "wrong"]) == 2
+    assert (
+        main(["replay", str(path), "--server", _server(dovecot_clean), "--password", "wrong"]) == 2
+    )
     assert "login refused" in capsys.readouterr().err
     assert time.monotonic() - started < 5
 
 
 @pytest.mark.dovecot
-def test_missing_password_is_a_usage_error(dovecot_clean: DovecotServer, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_password_is_a_usage_error(
+    dovecot_clean: DovecotServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     path = _userpass(dovecot_clean, tmp_path)
     monkeypatch.delenv("POPPROXY_PASSWORD", raising=False)
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
@@ -151,16 +172,22 @@ def test_capture_without_client_side(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_unsupported_mechanism(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_capture(tmp_path / "x.popcap", [
-        ("s", b"+OK hi\r\n"), ("c", b"AUTH SCRAM-SHA-1 biwsbj11c2VyLHI9YWJj\r\n"),
-        ("s", b"+ cj1hYmM=\r\n")])
+    path = write_capture(
+        tmp_path / "x.popcap",
+        [
+            ("s", b"+OK hi\r\n"),
+            ("c", b"AUTH SCRAM-SHA-1 biwsbj11c2VyLHI9YWJj\r\n"),
+            ("s", b"+ cj1hYmM=\r\n"),
+        ],
+    )
     assert main(["replay", str(path), "--server", "127.0.0.1:1", "--password", "x"]) == 2
     assert "cannot replay AUTH SCRAM-SHA-1" in capsys.readouterr().err
 
 
 def test_unreachable_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_capture(tmp_path / "x.popcap", [("s", b"+OK hi\r\n"), ("c", b"NOOP\r\n"),
-                                                 ("s", b"+OK\r\n")])
+    path = write_capture(
+        tmp_path / "x.popcap", [("s", b"+OK hi\r\n"), ("c", b"NOOP\r\n"), ("s", b"+OK\r\n")]
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -188,19 +215,40 @@ def _one_shot_server(behaviour: str) -> tuple[int, threading.Thread]:
 
 
 def test_server_closing_early(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_capture(tmp_path / "x.popcap", [
-        ("s", b"+OK hi\r\n"), ("c", b"USER a\r\n"), ("s", b"+OK\r\n"),
-        ("c", b"PASS ###\r\n"), ("s", b"+OK in\r\n")])
+    path = write_capture(
+        tmp_path / "x.popcap",
+        [
+            ("s", b"+OK hi\r\n"),
+            ("c", b"USER a\r\n"),
+            ("s", b"+OK\r\n"),
+            ("c", b"PASS ###\r\n"),
+            ("s", b"+OK in\r\n"),
+        ],
+    )
     port, thread = _one_shot_server("close-after-greeting")
-    assert main(["replay", str(path), "--server", f"127.0.0.1:{port}", "--password", "x",
-                 "--timeout", "3"]) == 2
+    assert (
+        main(
+            [
+                "replay",
+                str(path),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--password",
+                "x",
+                "--timeout",
+                "3",
+            ]
+        )
+        == 2
+    )
     assert "closed the connection" in capsys.readouterr().err
     thread.join(5)
 
 
 def test_silent_server_times_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_capture(tmp_path / "x.popcap", [("s", b"+OK hi\r\n"), ("c", b"NOOP\r\n"),
-                                                 ("s", b"+OK\r\n")])
+    path = write_capture(
+        tmp_path / "x.popcap", [("s", b"+OK hi\r\n"), ("c", b"NOOP\r\n"), ("s", b"+OK\r\n")]
+    )
     port, thread = _one_shot_server("silent")
     started = time.monotonic()
     assert main(["replay", str(path), "--server", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 2
@@ -210,9 +258,16 @@ def test_silent_server_times_out(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_pipelined_batch_stays_one_batch(tmp_path: Path) -> None:
-    path = write_capture(tmp_path / "x.popcap", [
-        ("s", b"+OK hi\r\n"), ("c", b"STAT\r\nNOOP\r\n"), ("s", b"+OK 0 0\r\n+OK\r\n"),
-        ("c", b"QUIT\r\n"), ("s", b"+OK bye\r\n")])
+    path = write_capture(
+        tmp_path / "x.popcap",
+        [
+            ("s", b"+OK hi\r\n"),
+            ("c", b"STAT\r\nNOOP\r\n"),
+            ("s", b"+OK 0 0\r\n+OK\r\n"),
+            ("c", b"QUIT\r\n"),
+            ("s", b"+OK bye\r\n"),
+        ],
+    )
     session = load_session(path)
     from popproxy.replay.client import batches
 
@@ -221,16 +276,28 @@ def test_pipelined_batch_stays_one_batch(tmp_path: Path) -> None:
 
 def test_credential_helpers() -> None:
     # RFC 1939 §7's example.
-    assert apop_digest("<1896.697170952@dbc.mtview.ca.us>", "tanstaaf") == \
-        "c4c9334bac560ecc979e58001b3e22fb"
+    assert (
+        apop_digest("<1896.697170952@dbc.mtview.ca.us>", "tanstaaf")
+        == "c4c9334bac560ecc979e58001b3e22fb"
+    )
     # RFC 2195 §2's example.
     challenge = b"<1896.697170952@postoffice.reston.mci.net>"
     import base64
 
-    assert base64.b64decode(cram_md5_response("tim", "tanstaaftanstaaf", challenge)) == \
-        b"tim b913a602c7eda7a495b4e6e7334d3890"
-    assert read_password(password=None, password_file=None, env={"POPPROXY_PASSWORD": "e"},
-                         interactive=False) == "e"
-    assert read_password(password=None, password_file=None, env={}, interactive=True,
-                         prompt=lambda _: "typed") == "typed"
+    assert (
+        base64.b64decode(cram_md5_response("tim", "tanstaaftanstaaf", challenge))
+        == b"tim b913a602c7eda7a495b4e6e7334d3890"
+    )
+    assert (
+        read_password(
+            password=None, password_file=None, env={"POPPROXY_PASSWORD": "e"}, interactive=False
+        )
+        == "e"
+    )
+    assert (
+        read_password(
+            password=None, password_file=None, env={}, interactive=True, prompt=lambda _: "typed"
+        )
+        == "typed"
+    )
     assert read_password(password=None, password_file=None, env={}, interactive=False) is None

@@ -23,7 +23,8 @@ TOKEN = base64.b64encode(b"\x00alice\x00very-secret-pw")
 
 
 def test_an_observer_crash_redacts_every_client_byte_not_yet_written(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     writer = CaptureWriter({}, keep_secrets=False)
     tap = Tap(writer, None)
     tap.data(S, 0.0, b"+OK ready\r\n")
@@ -55,8 +56,13 @@ async def test_a_reset_during_upstream_stls_ends_only_that_session(tmp_path: Pat
         await server_end.send_all(b"+OK ready\r\n")
         await server_end.aclose()  # gone: popproxy's own STLS meets a broken stream
 
-    config = ProxyConfig(upstream=("pop.example", 110), out_dir=tmp_path, upstream_stls=True,
-                         connect_timeout=2, linger=0.1)
+    config = ProxyConfig(
+        upstream=("pop.example", 110),
+        out_dir=tmp_path,
+        upstream_stls=True,
+        connect_timeout=2,
+        linger=0.1,
+    )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server)

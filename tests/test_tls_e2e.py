@@ -45,7 +45,10 @@ def make_config(tmp_path: Path, dovecot: DovecotServer | None = None, **kw: Any)
     out = tmp_path / "captures"
     out.mkdir(exist_ok=True)
     settings: dict[str, Any] = dict(
-        listen=(HOST, 0), out_dir=out, linger=0.2, connect_timeout=5.0,
+        listen=(HOST, 0),
+        out_dir=out,
+        linger=0.2,
+        connect_timeout=5.0,
         ca_dir=tmp_path / "ca",
     )
     if dovecot is not None:
@@ -59,8 +62,7 @@ def make_config(tmp_path: Path, dovecot: DovecotServer | None = None, **kw: Any)
 async def running(config: ProxyConfig) -> AsyncIterator[int]:
     """The proxy on a free loopback port; yields the port."""
     async with trio.open_nursery() as nursery:
-        addrs = await nursery.start(functools.partial(serve_record, config, None,
-                                                      announce=False))
+        addrs = await nursery.start(functools.partial(serve_record, config, None, announce=False))
         yield addrs[0][1]
         nursery.cancel_scope.cancel()
 
@@ -90,8 +92,9 @@ class Capture:
         return [r.fields for r in self.records if r.kind == kind]
 
     def stream(self, direction: str) -> bytes:
-        return b"".join(r.data or b"" for r in self.records
-                        if r.kind == fmt.DATA and r.fields["d"] == direction)
+        return b"".join(
+            r.data or b"" for r in self.records if r.kind == fmt.DATA and r.fields["d"] == direction
+        )
 
     def commands(self) -> list[str]:
         return [ex["command"] for ex in self.doc["exchanges"] if ex["kind"] == "command"]
@@ -136,16 +139,49 @@ async def test_stls_intercept_real_clients(dovecot: DovecotServer, tmp_path: Pat
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
     with trio.fail_after(50):
-        direct = await in_thread(clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw,
-                                 tls="stls", cafile=dovecot.cafile, timeout=CLIENT_TIMEOUT)
+        direct = await in_thread(
+            clients.poplib_session,
+            dovecot.host,
+            dovecot.port,
+            ALICE,
+            pw,
+            tls="stls",
+            cafile=dovecot.cafile,
+            timeout=CLIENT_TIMEOUT,
+        )
         async with running(config) as port:
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw, tls="stls",
-                                  cafile=ca, timeout=CLIENT_TIMEOUT)
-            msg2 = await in_thread(clients.curl_fetch, HOST, port, ALICE, pw, msg=2, tls="stls",
-                                   cafile=ca, timeout=CLIENT_TIMEOUT)
-            fetched = await in_thread(clients.fetchmail_fetch, "localhost", port, ALICE, pw,
-                                      tls="stls", cafile=ca, workdir=tmp_path / "fetchmail",
-                                      timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                tls="stls",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
+            msg2 = await in_thread(
+                clients.curl_fetch,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                msg=2,
+                tls="stls",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
+            fetched = await in_thread(
+                clients.fetchmail_fetch,
+                "localhost",
+                port,
+                ALICE,
+                pw,
+                tls="stls",
+                cafile=ca,
+                workdir=tmp_path / "fetchmail",
+                timeout=CLIENT_TIMEOUT,
+            )
             paths = await wait_captures(config, 3)
     poplib_same_as_direct(got, direct)
     assert got["capa"] == direct["capa"]  # the post-TLS CAPA, as Dovecot sends it
@@ -169,7 +205,7 @@ async def test_stls_intercept_real_clients(dovecot: DovecotServer, tmp_path: Pat
         assert cap.doc["session"]["user"] == ALICE
     pop = caps[0].commands()
     for verb in ("USER", "PASS", "STAT", "RETR"):
-        assert verb in pop[pop.index("STLS"):], (verb, pop)
+        assert verb in pop[pop.index("STLS") :], (verb, pop)
     assert "RETR" in caps[1].commands()  # curl
     assert "RETR" in caps[2].commands()  # fetchmail
     assert_no_password(pw, paths, config.out_dir, tmp_path / "ca")
@@ -179,26 +215,71 @@ async def test_stls_intercept_real_clients(dovecot: DovecotServer, tmp_path: Pat
 
 
 async def test_pop3s_both_legs(dovecot: DovecotServer, tmp_path: Path) -> None:
-    config = make_config(tmp_path, dovecot, upstream=(dovecot.host, dovecot.pop3s_port),
-                         listen_tls=True, upstream_tls=True)
+    config = make_config(
+        tmp_path,
+        dovecot,
+        upstream=(dovecot.host, dovecot.pop3s_port),
+        listen_tls=True,
+        upstream_tls=True,
+    )
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
     with trio.fail_after(50):
-        direct = await in_thread(clients.poplib_session, dovecot.host, dovecot.pop3s_port,
-                                 ALICE, pw, tls="implicit", cafile=dovecot.cafile,
-                                 timeout=CLIENT_TIMEOUT)
-        direct_curl = await in_thread(clients.curl_fetch, "localhost", dovecot.pop3s_port,
-                                      ALICE, pw, msg=1, tls="implicit", cafile=dovecot.cafile,
-                                      timeout=CLIENT_TIMEOUT)
+        direct = await in_thread(
+            clients.poplib_session,
+            dovecot.host,
+            dovecot.pop3s_port,
+            ALICE,
+            pw,
+            tls="implicit",
+            cafile=dovecot.cafile,
+            timeout=CLIENT_TIMEOUT,
+        )
+        direct_curl = await in_thread(
+            clients.curl_fetch,
+            "localhost",
+            dovecot.pop3s_port,
+            ALICE,
+            pw,
+            msg=1,
+            tls="implicit",
+            cafile=dovecot.cafile,
+            timeout=CLIENT_TIMEOUT,
+        )
         async with running(config) as port:
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw,
-                                  tls="implicit", cafile=ca, timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                tls="implicit",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
             # The issue's "done when": curl --cacert CA pop3s://localhost:PORT/1.
-            msg1 = await in_thread(clients.curl_fetch, "localhost", port, ALICE, pw, msg=1,
-                                   tls="implicit", cafile=ca, timeout=CLIENT_TIMEOUT)
-            fetched = await in_thread(clients.fetchmail_fetch, "localhost", port, ALICE, pw,
-                                      tls="implicit", cafile=ca, workdir=tmp_path / "fm",
-                                      timeout=CLIENT_TIMEOUT)
+            msg1 = await in_thread(
+                clients.curl_fetch,
+                "localhost",
+                port,
+                ALICE,
+                pw,
+                msg=1,
+                tls="implicit",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
+            fetched = await in_thread(
+                clients.fetchmail_fetch,
+                "localhost",
+                port,
+                ALICE,
+                pw,
+                tls="implicit",
+                cafile=ca,
+                workdir=tmp_path / "fm",
+                timeout=CLIENT_TIMEOUT,
+            )
             paths = await wait_captures(config, 3)
     poplib_same_as_direct(got, direct)
     assert got["capa"] == direct["capa"]
@@ -220,21 +301,34 @@ async def test_pop3s_both_legs(dovecot: DovecotServer, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- 3. mixed legs
 
 
-async def test_pop3s_client_plain_server_hides_stls(dovecot: DovecotServer,
-                                                    tmp_path: Path) -> None:
+async def test_pop3s_client_plain_server_hides_stls(dovecot: DovecotServer, tmp_path: Path) -> None:
     config = make_config(tmp_path, dovecot, listen_tls=True)
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
     with trio.fail_after(40):
-        direct = await in_thread(clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw,
-                                 timeout=CLIENT_TIMEOUT)
+        direct = await in_thread(
+            clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw, timeout=CLIENT_TIMEOUT
+        )
         assert "STLS" in direct["capa"]
         async with running(config) as port:
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw,
-                                  tls="implicit", cafile=ca, timeout=CLIENT_TIMEOUT)
-            client = LineClient(trio.SSLStream(await trio.open_tcp_stream(HOST, port),
-                                               client_ssl_context(ca), server_hostname=HOST,
-                                               https_compatible=True))
+            got = await in_thread(
+                clients.poplib_session,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                tls="implicit",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
+            client = LineClient(
+                trio.SSLStream(
+                    await trio.open_tcp_stream(HOST, port),
+                    client_ssl_context(ca),
+                    server_hostname=HOST,
+                    https_compatible=True,
+                )
+            )
             assert (await client.line()).startswith(b"+OK")
             await client.send(b"CAPA\r\n")
             assert (await client.line()).startswith(b"+OK")
@@ -256,23 +350,28 @@ async def test_pop3s_client_plain_server_hides_stls(dovecot: DovecotServer,
     assert "STLS capability hidden by popproxy" in whys
     assert "STLS answered by popproxy" in whys
     # popproxy's own -ERR is marked as made by popproxy.
-    assert any(r.fields.get("p") and r.data and r.data.startswith(b"-ERR")
-               for r in cap.records if r.kind == fmt.DATA)
+    assert any(
+        r.fields.get("p") and r.data and r.data.startswith(b"-ERR")
+        for r in cap.records
+        if r.kind == fmt.DATA
+    )
     assert [r["mode"] for r in cap.kind(fmt.TLS)] == ["implicit"]
 
 
-async def test_plain_client_pop3s_server_local_stls(dovecot: DovecotServer,
-                                                     tmp_path: Path) -> None:
-    config = make_config(tmp_path, dovecot, upstream=(dovecot.host, dovecot.pop3s_port),
-                         upstream_tls=True)
+async def test_plain_client_pop3s_server_local_stls(dovecot: DovecotServer, tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, dovecot, upstream=(dovecot.host, dovecot.pop3s_port), upstream_tls=True
+    )
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
     with trio.fail_after(40):
-        direct = await in_thread(clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw,
-                                 timeout=CLIENT_TIMEOUT)
+        direct = await in_thread(
+            clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw, timeout=CLIENT_TIMEOUT
+        )
         async with running(config) as port:
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw,
-                                  timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session, HOST, port, ALICE, pw, timeout=CLIENT_TIMEOUT
+            )
             client = await LineClient.connect(port)
             assert (await client.line()).startswith(b"+OK")
             await client.send(b"STLS\r\n")
@@ -311,11 +410,27 @@ async def test_upstream_stls_behind_pop3s(dovecot: DovecotServer, tmp_path: Path
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
     with trio.fail_after(30):
-        direct = await in_thread(clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw,
-                                 tls="stls", cafile=dovecot.cafile, timeout=CLIENT_TIMEOUT)
+        direct = await in_thread(
+            clients.poplib_session,
+            dovecot.host,
+            dovecot.port,
+            ALICE,
+            pw,
+            tls="stls",
+            cafile=dovecot.cafile,
+            timeout=CLIENT_TIMEOUT,
+        )
         async with running(config) as port:
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw,
-                                  tls="implicit", cafile=ca, timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                tls="implicit",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
             (path,) = await wait_captures(config, 1)
     poplib_same_as_direct(got, direct)
     assert got["capa"] == direct["capa"]  # post-TLS CAPA: no STLS
@@ -325,8 +440,9 @@ async def test_upstream_stls_behind_pop3s(dovecot: DovecotServer, tmp_path: Path
     modes = [(r["d"], r["mode"]) for r in cap.kind(fmt.TLS)]
     assert modes == [("c", "implicit"), ("s", "stls"), ("c", "unchanged")]
     # popproxy's own STLS and the reply it swallowed are on record.
-    assert any(r.fields.get("p") and r.data == b"STLS\r\n" for r in cap.records
-               if r.kind == fmt.DATA)
+    assert any(
+        r.fields.get("p") and r.data == b"STLS\r\n" for r in cap.records if r.kind == fmt.DATA
+    )
     assert [d["why"] for d in cap.kind(fmt.DROP)] == ["reply to popproxy's own STLS"]
     assert {"USER", "PASS", "STAT", "RETR"} <= set(cap.commands())
     assert_no_password(pw, [path])
@@ -337,16 +453,22 @@ async def test_upstream_stls_behind_pop3s(dovecot: DovecotServer, tmp_path: Path
 
 async def test_untrusted_upstream_is_refused(dovecot: DovecotServer, tmp_path: Path) -> None:
     # Dovecot's trustme CA is not in the system store.
-    config = make_config(tmp_path, dovecot, upstream=(dovecot.host, dovecot.pop3s_port),
-                         upstream_tls=True, upstream_context=client_context())
+    config = make_config(
+        tmp_path,
+        dovecot,
+        upstream=(dovecot.host, dovecot.pop3s_port),
+        upstream_tls=True,
+        upstream_context=client_context(),
+    )
     with trio.fail_after(20):
         async with running(config) as port:
             client = await LineClient.connect(port)
             everything = await client.rest(timeout=10)
             await client.aclose()
             (path,) = await wait_captures(config, 1)
-    assert everything.startswith(b"-ERR [SYS/TEMP] popproxy: TLS with upstream failed: "
-                                 b"certificate verification failed")
+    assert everything.startswith(
+        b"-ERR [SYS/TEMP] popproxy: TLS with upstream failed: certificate verification failed"
+    )
     assert everything.count(b"\r\n") == 1 and everything.endswith(b"\r\n")  # then EOF
     cap = Capture(path)
     assert cap.end["how"] == "upstream-tls-error"
@@ -357,8 +479,7 @@ async def test_untrusted_upstream_is_refused(dovecot: DovecotServer, tmp_path: P
     assert not cap.kind(fmt.TLS)
 
 
-async def test_untrusted_upstream_via_upstream_stls(dovecot: DovecotServer,
-                                                    tmp_path: Path) -> None:
+async def test_untrusted_upstream_via_upstream_stls(dovecot: DovecotServer, tmp_path: Path) -> None:
     """Documents: with --upstream-stls the (plaintext) greeting has been relayed already when
     verification fails; then the -ERR line and close, and no command reaches the server."""
     config = make_config(tmp_path, dovecot, upstream_stls=True, upstream_context=client_context())
@@ -376,16 +497,21 @@ async def test_untrusted_upstream_via_upstream_stls(dovecot: DovecotServer,
     assert cap.stream("c") == b"STLS\r\n"  # popproxy's own, nothing from the client
 
 
-async def test_insecure_upstream_works_and_says_so(dovecot: DovecotServer,
-                                                   tmp_path: Path) -> None:
-    config = make_config(tmp_path, dovecot, upstream=(dovecot.host, dovecot.pop3s_port),
-                         upstream_tls=True, insecure=True,
-                         upstream_context=client_context(insecure=True))
+async def test_insecure_upstream_works_and_says_so(dovecot: DovecotServer, tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        dovecot,
+        upstream=(dovecot.host, dovecot.pop3s_port),
+        upstream_tls=True,
+        insecure=True,
+        upstream_context=client_context(insecure=True),
+    )
     pw = dovecot.users[ALICE]
     with trio.fail_after(20):
         async with running(config) as port:
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw,
-                                  timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session, HOST, port, ALICE, pw, timeout=CLIENT_TIMEOUT
+            )
             (path,) = await wait_captures(config, 1)
     assert got["messages"] == list(STANDARD_MESSAGES)
     cap = Capture(path)
@@ -402,8 +528,9 @@ async def test_server_plaintext_after_stls_ok_is_dropped(tmp_path: Path) -> None
     fake = StlsServer(stls_reply=b"+OK Begin TLS\r\n-ERR injected\r\n")
     async with trio.open_nursery() as servers:
         await servers.start(fake.serve)
-        config = make_config(tmp_path, upstream=(HOST, fake.port),
-                             upstream_context=fake.client_context())
+        config = make_config(
+            tmp_path, upstream=(HOST, fake.port), upstream_context=fake.client_context()
+        )
         ca = str(config.certificate_authority().cert_path)
         with trio.fail_after(20):
             async with running(config) as port:
@@ -432,7 +559,8 @@ async def test_server_plaintext_after_stls_ok_is_dropped(tmp_path: Path) -> None
     cap = Capture(path)
     drops = cap.kind(fmt.DROP)
     assert [(d["d"], d["len"], d["why"]) for d in drops] == [
-        ("s", len(b"-ERR injected\r\n"), "plaintext after STLS +OK")]
+        ("s", len(b"-ERR injected\r\n"), "plaintext after STLS +OK")
+    ]
     server = cap.stream("s")
     assert server[drops[0]["off"] : drops[0]["off"] + drops[0]["len"]] == b"-ERR injected\r\n"
     assert [a["dir"] for a in cap.anomalies("plaintext-after-stls")] == ["s"]
@@ -446,8 +574,9 @@ async def test_client_plaintext_after_stls_is_flagged(tmp_path: Path) -> None:
     fake = StlsServer()
     async with trio.open_nursery() as servers:
         await servers.start(fake.serve)
-        config = make_config(tmp_path, upstream=(HOST, fake.port),
-                             upstream_context=fake.client_context())
+        config = make_config(
+            tmp_path, upstream=(HOST, fake.port), upstream_context=fake.client_context()
+        )
         ca = str(config.certificate_authority().cert_path)
         with trio.fail_after(20):
             async with running(config) as port:
@@ -486,8 +615,12 @@ async def test_local_stls_never_forwards_client_injection(tmp_path: Path) -> Non
     fake = StlsServer(implicit=True)
     async with trio.open_nursery() as servers:
         await servers.start(fake.serve)
-        config = make_config(tmp_path, upstream=(HOST, fake.port), upstream_tls=True,
-                             upstream_context=fake.client_context())
+        config = make_config(
+            tmp_path,
+            upstream=(HOST, fake.port),
+            upstream_tls=True,
+            upstream_context=fake.client_context(),
+        )
         ca = str(config.certificate_authority().cert_path)
         with trio.fail_after(20):
             async with running(config) as port:
@@ -509,14 +642,15 @@ async def test_local_stls_never_forwards_client_injection(tmp_path: Path) -> Non
     assert fake.connections[0].tls_received == b"STAT\r\nQUIT\r\n"
     cap = Capture(path)
     drops = [(d["d"], d["len"], d["why"]) for d in cap.kind(fmt.DROP)]
-    assert drops == [("c", 6, "STLS answered by popproxy"),
-                     ("c", len(b"USER evil\r\n"), "plaintext after STLS")]
+    assert drops == [
+        ("c", 6, "STLS answered by popproxy"),
+        ("c", len(b"USER evil\r\n"), "plaintext after STLS"),
+    ]
     assert [a["dir"] for a in cap.anomalies("plaintext-after-stls")] == ["c"]
     assert cap.commands() == ["STLS", "STAT", "QUIT"]
 
 
-async def test_untrusted_upstream_at_stls_intercept(dovecot: DovecotServer,
-                                                     tmp_path: Path) -> None:
+async def test_untrusted_upstream_at_stls_intercept(dovecot: DovecotServer, tmp_path: Path) -> None:
     """Documents: in intercept mode the server's +OK is relayed before popproxy verifies the
     upstream; on failure the client's handshake fails (popproxy's -ERR line arrives where
     the client expects a ServerHello) and nothing after STLS is relayed."""
@@ -526,15 +660,26 @@ async def test_untrusted_upstream_at_stls_intercept(dovecot: DovecotServer,
     with trio.fail_after(20):
         async with running(config) as port:
             with pytest.raises(ssl.SSLError):
-                await in_thread(clients.poplib_session, HOST, port, ALICE, pw, tls="stls",
-                                cafile=ca, timeout=CLIENT_TIMEOUT)
+                await in_thread(
+                    clients.poplib_session,
+                    HOST,
+                    port,
+                    ALICE,
+                    pw,
+                    tls="stls",
+                    cafile=ca,
+                    timeout=CLIENT_TIMEOUT,
+                )
             (path,) = await wait_captures(config, 1)
     cap = Capture(path)
     assert cap.end["how"] == "upstream-tls-error" and "certificate" in cap.end["error"]
     assert cap.commands() == ["CAPA", "STLS"]
     assert cap.stream("c") == b"CAPA\r\nSTLS\r\n"
-    assert cap.stream("s").endswith(b"\r\n-ERR [SYS/TEMP] popproxy: TLS with upstream failed: "
-                                    + cap.end["error"].split(": ", 1)[1].encode() + b"\r\n")
+    assert cap.stream("s").endswith(
+        b"\r\n-ERR [SYS/TEMP] popproxy: TLS with upstream failed: "
+        + cap.end["error"].split(": ", 1)[1].encode()
+        + b"\r\n"
+    )
     assert not cap.kind(fmt.TLS)
 
 
@@ -569,8 +714,17 @@ async def test_strip_mode(dovecot: DovecotServer, tmp_path: Path) -> None:
             async with running(config) as port:
                 got = await in_thread(poplib_strip, port)
                 with pytest.raises(clients.ClientError) as curl_failed:
-                    await in_thread(clients.curl_fetch, HOST, port, ALICE, pw, msg=1,
-                                    tls="stls", cafile=dovecot.cafile, timeout=CLIENT_TIMEOUT)
+                    await in_thread(
+                        clients.curl_fetch,
+                        HOST,
+                        port,
+                        ALICE,
+                        pw,
+                        msg=1,
+                        tls="stls",
+                        cafile=dovecot.cafile,
+                        timeout=CLIENT_TIMEOUT,
+                    )
                 paths = await wait_captures(config, 2)
                 for conn in tee.connections:
                     await conn.closed.wait()
@@ -594,8 +748,9 @@ async def test_strip_mode(dovecot: DovecotServer, tmp_path: Path) -> None:
     assert "STLS capability hidden by popproxy" in [d["why"] for d in curl_cap.kind(fmt.DROP)]
 
 
-async def test_strip_mode_answers_stls_in_pipeline_order(dovecot: DovecotServer,
-                                                         tmp_path: Path) -> None:
+async def test_strip_mode_answers_stls_in_pipeline_order(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
     """RFC 2449 §6.6: popproxy's own -ERR to STLS comes after the replies to commands
     pipelined before it, and CAPA's STLS line is still hidden (regression: the -ERR came
     first, the observer paired it with CAPA and STLS leaked through)."""
@@ -620,7 +775,12 @@ async def test_strip_mode_answers_stls_in_pipeline_order(dovecot: DovecotServer,
     cap = Capture(path)
     assert cap.commands() == ["CAPA", "STLS", "USER", "PASS", "QUIT"]
     assert [ex["status"] for ex in cap.doc["exchanges"] if ex["kind"] == "command"] == [
-        "+OK", "-ERR", "+OK", "+OK", "+OK"]
+        "+OK",
+        "-ERR",
+        "+OK",
+        "+OK",
+        "+OK",
+    ]
     assert not cap.doc["anomalies"]
 
 
@@ -631,12 +791,28 @@ async def test_stls_passthrough_is_end_to_end(dovecot: DovecotServer, tmp_path: 
     config = make_config(tmp_path, dovecot, stls=StlsMode.PASSTHROUGH)
     pw = dovecot.users[ALICE]
     with trio.fail_after(30):
-        direct = await in_thread(clients.poplib_session, dovecot.host, dovecot.port, ALICE, pw,
-                                 tls="stls", cafile=dovecot.cafile, timeout=CLIENT_TIMEOUT)
+        direct = await in_thread(
+            clients.poplib_session,
+            dovecot.host,
+            dovecot.port,
+            ALICE,
+            pw,
+            tls="stls",
+            cafile=dovecot.cafile,
+            timeout=CLIENT_TIMEOUT,
+        )
         async with running(config) as port:
             # The client trusts Dovecot's CA, not popproxy's: TLS is end to end.
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw, tls="stls",
-                                  cafile=dovecot.cafile, timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                tls="stls",
+                cafile=dovecot.cafile,
+                timeout=CLIENT_TIMEOUT,
+            )
             (path,) = await wait_captures(config, 1)
     poplib_same_as_direct(got, direct)
     cap = Capture(path)
@@ -651,8 +827,9 @@ async def test_stls_passthrough_is_end_to_end(dovecot: DovecotServer, tmp_path: 
 # ----------------------------------------------------------------------------- 9. faults
 
 
-async def test_handshake_faults_leave_the_proxy_serving(dovecot: DovecotServer,
-                                                        tmp_path: Path) -> None:
+async def test_handshake_faults_leave_the_proxy_serving(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
     config = make_config(tmp_path, dovecot, listen_tls=True)
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
@@ -661,8 +838,9 @@ async def test_handshake_faults_leave_the_proxy_serving(dovecot: DovecotServer,
 
     def distrusting_client(port: int) -> BaseException:
         with pytest.raises(ssl.SSLCertVerificationError) as failed:
-            poplib.POP3_SSL(HOST, port, timeout=CLIENT_TIMEOUT,
-                            context=ssl.create_default_context())
+            poplib.POP3_SSL(
+                HOST, port, timeout=CLIENT_TIMEOUT, context=ssl.create_default_context()
+            )
         return failed.value
 
     with trio.fail_after(30):
@@ -671,8 +849,16 @@ async def test_handshake_faults_leave_the_proxy_serving(dovecot: DovecotServer,
             await half.send_all(hello[: len(hello) // 2])
             await half.aclose()
             error = await in_thread(distrusting_client, port)
-            got = await in_thread(clients.poplib_session, HOST, port, ALICE, pw,
-                                  tls="implicit", cafile=ca, timeout=CLIENT_TIMEOUT)
+            got = await in_thread(
+                clients.poplib_session,
+                HOST,
+                port,
+                ALICE,
+                pw,
+                tls="implicit",
+                cafile=ca,
+                timeout=CLIENT_TIMEOUT,
+            )
             paths = await wait_captures(config, 3)
     assert "certificate verify failed" in str(error)
     assert got["messages"] == list(STANDARD_MESSAGES)
@@ -689,13 +875,19 @@ async def test_handshake_faults_leave_the_proxy_serving(dovecot: DovecotServer,
 # ----------------------------------------------------------------------------- 10. key log
 
 
-async def test_sslkeylogfile_covers_both_legs(dovecot: DovecotServer, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sslkeylogfile_covers_both_legs(
+    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keylog = tmp_path / "keys.log"
     client_keylog = tmp_path / "client-keys.log"
     monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
-    config = make_config(tmp_path, dovecot, upstream=(dovecot.host, dovecot.pop3s_port),
-                         listen_tls=True, upstream_tls=True)  # contexts built after setenv
+    config = make_config(
+        tmp_path,
+        dovecot,
+        upstream=(dovecot.host, dovecot.pop3s_port),
+        listen_tls=True,
+        upstream_tls=True,
+    )  # contexts built after setenv
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
 

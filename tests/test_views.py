@@ -32,8 +32,11 @@ SESSION = [
     (C, f"PASS {SECRET}\r\n".encode()),
     (S, b"+OK Logged in.\r\n"),
     (C, b"RETR 1\r\n"),
-    (S, b"+OK\r\nFrom: Carol Sender <carol@example.org>\r\nSubject: Quarterly numbers\r\n"
-        b"Content-Type: application/pdf; name=\"q3.pdf\"\r\n\r\n..stuffed\r\nsecond line\r\n.\r\n"),
+    (
+        S,
+        b"+OK\r\nFrom: Carol Sender <carol@example.org>\r\nSubject: Quarterly numbers\r\n"
+        b'Content-Type: application/pdf; name="q3.pdf"\r\n\r\n..stuffed\r\nsecond line\r\n.\r\n',
+    ),
     (C, b"DELE 7\r\n"),
     (S, b"-ERR [SYS/PERM] no such message\r\n"),
     (C, b"AUTH PLAIN\r\n"),
@@ -68,14 +71,24 @@ def plain(text: Text) -> str:
 
 
 def test_command_and_reply_lines() -> None:
-    ex = Exchange("command", 3, "RETR", "1", status="+OK", text="120 octets", t_sent=1.0,
-                  t_reply=1.0126)
+    ex = Exchange(
+        "command", 3, "RETR", "1", status="+OK", text="120 octets", t_sent=1.0, t_reply=1.0126
+    )
     assert plain(render.command_line(ex)) == "    1.000s C: RETR 1"
     line = plain(render.reply_line(ex))
     assert line.startswith("    1.013s S: +OK 120 octets")
     assert "(12.6 ms)" in line
-    err = Exchange("command", 4, "DELE", "9", status="-ERR", code="SYS/PERM", text="gone",
-                   t_sent=2.0, t_reply=2.5)
+    err = Exchange(
+        "command",
+        4,
+        "DELE",
+        "9",
+        status="-ERR",
+        code="SYS/PERM",
+        text="gone",
+        t_sent=2.0,
+        t_reply=2.5,
+    )
     assert "S: -ERR [SYS/PERM] gone  (500.0 ms)" in plain(render.reply_line(err))
     none = Exchange("command", 5, "STAT", None, t_sent=3.0)
     assert "(no reply)" in plain(render.reply_line(none))
@@ -113,8 +126,11 @@ def test_sasl_lines_never_show_the_response() -> None:
 
 def test_folded_body_summary() -> None:
     items = items_of(SESSION)
-    retr = next(i.exchange for i in items
-                if i.what == "done" and i.exchange is not None and i.exchange.command == "RETR")
+    retr = next(
+        i.exchange
+        for i in items
+        if i.what == "done" and i.exchange is not None and i.exchange.command == "RETR"
+    )
     line = plain(render.reply_line(retr, folded=True))
     assert "⤷ 6 lines, 139 octets" in line
     assert "From: Carol Sender <carol@example.org>" in line
@@ -122,8 +138,18 @@ def test_folded_body_summary() -> None:
     assert "q3.pdf" in line
     assert "TRUNCATED" not in line
     assert "⤷" not in plain(render.reply_line(retr, folded=False))
-    cut = Exchange("command", 1, "RETR", "1", status="+OK", multiline=True, body_lines=3,
-                   body_octets=1234, truncated=True, message=MessageSummary(subject="x"))
+    cut = Exchange(
+        "command",
+        1,
+        "RETR",
+        "1",
+        status="+OK",
+        multiline=True,
+        body_lines=3,
+        body_octets=1234,
+        truncated=True,
+        message=MessageSummary(subject="x"),
+    )
     assert "3 lines, 1,234 octets TRUNCATED · Subject: x" in plain(render.body_summary(cut))
 
 
@@ -134,13 +160,16 @@ def test_anomaly_line() -> None:
     line = plain(render.anomaly_line(anomalies[0].detail, anomalies[0].t))
     assert "⚠ " in line and "(server" in line
     record = {"kind": "command-too-long", "dir": "c", "seq": 4, "detail": "300 octets"}
-    assert plain(render.anomaly_line(record, 1.0)) == \
-        "    1.000s ⚠ command-too-long (client, command #4) 300 octets"
+    assert (
+        plain(render.anomaly_line(record, 1.0))
+        == "    1.000s ⚠ command-too-long (client, command #4) 300 octets"
+    )
 
 
 def test_session_end_line() -> None:
-    summary = SessionSummary(user="alice", commands=7,
-                             anomalies=[{"kind": "x", "dir": "s", "seq": None}])
+    summary = SessionSummary(
+        user="alice", commands=7, anomalies=[{"kind": "x", "dir": "s", "seq": None}]
+    )
     line = plain(render.session_end_line("quit", None, 1.5, summary, Text("#3")))
     assert line == "#3 session ended: quit after 1.50 s, 7 commands, user alice, 1 anomalies"
     err = plain(render.session_end_line("upstream-error", "refused", 0.01, SessionSummary()))
@@ -148,15 +177,17 @@ def test_session_end_line() -> None:
 
 
 def test_unsolicited_line_without_status_shows_its_text() -> None:
-    ex = Exchange("unsolicited", None, status=None, text="\x00\x01garbage", t_reply=1.0,
-                  t_end=1.0)
+    ex = Exchange("unsolicited", None, status=None, text="\x00\x01garbage", t_reply=1.0, t_end=1.0)
     line = plain(render.reply_line(ex))
     assert "garbage" in line and "(no reply)" not in line
 
 
 def test_tls_and_note_lines() -> None:
-    line = plain(render.tls_line({"leg": "client", "mode": "stls", "version": "TLSv1.3",
-                                  "decrypted": False}, 2.0))
+    line = plain(
+        render.tls_line(
+            {"leg": "client", "mode": "stls", "version": "TLSv1.3", "decrypted": False}, 2.0
+        )
+    )
     assert "TLS client mode=stls version=TLSv1.3" in line and "passthrough" in line
 
 
@@ -245,8 +276,13 @@ def test_flooded_queue_drops_with_a_skipped_note() -> None:
     assert "lines skipped" in text
     shown = text.count("C: NOOP")
     assert shown <= live.MAX_QUEUE + live.ConsoleSink.batch
-    skipped = sum(int(word) for line in text.splitlines() if "lines skipped" in line
-                  for word in line.split() if word.isdigit())
+    skipped = sum(
+        int(word)
+        for line in text.splitlines()
+        if "lines skipped" in line
+        for word in line.split()
+        if word.isdigit()
+    )
     assert shown + skipped == flood
     assert "session ended: quit" in text.splitlines()[-1] or "session ended: quit" in text
 

@@ -10,8 +10,9 @@ from popproxy.capture.reader import CaptureReader
 from popproxy.core import AuthIdentity, Direction, Event, Observer
 
 
-def replay_events(reader: CaptureReader, *, follow: bool = False,
-                  close: bool = True) -> Iterator[tuple[Record | None, float, list[Event]]]:
+def replay_events(
+    reader: CaptureReader, *, follow: bool = False, close: bool = True
+) -> Iterator[tuple[Record | None, float, list[Event]]]:
     """Yield (record, time, events) for each record; proxy-made bytes are fed like the rest.
 
     Data, TLS and EOF records drive the observer exactly as the live session did.  When
@@ -35,8 +36,11 @@ def replay_events(reader: CaptureReader, *, follow: bool = False,
                 closed.add(direction)
                 events = obs.receive_data(direction, b"")
             elif kind == fmt.IDENTITY:
-                events = [AuthIdentity(int(f.get("seq", 0)), str(f.get("mech", "")),
-                                       str(f.get("identity", "")))]
+                events = [
+                    AuthIdentity(
+                        int(f.get("seq", 0)), str(f.get("mech", "")), str(f.get("identity", ""))
+                    )
+                ]
         except (KeyError, ValueError, TypeError):
             events = []  # a damaged record: skip it, the rest still reads
         yield record, t, events

@@ -79,7 +79,8 @@ class CaptureReader:
                 if not self.warnings:
                     self.warnings.append(
                         f"{self.path}: has no end record: the session was still running, or "
-                        "popproxy was stopped abruptly; read up to the last complete record")
+                        "popproxy was stopped abruptly; read up to the last complete record"
+                    )
                 return
             position = self._resume
             time.sleep(poll)

@@ -78,8 +78,14 @@ class CaptureWriter:
                     self.stats.late_redactions += 1
                 self._secrets.append(event)
             elif isinstance(event, AuthIdentity):
-                self._queue.append({"r": fmt.IDENTITY, "seq": event.seq,
-                                    "mech": event.mechanism, "identity": event.identity})
+                self._queue.append(
+                    {
+                        "r": fmt.IDENTITY,
+                        "seq": event.seq,
+                        "mech": event.mechanism,
+                        "identity": event.identity,
+                    }
+                )
 
     def advance(self, settled_client: int, settled_server: int) -> None:
         """Release every queued record that the observer's settled offsets allow."""
@@ -139,11 +145,18 @@ class CaptureWriter:
                 continue
             if secret.offset >= start:
                 self.stats.redactions += 1
-                self._emit(fmt.encode_meta({
-                    "r": fmt.REDACT, "d": chunk.direction.value, "off": secret.offset,
-                    "len": secret.length, "kind": secret.kind.value,
-                    "masked": not self.keep_secrets,
-                }))
+                self._emit(
+                    fmt.encode_meta(
+                        {
+                            "r": fmt.REDACT,
+                            "d": chunk.direction.value,
+                            "off": secret.offset,
+                            "len": secret.length,
+                            "kind": secret.kind.value,
+                            "masked": not self.keep_secrets,
+                        }
+                    )
+                )
             if not self.keep_secrets:
                 data = data if data is not None else bytearray(chunk.data)
                 data[lo - start : hi - start] = fmt.FILLER * (hi - lo)

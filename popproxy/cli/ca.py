@@ -25,12 +25,17 @@ server to those clients. Remove the folder to start again with a new CA."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("ca", help="show popproxy's CA and how to trust it",
-                       description="Create popproxy's CA if needed and explain how to trust it.")
-    p.add_argument("--path", action="store_true",
-                   help="print only the path of the CA certificate (PEM)")
-    p.add_argument("--ca-dir", metavar="DIR",
-                   help="the CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)")
+    p = sub.add_parser(
+        "ca",
+        help="show popproxy's CA and how to trust it",
+        description="Create popproxy's CA if needed and explain how to trust it.",
+    )
+    p.add_argument(
+        "--path", action="store_true", help="print only the path of the CA certificate (PEM)"
+    )
+    p.add_argument(
+        "--ca-dir", metavar="DIR", help="the CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)"
+    )
     p.set_defaults(run=run)
 
 

@@ -34,12 +34,19 @@ What next:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="see popproxy record a POP3 session, offline, in seconds",
-                       description="Start a fake POP3 server playing a recorded Dovecot "
-                                   "session, the recording proxy in front of it, and a poplib "
-                                   "client: the session shows live and is written as a capture.")
-    p.add_argument("--out", default="captures", metavar="DIR",
-                   help="folder for the capture file (default captures/)")
+    p = sub.add_parser(
+        "demo",
+        help="see popproxy record a POP3 session, offline, in seconds",
+        description="Start a fake POP3 server playing a recorded Dovecot "
+        "session, the recording proxy in front of it, and a poplib "
+        "client: the session shows live and is written as a capture.",
+    )
+    p.add_argument(
+        "--out",
+        default="captures",
+        metavar="DIR",
+        help="folder for the capture file (default captures/)",
+    )
     p.set_defaults(run=run)
 
 
@@ -78,8 +85,9 @@ class _DemoView:
     def items(self, number: int, items: list[Item]) -> None:
         self.live.items(number, items)
 
-    def ended(self, number: int, how: str, error: str | None, duration: float,
-              session: SessionSummary) -> None:
+    def ended(
+        self, number: int, how: str, error: str | None, duration: float, session: SessionSummary
+    ) -> None:
         self.live.ended(number, how, error, duration, session)
         self.done.set()
 
@@ -91,9 +99,13 @@ class _DemoView:
 def run(args: argparse.Namespace) -> int:
     out = capture_dir(args.out)
     console = make_console()
-    console.print(Text("popproxy demo: a poplib client → popproxy record → a fake POP3 server "
-                       "playing a recorded Dovecot session (all on 127.0.0.1, no network)",
-                       style="bold"))
+    console.print(
+        Text(
+            "popproxy demo: a poplib client → popproxy record → a fake POP3 server "
+            "playing a recorded Dovecot session (all on 127.0.0.1, no network)",
+            style="bold",
+        )
+    )
     live = LiveView(console, mode=NORMAL)
     view = _DemoView(live)
     try:
@@ -102,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         trio.run(_demo, session, out, view)
     except (OSError, poplib.error_proto, trio.TooSlowError) as exc:
         live.close()
-        console.print(Text(f"popproxy demo: failed: {exc or type(exc).__name__}",
-                           style="pop.error"))
+        console.print(
+            Text(f"popproxy demo: failed: {exc or type(exc).__name__}", style="pop.error")
+        )
         return 2
     live.close()
     capture = view.path or out
@@ -116,22 +129,33 @@ def run(args: argparse.Namespace) -> int:
 async def _demo(session: Any, out: Path, view: _DemoView) -> None:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            fake = ServeConfig(sessions=[session], listen=("127.0.0.1", 0),
-                               password=DEMO_PASSWORD, timeout=TIMEOUT)
+            fake = ServeConfig(
+                sessions=[session], listen=("127.0.0.1", 0), password=DEMO_PASSWORD, timeout=TIMEOUT
+            )
             upstream = (await nursery.start(_serve_fake, fake))[0]
-            config = ProxyConfig(upstream=upstream, listen=("127.0.0.1", 0), out_dir=out,
-                                 linger=0.5, connect_timeout=TIMEOUT)
+            config = ProxyConfig(
+                upstream=upstream,
+                listen=("127.0.0.1", 0),
+                out_dir=out,
+                linger=0.5,
+                connect_timeout=TIMEOUT,
+            )
             host, port = (await nursery.start(_serve_proxy, config, view))[0]
             await trio.to_thread.run_sync(demo_client, host, port)
             await view.done.wait()
             nursery.cancel_scope.cancel()
 
 
-async def _serve_fake(config: ServeConfig, *, task_status: trio.TaskStatus[Any]
-                      = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_fake(
+    config: ServeConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
     await serve_replay(config, None, announce=False, task_status=task_status)
 
 
-async def _serve_proxy(config: ProxyConfig, view: _DemoView, *,
-                       task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_proxy(
+    config: ProxyConfig,
+    view: _DemoView,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
     await serve_record(config, view, announce=False, task_status=task_status)

@@ -28,16 +28,22 @@ MAX_BODY_OFFSETS = 1000  # bodies whose first differing offset is looked up
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("diff", help="compare two captures exchange by exchange",
-                       description="Structural comparison of capture A (expected) and B "
-                                   "(actual): commands, statuses, response codes, drop/scan/"
-                                   "unique-id listings, bodies (SHA-256, octets, first differing "
-                                   "offset). Free text, greeting banners and SASL challenges "
-                                   "are ignored unless --strict. Exit 0 equal, 1 different.")
+    p = sub.add_parser(
+        "diff",
+        help="compare two captures exchange by exchange",
+        description="Structural comparison of capture A (expected) and B "
+        "(actual): commands, statuses, response codes, drop/scan/"
+        "unique-id listings, bodies (SHA-256, octets, first differing "
+        "offset). Free text, greeting banners and SASL challenges "
+        "are ignored unless --strict. Exit 0 equal, 1 different.",
+    )
     p.add_argument("expected", metavar="A")
     p.add_argument("actual", metavar="B")
-    p.add_argument("--strict", action="store_true",
-                   help="also compare free text after the status and SASL challenges")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also compare free text after the status and SASL challenges",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -45,8 +51,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     differences = diff_captures(Path(args.expected), Path(args.actual), strict=args.strict)
     if args.json:
-        doc = {"expected": args.expected, "actual": args.actual, "strict": args.strict,
-               "equal": not differences, "differences": [d.to_json() for d in differences]}
+        doc = {
+            "expected": args.expected,
+            "actual": args.actual,
+            "strict": args.strict,
+            "equal": not differences,
+            "differences": [d.to_json() for d in differences],
+        }
         sys.stdout.write(json.dumps(doc) + "\n")
     else:
         render_diff(make_console(), args.expected, args.actual, differences)
@@ -55,11 +66,18 @@ def run(args: argparse.Namespace) -> int:
 
 def diff_captures(expected: Path, actual: Path, *, strict: bool = False) -> list[Difference]:
     """Every difference, bodies annotated with their first differing offset."""
-    with (CaptureReader(expected) as ra, CaptureReader(actual) as rb,
-          ScanProgress("diff", [expected, actual]) as progress):
-        differences = list(compare_sessions(
-            capture_exchanges(ra, progress.capture(expected, ra.size)),
-            capture_exchanges(rb, progress.capture(actual, rb.size)), strict=strict))
+    with (
+        CaptureReader(expected) as ra,
+        CaptureReader(actual) as rb,
+        ScanProgress("diff", [expected, actual]) as progress,
+    ):
+        differences = list(
+            compare_sessions(
+                capture_exchanges(ra, progress.capture(expected, ra.size)),
+                capture_exchanges(rb, progress.capture(actual, rb.size)),
+                strict=strict,
+            )
+        )
         warnings = ra.warnings + rb.warnings
     for warning in warnings:
         print(f"popproxy diff: warning: {warning}", file=sys.stderr)
@@ -77,8 +95,13 @@ def diff_captures(expected: Path, actual: Path, *, strict: bool = False) -> list
         if d.field == "body":
             offset = offsets.get((int(d.expected["seq"]), int(d.actual["seq"])))
             if offset is not None:
-                d = Difference(d.seq, d.field, d.expected, d.actual,
-                               f"{d.note}; first difference at body octet {offset}")
+                d = Difference(
+                    d.seq,
+                    d.field,
+                    d.expected,
+                    d.actual,
+                    f"{d.note}; first difference at body octet {offset}",
+                )
         out.append(d)
     return out
 
@@ -94,20 +117,26 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def render_diff(console: Console, expected: str, actual: str,
-                differences: list[Difference]) -> None:
+def render_diff(
+    console: Console, expected: str, actual: str, differences: list[Difference]
+) -> None:
     if not differences:
-        console.print(Text(f"{expected} and {actual}: no structural differences",
-                           style="pop.ok"))
+        console.print(Text(f"{expected} and {actual}: no structural differences", style="pop.ok"))
         return
-    table = Table(title=f"{len(differences)} difference(s): A = {expected}, B = {actual}",
-                  title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+    table = Table(
+        title=f"{len(differences)} difference(s): A = {expected}, B = {actual}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for name in ("seq", "field", "A (expected)", "B (actual)", "note"):
-        table.add_column(name, justify="right" if name == "seq" else "left",
-                         overflow="fold")
+        table.add_column(name, justify="right" if name == "seq" else "left", overflow="fold")
     for d in differences:
-        table.add_row("" if d.seq is None else str(d.seq), Text(d.field, style="pop.code"),
-                      Text(_shown(d.expected), style="pop.ok"),
-                      Text(_shown(d.actual), style="pop.err"), Text(d.note, style="pop.muted"))
+        table.add_row(
+            "" if d.seq is None else str(d.seq),
+            Text(d.field, style="pop.code"),
+            Text(_shown(d.expected), style="pop.ok"),
+            Text(_shown(d.actual), style="pop.err"),
+            Text(d.note, style="pop.muted"),
+        )
     console.print(table)

@@ -21,31 +21,50 @@ EXPORTS = ("streams", "eml", "text", "html", "pcap")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("export", help="export a capture (raw streams, messages, text, ...)",
-                       description="Export what a capture holds. Flags may be combined.")
+    p = sub.add_parser(
+        "export",
+        help="export a capture (raw streams, messages, text, ...)",
+        description="Export what a capture holds. Flags may be combined.",
+    )
     p.add_argument("capture", metavar="CAPTURE")
-    p.add_argument("--streams", metavar="DIR",
-                   help="write DIR/client.bin and DIR/server.bin: the bytes each side sent")
-    p.add_argument("--eml", metavar="DIR",
-                   help="write every message retrieved with RETR to DIR as an .eml file, "
-                        "named by its UIDL unique-id when the session listed it")
-    p.add_argument("--include-top", action="store_true",
-                   help="with --eml: also write TOP results (names end in -top)")
-    p.add_argument("--text", metavar="FILE",
-                   help="write a plain-text transcript (C:/S: lines, credentials masked)")
-    p.add_argument("--html", metavar="FILE",
-                   help="write a self-contained HTML page of the transcript")
-    p.add_argument("--pcap", metavar="FILE",
-                   help="write the client leg as a pcap file (IPv4/TCP, server port 110) "
-                        "for Wireshark/tshark")
+    p.add_argument(
+        "--streams",
+        metavar="DIR",
+        help="write DIR/client.bin and DIR/server.bin: the bytes each side sent",
+    )
+    p.add_argument(
+        "--eml",
+        metavar="DIR",
+        help="write every message retrieved with RETR to DIR as an .eml file, "
+        "named by its UIDL unique-id when the session listed it",
+    )
+    p.add_argument(
+        "--include-top",
+        action="store_true",
+        help="with --eml: also write TOP results (names end in -top)",
+    )
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="write a plain-text transcript (C:/S: lines, credentials masked)",
+    )
+    p.add_argument(
+        "--html", metavar="FILE", help="write a self-contained HTML page of the transcript"
+    )
+    p.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="write the client leg as a pcap file (IPv4/TCP, server port 110) for Wireshark/tshark",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     wanted = [name for name in EXPORTS if getattr(args, name, None)]
     if not wanted:
-        raise UsageError("say what to export: --streams DIR, --eml DIR, --text FILE, "
-                         "--html FILE or --pcap FILE")
+        raise UsageError(
+            "say what to export: --streams DIR, --eml DIR, --text FILE, --html FILE or --pcap FILE"
+        )
     if args.include_top and not args.eml:
         raise UsageError("--include-top goes with --eml DIR")
     with CaptureReader(args.capture) as reader:
@@ -64,33 +83,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(reader: CaptureReader, name: str, target: Path, args: argparse.Namespace,
-            progress: Progress | None) -> list[str]:
+def _export(
+    reader: CaptureReader,
+    name: str,
+    target: Path,
+    args: argparse.Namespace,
+    progress: Progress | None,
+) -> list[str]:
     """Run one exporter; return the notes to show about what it wrote."""
     if name == "streams":
         export_streams(reader, target, progress=progress)
     elif name == "eml":
         result = export_eml(reader, target, include_top=args.include_top, progress=progress)
         return [f"warning: {w}" for w in result.warnings] + [
-            f"{len(result.written)} message(s) written to {target}"]
+            f"{len(result.written)} message(s) written to {target}"
+        ]
     elif name == "text":
         export_text(reader, target, progress=progress)
     elif name == "html":
         export_html(reader, target, progress=progress)
     elif name == "pcap":
         pcap = export_pcap(reader, target, progress=progress)
-        return [f"{pcap.packets} packets on {pcap.connections} connection(s) written to "
-                f"{target}", *(f"  {line}" for line in pcap.endpoints)]
+        return [
+            f"{pcap.packets} packets on {pcap.connections} connection(s) written to {target}",
+            *(f"  {line}" for line in pcap.endpoints),
+        ]
     return []
 
 
-def export_streams(reader: CaptureReader, out: Path, *,
-                   progress: Progress | None = None) -> tuple[int, int]:
+def export_streams(
+    reader: CaptureReader, out: Path, *, progress: Progress | None = None
+) -> tuple[int, int]:
     """The bytes each side sent, as recorded: popproxy's own bytes are left out."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        files = {d: open(out / name, "wb")  # noqa: SIM115 - closed below
-                 for d, name in (("c", "client.bin"), ("s", "server.bin"))}
+        files = {
+            d: open(out / name, "wb")  # noqa: SIM115 - closed below
+            for d, name in (("c", "client.bin"), ("s", "server.bin"))
+        }
     except OSError as exc:
         raise CaptureError(f"cannot write to {out}: {exc.strerror or exc}") from None
     sizes = {"c": 0, "s": 0}
@@ -107,6 +137,9 @@ def export_streams(reader: CaptureReader, out: Path, *,
         for f in files.values():
             f.close()
     if redacted:
-        print(f"popproxy export: warning: {redacted} credential span(s) are redacted with "
-              f"'#' filler (recorded without --keep-secrets)", file=sys.stderr)
+        print(
+            f"popproxy export: warning: {redacted} credential span(s) are redacted with "
+            f"'#' filler (recorded without --keep-secrets)",
+            file=sys.stderr,
+        )
     return sizes["c"], sizes["s"]

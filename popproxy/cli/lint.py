@@ -24,17 +24,24 @@ SEVERITY_STYLE = {"error": "pop.error", "warning": "pop.warning", "advice": "pop
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("lint", help="check captures for POP3 conformance problems",
-                       description="Conformance findings for client and server: framing (bare "
-                                   "LF, dot-stuffing, terminators), line limits, listings, "
-                                   "sizes, states, pipelining, STLS injection, status tokens. "
-                                   "Each names the exchange, the RFC section and a severity. "
-                                   "Exit 0 when clean (advice allowed), 1 with warnings or "
-                                   "errors.")
+    p = sub.add_parser(
+        "lint",
+        help="check captures for POP3 conformance problems",
+        description="Conformance findings for client and server: framing (bare "
+        "LF, dot-stuffing, terminators), line limits, listings, "
+        "sizes, states, pipelining, STLS injection, status tokens. "
+        "Each names the exchange, the RFC section and a severity. "
+        "Exit 0 when clean (advice allowed), 1 with warnings or "
+        "errors.",
+    )
     p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--min-severity", choices=SEVERITIES, default="advice",
-                   help="show only findings at least this severe (default: advice)")
+    p.add_argument(
+        "--min-severity",
+        choices=SEVERITIES,
+        default="advice",
+        help="show only findings at least this severe (default: advice)",
+    )
     p.set_defaults(run=run)
 
 
@@ -63,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
                 render_findings(console, str(path), shown)
             else:
                 counts = Counter(f.severity for f in findings)
-                results.append({"path": str(path), "counts": {s: counts[s] for s in SEVERITIES},
-                                "findings": [f.to_json() for f in shown]})
+                results.append(
+                    {
+                        "path": str(path),
+                        "counts": {s: counts[s] for s in SEVERITIES},
+                        "findings": [f.to_json() for f in shown],
+                    }
+                )
     if args.json:
         sys.stdout.write(json.dumps({"captures": results}) + "\n")
     if failed:
@@ -86,13 +98,18 @@ def render_findings(console: Console, path: str, findings: list[Finding]) -> Non
         return
     counts = Counter(f.severity for f in findings)
     summary = ", ".join(f"{counts[s]} {s}" for s in SEVERITIES if counts[s])
-    table = Table(title=f"{path}: {summary}", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+    table = Table(
+        title=f"{path}: {summary}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     for name in ("seq", "command", "dir", "severity", "RFC", "finding"):
-        table.add_column(name, justify="right" if name == "seq" else "left",
-                         overflow="fold")
+        table.add_column(name, justify="right" if name == "seq" else "left", overflow="fold")
     for f in findings:
-        table.add_row("" if f.seq is None else str(f.seq), f.command or "",
-                      f.direction or "", Text(f.severity, style=SEVERITY_STYLE[f.severity]),
-                      f.rfc, f.message)
+        table.add_row(
+            "" if f.seq is None else str(f.seq),
+            f.command or "",
+            f.direction or "",
+            Text(f.severity, style=SEVERITY_STYLE[f.severity]),
+            f.rfc,
+            f.message,
+        )
     console.print(table)

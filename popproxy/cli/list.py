@@ -27,13 +27,21 @@ CLEAN_ENDINGS = frozenset({"quit", "closed", "client-closed", "server-closed"})
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("list", help="list captures: who, when, how much, how it ended",
-                       description="One row per capture in DIR, sorted by start, read from each "
-                                   "capture's end record (its last bytes). Captures without one "
-                                   "(still being written, or the proxy died) are read in full "
-                                   "and marked 'unfinished'.")
-    p.add_argument("folder", nargs="?", default="captures", metavar="DIR",
-                   help="folder of captures (default: captures/)")
+    p = sub.add_parser(
+        "list",
+        help="list captures: who, when, how much, how it ended",
+        description="One row per capture in DIR, sorted by start, read from each "
+        "capture's end record (its last bytes). Captures without one "
+        "(still being written, or the proxy died) are read in full "
+        "and marked 'unfinished'.",
+    )
+    p.add_argument(
+        "folder",
+        nargs="?",
+        default="captures",
+        metavar="DIR",
+        help="folder of captures (default: captures/)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
     p.set_defaults(run=run)
 
@@ -75,17 +83,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _base(reader: CaptureReader) -> dict[str, Any]:
     h = reader.header
-    return {"path": str(reader.path), "start": h.get("start"), "client": h.get("client"),
-            "upstream": h.get("upstream")}
+    return {
+        "path": str(reader.path),
+        "start": h.get("start"),
+        "client": h.get("client"),
+        "upstream": h.get("upstream"),
+    }
 
 
 def row_from_end(reader: CaptureReader, end: dict[str, Any]) -> dict[str, Any]:
     """A row from the header and the end record alone."""
     octets = end.get("octets") or {}
-    return {**_base(reader), "user": end.get("user"), "commands": end.get("commands"),
-            "client_octets": octets.get("c"), "server_octets": octets.get("s"),
-            "duration": end.get("t"), "how": end.get("how"), "error": end.get("error"),
-            "anomalies": end.get("anomalies"), "unfinished": False}
+    return {
+        **_base(reader),
+        "user": end.get("user"),
+        "commands": end.get("commands"),
+        "client_octets": octets.get("c"),
+        "server_octets": octets.get("s"),
+        "duration": end.get("t"),
+        "how": end.get("how"),
+        "error": end.get("error"),
+        "anomalies": end.get("anomalies"),
+        "unfinished": False,
+    }
 
 
 def row_from_scan(reader: CaptureReader, progress: Any = None) -> dict[str, Any]:
@@ -101,15 +121,24 @@ def row_from_scan(reader: CaptureReader, progress: Any = None) -> dict[str, Any]
                 octets[d] += len(record.data)
         builder.feed(t, events)
     session = builder.session
-    return {**_base(reader), "user": session.user, "commands": session.commands,
-            "client_octets": octets["c"], "server_octets": octets["s"], "duration": last,
-            "how": "unfinished", "error": None, "anomalies": len(session.anomalies),
-            "unfinished": True}
+    return {
+        **_base(reader),
+        "user": session.user,
+        "commands": session.commands,
+        "client_octets": octets["c"],
+        "server_octets": octets["s"],
+        "duration": last,
+        "how": "unfinished",
+        "error": None,
+        "anomalies": len(session.anomalies),
+        "unfinished": True,
+    }
 
 
 def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
-    table = Table(title=f"{len(rows)} capture(s)", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+    table = Table(
+        title=f"{len(rows)} capture(s)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     table.add_column("start", min_width=10)
     table.add_column("ended", overflow="fold", min_width=6)
     table.add_column("anom.", justify="right")
@@ -121,20 +150,32 @@ def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
         table.add_column(name, justify="right")
     for r in rows:
         how = str(r.get("how") or "?")
-        ended = Text(how, style="pop.ok" if how in CLEAN_ENDINGS else
-                     "pop.warning" if r["unfinished"] else "pop.err")
+        ended = Text(
+            how,
+            style="pop.ok"
+            if how in CLEAN_ENDINGS
+            else "pop.warning"
+            if r["unfinished"]
+            else "pop.err",
+        )
         if r.get("error"):
             ended.append(f" ({r['error']})", style="pop.muted")
         anomalies = r.get("anomalies") or 0
         start = str(r.get("start") or "?").replace("T", " ").rstrip("Z").partition(".")[0]
         cells: list[str | Text] = [
-            start, ended, Text(str(anomalies), style="pop.warning" if anomalies else ""),
-            str(r.get("user") or "")]
+            start,
+            ended,
+            Text(str(anomalies), style="pop.warning" if anomalies else ""),
+            str(r.get("user") or ""),
+        ]
         if wide:
             cells.append(f"{r.get('client') or '?'} → {r.get('upstream') or '?'}")
-        cells += [_count(r.get("commands")), _size(r.get("client_octets")),
-                  _size(r.get("server_octets")),
-                  fmt_ms(float(r["duration"])) if r.get("duration") is not None else "?"]
+        cells += [
+            _count(r.get("commands")),
+            _size(r.get("client_octets")),
+            _size(r.get("server_octets")),
+            fmt_ms(float(r["duration"])) if r.get("duration") is not None else "?",
+        ]
         table.add_row(*cells)
     console.print(table)
 

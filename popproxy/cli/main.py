@@ -15,8 +15,19 @@ from popproxy.tls.ca import CAError
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 Runner = Callable[[argparse.Namespace], int]
-COMMANDS = ("record", "show", "list", "stats", "diff", "lint", "export", "replay", "serve",
-            "demo", "ca")
+COMMANDS = (
+    "record",
+    "show",
+    "list",
+    "stats",
+    "diff",
+    "lint",
+    "export",
+    "replay",
+    "serve",
+    "demo",
+    "ca",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,39 +25,85 @@ from popproxy.views.live import NORMAL, QUIET, VERBOSE, LiveView
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("record", help="relay a mail client to a POP3 server and record it",
-                       description="Listen for POP3 clients, relay each to the upstream server "
-                                   "byte for byte, show the session live and write a capture.")
-    p.add_argument("--upstream", required=True, metavar="HOST:PORT",
-                   help="the real POP3 server (names, IPv4 or [IPv6]:PORT)")
-    p.add_argument("--listen", default="127.0.0.1:1110", metavar="HOST:PORT",
-                   help="where clients connect (default 127.0.0.1:1110; port 0 picks one)")
-    p.add_argument("--out", default="captures", metavar="DIR",
-                   help="folder for capture files (default captures/)")
-    p.add_argument("--keep-secrets", action="store_true",
-                   help="write credentials to the capture instead of redacting them")
+    p = sub.add_parser(
+        "record",
+        help="relay a mail client to a POP3 server and record it",
+        description="Listen for POP3 clients, relay each to the upstream server "
+        "byte for byte, show the session live and write a capture.",
+    )
+    p.add_argument(
+        "--upstream",
+        required=True,
+        metavar="HOST:PORT",
+        help="the real POP3 server (names, IPv4 or [IPv6]:PORT)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:1110",
+        metavar="HOST:PORT",
+        help="where clients connect (default 127.0.0.1:1110; port 0 picks one)",
+    )
+    p.add_argument(
+        "--out",
+        default="captures",
+        metavar="DIR",
+        help="folder for capture files (default captures/)",
+    )
+    p.add_argument(
+        "--keep-secrets",
+        action="store_true",
+        help="write credentials to the capture instead of redacting them",
+    )
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quiet", "-q", action="store_true", help="only session start and end")
     level.add_argument("--verbose", "-v", action="store_true", help="show message bodies too")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to reach the upstream and finish TLS handshakes (default 10)")
-    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
-                   help="close a session after S seconds without traffic (default 600, "
-                        "RFC 1939 §3)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to reach the upstream and finish TLS handshakes (default 10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="close a session after S seconds without traffic (default 600, RFC 1939 §3)",
+    )
     tls = p.add_argument_group("TLS")
-    tls.add_argument("--listen-tls", action="store_true",
-                     help="implicit TLS towards clients (pop3s), with popproxy's own CA")
-    tls.add_argument("--upstream-tls", action="store_true",
-                     help="implicit TLS towards the server, verified against the system store")
-    tls.add_argument("--upstream-stls", action="store_true",
-                     help="popproxy upgrades the upstream leg with STLS itself")
+    tls.add_argument(
+        "--listen-tls",
+        action="store_true",
+        help="implicit TLS towards clients (pop3s), with popproxy's own CA",
+    )
+    tls.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="implicit TLS towards the server, verified against the system store",
+    )
+    tls.add_argument(
+        "--upstream-stls",
+        action="store_true",
+        help="popproxy upgrades the upstream leg with STLS itself",
+    )
     tls.add_argument("--upstream-ca", metavar="FILE", help="also trust this CA for the upstream")
-    tls.add_argument("--insecure", action="store_true",
-                     help="do NOT verify the upstream certificate (said loudly everywhere)")
-    tls.add_argument("--stls", choices=[m.value for m in StlsMode], default="intercept",
-                     help="what to do with a client's STLS (default intercept)")
-    tls.add_argument("--ca-dir", metavar="DIR",
-                     help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do NOT verify the upstream certificate (said loudly everywhere)",
+    )
+    tls.add_argument(
+        "--stls",
+        choices=[m.value for m in StlsMode],
+        default="intercept",
+        help="what to do with a client's STLS (default intercept)",
+    )
+    tls.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)",
+    )
     p.set_defaults(run=run)
 
 
@@ -75,11 +121,19 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     if args.upstream_ca and not os.path.isfile(args.upstream_ca):
         raise UsageError(f"--upstream-ca {args.upstream_ca}: no such file")
     config = ProxyConfig(
-        upstream=upstream, listen=listen, out_dir=out, keep_secrets=args.keep_secrets,
-        connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout,
-        listen_tls=args.listen_tls, upstream_tls=args.upstream_tls,
-        upstream_stls=args.upstream_stls, stls=StlsMode(args.stls), insecure=args.insecure,
-        upstream_ca=args.upstream_ca, verbose=args.verbose,
+        upstream=upstream,
+        listen=listen,
+        out_dir=out,
+        keep_secrets=args.keep_secrets,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
+        listen_tls=args.listen_tls,
+        upstream_tls=args.upstream_tls,
+        upstream_stls=args.upstream_stls,
+        stls=StlsMode(args.stls),
+        insecure=args.insecure,
+        upstream_ca=args.upstream_ca,
+        verbose=args.verbose,
     )
     try:
         config.upstream_context = client_context(cafile=args.upstream_ca, insecure=args.insecure)

@@ -38,30 +38,45 @@ def add_tls_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
     """``--tls``, ``--stls``, ``--ca``, ``--insecure``, ``--ca-dir``: one meaning everywhere."""
     tls = p.add_argument_group("TLS")
     if listening:
-        tls.add_argument("--tls", action="store_true",
-                         help="implicit TLS towards clients (pop3s), with popproxy's CA")
-        tls.add_argument("--stls", action="store_true",
-                         help="offer STLS even where the capture did not use it")
+        tls.add_argument(
+            "--tls",
+            action="store_true",
+            help="implicit TLS towards clients (pop3s), with popproxy's CA",
+        )
+        tls.add_argument(
+            "--stls", action="store_true", help="offer STLS even where the capture did not use it"
+        )
     else:
         tls.add_argument("--tls", action="store_true", help="implicit TLS (pop3s, RFC 8314)")
-        tls.add_argument("--stls", action="store_true",
-                         help="upgrade with STLS before replaying (RFC 2595 §4)")
+        tls.add_argument(
+            "--stls", action="store_true", help="upgrade with STLS before replaying (RFC 2595 §4)"
+        )
     tls.add_argument("--ca", metavar="FILE", help="also trust this CA for the server")
-    tls.add_argument("--insecure", action="store_true",
-                     help="do NOT verify the server's certificate")
-    tls.add_argument("--ca-dir", metavar="DIR",
-                     help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)")
+    tls.add_argument(
+        "--insecure", action="store_true", help="do NOT verify the server's certificate"
+    )
+    tls.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)",
+    )
 
 
 def add_password_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group(
-        "password", "taken from --password, --password-file, $POPPROXY_PASSWORD, or a prompt "
-                    "when stdin is a terminal (in that order)")
-    group.add_argument("--password-file", metavar="FILE",
-                       help="read the password from the first line of FILE")
-    group.add_argument("--password", metavar="P",
-                       help="the password itself (VISIBLE to other users in the process list: "
-                            "prefer the file or the environment)")
+        "password",
+        "taken from --password, --password-file, $POPPROXY_PASSWORD, or a prompt "
+        "when stdin is a terminal (in that order)",
+    )
+    group.add_argument(
+        "--password-file", metavar="FILE", help="read the password from the first line of FILE"
+    )
+    group.add_argument(
+        "--password",
+        metavar="P",
+        help="the password itself (VISIBLE to other users in the process list: "
+        "prefer the file or the environment)",
+    )
 
 
 def client_tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -82,23 +97,37 @@ def client_tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "replay", help="replay a capture's client side against a live server and compare",
+        "replay",
+        help="replay a capture's client side against a live server and compare",
         description="Send the recorded commands to a live POP3 server in lock-step (pipelined "
-                    "batches stay together), log in with the password given, and compare "
-                    "every answer with the recorded one. Deletions are undone with RSET "
-                    "before QUIT unless --commit-deletes.",
-        epilog="Exit codes: 0 equivalent, 1 different, 2 could not run.")
+        "batches stay together), log in with the password given, and compare "
+        "every answer with the recorded one. Deletions are undone with RSET "
+        "before QUIT unless --commit-deletes.",
+        epilog="Exit codes: 0 equivalent, 1 different, 2 could not run.",
+    )
     p.add_argument("captures", nargs="+", metavar="CAPTURE")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the live server")
-    p.add_argument("--user", metavar="U",
-                   help="log in as U (default: the user named in the capture)")
-    p.add_argument("--strict", action="store_true",
-                   help="also compare volatile text (banners, +OK texts, SASL challenges)")
-    p.add_argument("--commit-deletes", action="store_true",
-                   help="replay DELE then QUIT as recorded: deletions become permanent")
+    p.add_argument(
+        "--user", metavar="U", help="log in as U (default: the user named in the capture)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also compare volatile text (banners, +OK texts, SASL challenges)",
+    )
+    p.add_argument(
+        "--commit-deletes",
+        action="store_true",
+        help="replay DELE then QUIT as recorded: deletions become permanent",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per capture per line")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for any connect, answer or handshake (default 10)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for any connect, answer or handshake (default 10)",
+    )
     add_password_options(p)
     add_tls_options(p, listening=False)
     p.set_defaults(run=run)
@@ -121,12 +150,20 @@ def run(args: argparse.Namespace) -> int:
     if any(needs_password(s) for s in sessions) or args.password or args.password_file:
         password = read_password(password=args.password, password_file=args.password_file)
         if password is None:
-            raise UsageError("the capture's credentials were redacted: give the password "
-                             "with POPPROXY_PASSWORD, --password-file or --password")
-    options = ReplayOptions(server=server, credentials=Credentials(args.user, password),
-                            strict=args.strict, commit_deletes=args.commit_deletes,
-                            timeout=args.timeout, tls=args.tls, stls=args.stls,
-                            context=client_tls_context(args))
+            raise UsageError(
+                "the capture's credentials were redacted: give the password "
+                "with POPPROXY_PASSWORD, --password-file or --password"
+            )
+    options = ReplayOptions(
+        server=server,
+        credentials=Credentials(args.user, password),
+        strict=args.strict,
+        commit_deletes=args.commit_deletes,
+        timeout=args.timeout,
+        tls=args.tls,
+        stls=args.stls,
+        context=client_tls_context(args),
+    )
     console = make_console()
     status = EXIT_OK
     for session in sessions:
@@ -172,12 +209,17 @@ def render_report(console: Console, report: ReplayReport) -> None:
     compared = [o for o in report.outcomes if not o.inserted]
     differing = [o for o in compared if o.differences]
     if not differing:
-        console.print(Text(f"equivalent: {len(compared)} exchanges answered as recorded",
-                           style="pop.ok"))
+        console.print(
+            Text(f"equivalent: {len(compared)} exchanges answered as recorded", style="pop.ok")
+        )
     else:
         names = ", ".join(dict.fromkeys(o.label.split(" ")[0] for o in differing))
-        console.print(Text(f"different: {len(differing)} of {len(compared)} exchanges "
-                           f"({names})", style="pop.err"))
+        console.print(
+            Text(
+                f"different: {len(differing)} of {len(compared)} exchanges ({names})",
+                style="pop.err",
+            )
+        )
 
 
 def outcome_line(outcome: Outcome) -> Text:

@@ -22,24 +22,44 @@ from popproxy.views.theme import make_console
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "serve", help="a fake POP3 server playing recorded sessions",
+        "serve",
+        help="a fake POP3 server playing recorded sessions",
         description="Answer POP3 clients from captures: the recorded greeting, then each "
-                    "recorded reply, byte for byte, as the client sends the recorded commands. "
-                    "Successive connections get successive captures. A command the recording "
-                    "does not have gets -ERR and a near-miss report.")
+        "recorded reply, byte for byte, as the client sends the recorded commands. "
+        "Successive connections get successive captures. A command the recording "
+        "does not have gets -ERR and a near-miss report.",
+    )
     p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
-    p.add_argument("--listen", default="127.0.0.1:1110", metavar="HOST:PORT",
-                   help="where clients connect (default 127.0.0.1:1110; port 0 picks one)")
-    p.add_argument("--strict", action="store_true",
-                   help="end a session at the first command that differs from the recording "
-                        "(default: lenient, CAPA and NOOP may be skipped or repeated)")
-    p.add_argument("--repeat", action="store_true",
-                   help="start again with the first capture once all were played")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="drop a client silent for S seconds (default 60)")
-    p.add_argument("--check-password", action="store_true",
-                   help="check credentials against the password from --password-file, "
-                        "$POPPROXY_PASSWORD or a prompt (default: accept any)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:1110",
+        metavar="HOST:PORT",
+        help="where clients connect (default 127.0.0.1:1110; port 0 picks one)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="end a session at the first command that differs from the recording "
+        "(default: lenient, CAPA and NOOP may be skipped or repeated)",
+    )
+    p.add_argument(
+        "--repeat",
+        action="store_true",
+        help="start again with the first capture once all were played",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="drop a client silent for S seconds (default 60)",
+    )
+    p.add_argument(
+        "--check-password",
+        action="store_true",
+        help="check credentials against the password from --password-file, "
+        "$POPPROXY_PASSWORD or a prompt (default: accept any)",
+    )
     add_password_options(p)
     add_tls_options(p, listening=True)
     p.set_defaults(run=run)
@@ -54,14 +74,21 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     if args.password is not None or args.password_file is not None or args.check_password:
         password = read_password(password=args.password, password_file=args.password_file)
         if password is None:
-            raise UsageError("--check-password: no password given (POPPROXY_PASSWORD, "
-                             "--password-file, --password)")
-    config = ServeConfig(sessions=sessions, listen=listen, password=password,
-                         strict=args.strict, tls=args.tls, repeat=args.repeat,
-                         timeout=args.timeout,
-                         ca_dir=Path(args.ca_dir) if args.ca_dir else default_ca_dir())
-    uses_tls = args.tls or any(s.steps and any(x.verb == "STLS" for x in s.steps)
-                               for s in sessions)
+            raise UsageError(
+                "--check-password: no password given (POPPROXY_PASSWORD, "
+                "--password-file, --password)"
+            )
+    config = ServeConfig(
+        sessions=sessions,
+        listen=listen,
+        password=password,
+        strict=args.strict,
+        tls=args.tls,
+        repeat=args.repeat,
+        timeout=args.timeout,
+        ca_dir=Path(args.ca_dir) if args.ca_dir else default_ca_dir(),
+    )
+    uses_tls = args.tls or any(s.steps and any(x.verb == "STLS" for x in s.steps) for s in sessions)
     if uses_tls:
         config.certificate_authority()  # fail at start-up, not at the first client
     return config
@@ -73,16 +100,22 @@ def run(args: argparse.Namespace) -> int:
     notes = make_console(stderr=True)  # stdout carries "listening on" first, for scripts
     for session in config.sessions:
         if session.implicit_tls and not config.tls:
-            notes.print(Text(f"note: {session.path} was recorded over implicit TLS; "
-                               "add --tls to serve it the same way", style="pop.warning"))
+            notes.print(
+                Text(
+                    f"note: {session.path} was recorded over implicit TLS; "
+                    "add --tls to serve it the same way",
+                    style="pop.warning",
+                )
+            )
         for warning in session.warnings:
             notes.print(Text(f"warning: {warning}", style="pop.warning"))
     server = FakeServer(config, console.print)
     run_listening(_main, config, server, listen=args.listen)
     unplayed = server.report.unplayed()
     if unplayed:
-        console.print(Text(f"{len(unplayed)} recorded exchange(s) were not played:",
-                           style="pop.warning"))
+        console.print(
+            Text(f"{len(unplayed)} recorded exchange(s) were not played:", style="pop.warning")
+        )
         for line in unplayed[:20]:
             console.print(Text(f"  {line}", style="pop.muted"))
     return 0
@@ -97,7 +130,10 @@ async def _main(config: ServeConfig, server: FakeServer) -> None:
                 break
 
 
-async def partial_serve(config: ServeConfig, server: FakeServer, *,
-                        task_status: trio.TaskStatus[list[tuple[str, int]]]
-                        = trio.TASK_STATUS_IGNORED) -> None:
+async def partial_serve(
+    config: ServeConfig,
+    server: FakeServer,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     await serve_replay(config, server.log, server=server, task_status=task_status)

@@ -20,22 +20,34 @@ from popproxy.views.theme import make_console
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("show", help="show the transcript of captures",
-                       description="Show captures as a transcript: commands, replies, bodies "
-                                   "folded, TLS, anomalies. Secrets stay masked.")
+    p = sub.add_parser(
+        "show",
+        help="show the transcript of captures",
+        description="Show captures as a transcript: commands, replies, bodies "
+        "folded, TLS, anomalies. Secrets stay masked.",
+    )
     p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per capture per line (schema: docs/show.schema.json)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per capture per line (schema: docs/show.schema.json)",
+    )
     p.add_argument("--bodies", action="store_true", help="expand message bodies")
     p.add_argument("--raw", action="store_true", help="the recorded bytes, escaped, per chunk")
-    p.add_argument("--command", dest="verb", metavar="VERB",
-                   help="only exchanges of this command")
+    p.add_argument("--command", dest="verb", metavar="VERB", help="only exchanges of this command")
     p.add_argument("--errors", action="store_true", help="only -ERR replies and anomalies")
     p.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
-    p.add_argument("--follow", "-f", action="store_true",
-                   help="keep reading a capture that is still being written")
-    p.add_argument("--show-secrets", action="store_true",
-                   help="show credentials kept by --keep-secrets (masked otherwise)")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep reading a capture that is still being written",
+    )
+    p.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="show credentials kept by --keep-secrets (masked otherwise)",
+    )
     p.set_defaults(run=run)
 
 
@@ -82,22 +94,37 @@ def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, An
             if item.what == "done" and item.exchange is not None:
                 exchanges.append(item.exchange)
     exchanges.extend(builder.unfinished())
-    exchanges.sort(key=lambda ex: (ex.t_sent if ex.t_sent is not None else ex.t_reply or 0.0))
+    exchanges.sort(key=lambda ex: ex.t_sent if ex.t_sent is not None else ex.t_reply or 0.0)
     summary = builder.session
     header = {k: v for k, v in reader.header.items() if k != "r"}
-    session = {**header, "greeting": summary.greeting, "apop_timestamp": summary.apop_timestamp,
-               "user": summary.user, "mechanism": summary.mechanism, "state": summary.state,
-               "commands": summary.commands, "end": end, "warnings": reader.warnings}
-    return {"path": str(reader.path), "session": session,
-            "exchanges": [ex.to_json() for ex in exchanges], "tls": tls,
-            "events": events_out, "anomalies": summary.anomalies}
+    session = {
+        **header,
+        "greeting": summary.greeting,
+        "apop_timestamp": summary.apop_timestamp,
+        "user": summary.user,
+        "mechanism": summary.mechanism,
+        "state": summary.state,
+        "commands": summary.commands,
+        "end": end,
+        "warnings": reader.warnings,
+    }
+    return {
+        "path": str(reader.path),
+        "session": session,
+        "exchanges": [ex.to_json() for ex in exchanges],
+        "tls": tls,
+        "events": events_out,
+        "anomalies": summary.anomalies,
+    }
 
 
 def _header_line(reader: CaptureReader) -> Text:
     h = reader.header
     text = Text(f"{reader.path}", style="bold")
-    text.append(f"  {h.get('start', '?')}  {h.get('client', '?')} → {h.get('upstream', '?')}",
-                style="pop.muted")
+    text.append(
+        f"  {h.get('start', '?')}  {h.get('client', '?')} → {h.get('upstream', '?')}",
+        style="pop.muted",
+    )
     if h.get("keep_secrets"):
         text.append("  (secrets kept)", style="pop.warning")
     if h.get("insecure"):
@@ -107,8 +134,11 @@ def _header_line(reader: CaptureReader) -> Text:
 
 def show_text(console: Console, reader: CaptureReader, args: argparse.Namespace) -> None:
     console.print(_header_line(reader))
-    builder = TranscriptBuilder(hash_bodies=False, body_items=(1 << 62) if args.bodies else 0,
-                                reveal_secrets=args.show_secrets)
+    builder = TranscriptBuilder(
+        hash_bodies=False,
+        body_items=(1 << 62) if args.bodies else 0,
+        reveal_secrets=args.show_secrets,
+    )
     verb = args.verb.upper() if args.verb else None
     grep = args.grep.lower() if args.grep else None
     for record, t, events in replay_events(reader, follow=args.follow):
@@ -133,8 +163,11 @@ def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
     ex = item.exchange
     if verb is not None and (ex is None or ex.command != verb):
         return None
-    if errors and item.what != "anomaly" and not (
-            item.what == "done" and ex is not None and ex.status not in ("+OK", None)):
+    if (
+        errors
+        and item.what != "anomaly"
+        and not (item.what == "done" and ex is not None and ex.status not in ("+OK", None))
+    ):
         return None
     if item.what == "command" and ex is not None:
         return render.command_line(ex)
@@ -146,8 +179,9 @@ def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
             return line
         return render.reply_line(ex)
     if item.what == "body":
-        return Text(item.detail.decode("utf-8", "backslashreplace").rstrip("\r\n"),
-                    style="pop.body")
+        return Text(
+            item.detail.decode("utf-8", "backslashreplace").rstrip("\r\n"), style="pop.body"
+        )
     if item.what == "sasl":
         return render.sasl_line(item.detail, item.t)
     if item.what == "anomaly":
@@ -168,15 +202,21 @@ def _record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
         return render.note_line(f"● {fields.get('kind')} {detail}".rstrip(), t, style)
     if kind == fmt.DROP:
         who = "client" if fields.get("d") == "c" else "server"
-        return render.note_line(f"✂ popproxy did not forward {fields.get('len')} octets from "
-                                f"the {who}: {fields.get('why')}", None, "pop.warning")
+        return render.note_line(
+            f"✂ popproxy did not forward {fields.get('len')} octets from "
+            f"the {who}: {fields.get('why')}",
+            None,
+            "pop.warning",
+        )
     if kind == fmt.DATA and fields.get("p"):
-        return render.note_line(f"✎ the next {fields.get('n')} octets were sent by popproxy",
-                                t, "pop.warning")
+        return render.note_line(
+            f"✎ the next {fields.get('n')} octets were sent by popproxy", t, "pop.warning"
+        )
     if kind == fmt.END:
         how = fields.get("how")
-        text = render.note_line(f"session ended: {how}", t,
-                                "pop.ok" if how in ("quit", "closed") else "pop.err")
+        text = render.note_line(
+            f"session ended: {how}", t, "pop.ok" if how in ("quit", "closed") else "pop.err"
+        )
         if fields.get("error"):
             text.append(f" — {fields['error']}", style="pop.error")
         return text

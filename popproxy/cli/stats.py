@@ -32,9 +32,12 @@ BAR_WIDTH = 12
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("stats", help="per-command counts, latencies, octets and error rates",
-                       description="Statistics over captures, per command: count, -ERR rate, "
-                                   "latency p50/p90/p99/max, octets each way. " + LATENCY_HELP)
+    p = sub.add_parser(
+        "stats",
+        help="per-command counts, latencies, octets and error rates",
+        description="Statistics over captures, per command: count, -ERR rate, "
+        "latency p50/p90/p99/max, octets each way. " + LATENCY_HELP,
+    )
     p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(run=run)
@@ -64,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def collect(reader: CaptureReader, stats: StatsCollector,
-            progress: Callable[[int], None] | None = None) -> None:
+def collect(
+    reader: CaptureReader, stats: StatsCollector, progress: Callable[[int], None] | None = None
+) -> None:
     """Stream one capture into ``stats``."""
     stats.start_session()
     builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
@@ -104,28 +108,51 @@ def render_stats(console: Console, stats: StatsCollector) -> None:
     rows = stats.ordered()
     total = stats.total()
     most = max((s.count for s in rows), default=0)
-    counts = Table(title=f"Commands ({stats.sessions} session(s))", title_justify="left",
-                   box=box.SIMPLE_HEAD, pad_edge=False)
+    counts = Table(
+        title=f"Commands ({stats.sessions} session(s))",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for name in ("command", "count", "", "-ERR", "err %", "no reply", "C→S", "S→C"):
-        counts.add_column(name, justify="left" if name in ("command", "") else "right",
-                          no_wrap=True, min_width=BAR_WIDTH if name == "" else None)
+        counts.add_column(
+            name,
+            justify="left" if name in ("command", "") else "right",
+            no_wrap=True,
+            min_width=BAR_WIDTH if name == "" else None,
+        )
     for s in [*rows, total]:
-        counts.add_row(Text(s.verb, style="pop.session" if s is total else "pop.client"),
-                       f"{s.count:,}", bar(s.count, most) if s is not total else Text(""),
-                       f"{s.errors:,}", f"{s.error_rate:.1%}", f"{s.no_reply:,}",
-                       fmt_size(s.client_octets), fmt_size(s.server_octets))
+        counts.add_row(
+            Text(s.verb, style="pop.session" if s is total else "pop.client"),
+            f"{s.count:,}",
+            bar(s.count, most) if s is not total else Text(""),
+            f"{s.errors:,}",
+            f"{s.error_rate:.1%}",
+            f"{s.no_reply:,}",
+            fmt_size(s.client_octets),
+            fmt_size(s.server_octets),
+        )
     console.print(counts)
     latencies = {s.verb: s.latency() for s in rows}
     slowest = max((float(v["p90"] or 0.0) for v in latencies.values()), default=0.0)
-    table = Table(title="Latency (reply end − max(sent, previous reply end))",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title="Latency (reply end − max(sent, previous reply end))",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for name in ("command", "p50", "p90", "p99", "max", "p90 bar"):
-        table.add_column(name, justify="left" if name in ("command", "p90 bar") else "right",
-                         no_wrap=True)
+        table.add_column(
+            name, justify="left" if name in ("command", "p90 bar") else "right", no_wrap=True
+        )
     for s in rows:
         lat = latencies[s.verb]
-        table.add_row(Text(s.verb, style="pop.client"), _ms(lat["p50"]), _ms(lat["p90"]),
-                      _ms(lat["p99"]), _ms(lat["max"]), bar(float(lat["p90"] or 0.0), slowest))
+        table.add_row(
+            Text(s.verb, style="pop.client"),
+            _ms(lat["p50"]),
+            _ms(lat["p90"]),
+            _ms(lat["p99"]),
+            _ms(lat["max"]),
+            bar(float(lat["p90"] or 0.0), slowest),
+        )
     console.print(table)
-
-

@@ -32,8 +32,9 @@ class Body:
     partial: bytes = b""
     count_lines: bool = True  # a full pass per chunk; a proxy showing nothing can skip it
 
-    def scan(self, data: bytes, pos: int, *, bare_lf: bool
-             ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
+    def scan(
+        self, data: bytes, pos: int, *, bare_lf: bool
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes | None]:
         """Read body bytes from ``pos``.
 
         Returns (where reading stopped, [(raw, unstuffed) pieces], terminator raw or None).

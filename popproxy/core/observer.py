@@ -62,8 +62,28 @@ ML_ON_OK = frozenset({"CAPA", "RETR", "TOP", "XTND", "*ENV"})
 ML_ON_OK_IF_NO_ARG = frozenset({"LIST", "UIDL", "AUTH", "LANG"})
 LISTING_VERBS = frozenset({"LIST", "UIDL", "CAPA", "AUTH", "LANG", "XTND"})
 KNOWN_VERBS = frozenset(
-    {"USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "UTF8", "LANG", "QUIT", "STAT", "LIST",
-     "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "RPOP", "XTND"}
+    {
+        "USER",
+        "PASS",
+        "APOP",
+        "AUTH",
+        "STLS",
+        "CAPA",
+        "UTF8",
+        "LANG",
+        "QUIT",
+        "STAT",
+        "LIST",
+        "RETR",
+        "DELE",
+        "NOOP",
+        "RSET",
+        "TOP",
+        "UIDL",
+        "LAST",
+        "RPOP",
+        "XTND",
+    }
 )
 SASL_IDENTITY_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
 MAX_COMMAND = 255  # RFC 2449 §4, including CRLF
@@ -111,8 +131,14 @@ class _Side:
 class Observer:
     """Frames one POP3 session from both directions into events."""
 
-    def __init__(self, *, max_pending: int = 100_000, max_line: int = 8192,
-                 listings: frozenset[str] = LISTING_VERBS, count_lines: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int = 100_000,
+        max_line: int = 8192,
+        listings: frozenset[str] = LISTING_VERBS,
+        count_lines: bool = True,
+    ) -> None:
         """``listings``: the verbs whose bodies are parsed into ``BodyEnd.listing`` (a line
         loop: a live proxy keeps it to the short CAPA and AUTH lists).  Without
         ``count_lines``, ``BodyEnd.lines`` is 0 (a live proxy that shows no transcript)."""
@@ -172,8 +198,12 @@ class Observer:
         self._out = out
         if side.buf:
             # RFC 2595 §4: bytes before the handshake that were not a whole line.
-            self._anomaly_once(side, "plaintext-after-stls", None,
-                               "plaintext before the TLS handshake, not forwarded")
+            self._anomaly_once(
+                side,
+                "plaintext-after-stls",
+                None,
+                "plaintext before the TLS handshake, not forwarded",
+            )
             self._emit_raw(Injected, side, side.buf)
             side.buf = b""
         out.append(TlsStarted(direction, side.offset))
@@ -232,8 +262,9 @@ class Observer:
             raise ObserverError(f"direction must be a Direction, not {direction!r}")
         return self._client if direction is Direction.CLIENT else self._server
 
-    def _emit_raw(self, cls: type[Opaque] | type[Injected] | type[LineTail], side: _Side,
-                  raw: bytes) -> None:
+    def _emit_raw(
+        self, cls: type[Opaque] | type[Injected] | type[LineTail], side: _Side, raw: bytes
+    ) -> None:
         self._out.append(cls(side.direction, side.offset, raw))
         side.offset += len(raw)
 
@@ -279,8 +310,12 @@ class Observer:
                 pos = end
             elif mode is _Mode.TLS_WAIT:
                 # RFC 2595 §4: nothing may follow STLS's +OK before the handshake.
-                self._anomaly_once(side, "plaintext-after-stls", None,
-                                   "plaintext before the TLS handshake, not forwarded")
+                self._anomaly_once(
+                    side,
+                    "plaintext-after-stls",
+                    None,
+                    "plaintext before the TLS handshake, not forwarded",
+                )
                 self._emit_raw(Injected, side, data[pos:])
                 pos = end
             else:
@@ -348,13 +383,13 @@ class Observer:
     # ----------------------------------------------------------------- client side
 
     def _client_line(self, side: _Side, line: bytes, overlong: bool = False) -> None:
-        undecided = self._held or ((self._auth_open or self._stls_open)
-                                   and not self._awaiting_response)
+        undecided = self._held or (
+            (self._auth_open or self._stls_open) and not self._awaiting_response
+        )
         if undecided and self._server.mode is _Mode.CLOSED:
             # No reply will ever decide this line's role: treat it as a credential.
             self._out.append(Opaque(side.direction, side.offset, line))
-            self._secret(side.direction, side.offset, len(values.strip_eol(line)),
-                         SecretKind.SASL)
+            self._secret(side.direction, side.offset, len(values.strip_eol(line)), SecretKind.SASL)
             side.offset += len(line)
             return
         if undecided:
@@ -427,8 +462,12 @@ class Observer:
             self._anomaly("command-after-quit", Direction.CLIENT, seq, verb)
         self._pending.append(pending)
         if len(self._pending) > self.max_pending:
-            self._anomaly("pipeline-overflow", Direction.CLIENT, seq,
-                          f"more than {self.max_pending} commands outstanding")
+            self._anomaly(
+                "pipeline-overflow",
+                Direction.CLIENT,
+                seq,
+                f"more than {self.max_pending} commands outstanding",
+            )
             self._pending.clear()
             self._client.mode = _Mode.OPAQUE
             self._server.mode = _Mode.OPAQUE
@@ -479,8 +518,12 @@ class Observer:
             else:
                 self._command(offset, line)
         if injected:
-            self._anomaly_once(self._client, "plaintext-after-stls", None,
-                               "plaintext before the TLS handshake, not forwarded")
+            self._anomaly_once(
+                self._client,
+                "plaintext-after-stls",
+                None,
+                "plaintext before the TLS handshake, not forwarded",
+            )
 
     # ----------------------------------------------------------------- server side
 
@@ -496,8 +539,15 @@ class Observer:
             self._anomaly("status-too-long", Direction.SERVER, None, f"{len(line)} octets")
         stamp = values.apop_timestamp(body)
         self._out.append(
-            Greeting(Direction.SERVER, side.offset, line, status or values.decode_text(
-                body.partition(b" ")[0]), code, text, stamp)
+            Greeting(
+                Direction.SERVER,
+                side.offset,
+                line,
+                status or values.decode_text(body.partition(b" ")[0]),
+                code,
+                text,
+                stamp,
+            )
         )
         side.offset += len(line)
         side.mode = _Mode.LINES
@@ -556,8 +606,21 @@ class Observer:
             value = values.parse_drop_listing(text)
         elif status == values.OK and head.verb in ("LIST", "UIDL") and head.has_arg:
             value = values.single_listing(head.verb, text)
-        self._out.append(Reply(Direction.SERVER, offset, line, head.seq, head.verb, status, code,
-                               text, multiline, value, overlong))
+        self._out.append(
+            Reply(
+                Direction.SERVER,
+                offset,
+                line,
+                head.seq,
+                head.verb,
+                status,
+                code,
+                text,
+                multiline,
+                value,
+                overlong,
+            )
+        )
         side.offset += len(line)
         self._pending.popleft()
         self._last = (head.seq, head.verb, head.has_arg, status)
@@ -589,8 +652,9 @@ class Observer:
             if ok:
                 # RFC 2595 §4: TLS begins right after this line's CRLF, on both sides.
                 side.mode = _Mode.TLS_WAIT
-                self._client.mode = _Mode.TLS_WAIT if self._client.mode is _Mode.LINES \
-                    else self._client.mode
+                self._client.mode = (
+                    _Mode.TLS_WAIT if self._client.mode is _Mode.LINES else self._client.mode
+                )
                 self._release_held(injected=True)
                 return
         if ok and head.verb in ("PASS", "APOP", "AUTH") and (head.verb != "AUTH" or head.has_arg):
@@ -614,8 +678,9 @@ class Observer:
         if self._pending and self._pending[0].seq != seq + 1:
             return False
         self._anomaly("multiline-reply-to-single", Direction.SERVER, seq, verb)
-        self._body = Body(seq, verb, listing=[] if verb in self.listings else None,
-                          count_lines=self.count_lines)
+        self._body = Body(
+            seq, verb, listing=[] if verb in self.listings else None, count_lines=self.count_lines
+        )
         self._last = None
         side.mode = _Mode.BODY
         self._feed(side, line)  # re-read this line as body data
@@ -650,15 +715,29 @@ class Observer:
 
     def _end_body(self, side: _Side, body: Body, raw: bytes, *, truncated: bool) -> None:
         if body.unstuffed_dots:
-            self._anomaly("unstuffed-dot", side.direction, body.seq,
-                          f"{body.unstuffed_dots} body lines start with an unstuffed '.'")
+            self._anomaly(
+                "unstuffed-dot",
+                side.direction,
+                body.seq,
+                f"{body.unstuffed_dots} body lines start with an unstuffed '.'",
+            )
         if truncated:
             self._anomaly("truncated-body", side.direction, body.seq, "closed before '.'")
         listing = body.finish()
         if body.verb == "CAPA" and listing is not None:
             self.capabilities = listing
-        self._out.append(BodyEnd(side.direction, side.offset, raw, body.seq, body.lines,
-                                 body.octets, truncated, listing))
+        self._out.append(
+            BodyEnd(
+                side.direction,
+                side.offset,
+                raw,
+                body.seq,
+                body.lines,
+                body.octets,
+                truncated,
+                listing,
+            )
+        )
         side.offset += len(raw)
         self._body = None
         side.mode = _Mode.LINES
@@ -687,8 +766,12 @@ class Observer:
             if self._pending:
                 head = self._pending[0]
                 # Reference §10 item 16: a close ends the head command without a reply.
-                self._anomaly("no-reply", direction, head.seq,
-                              f"{len(self._pending)} command(s) unanswered at close")
+                self._anomaly(
+                    "no-reply",
+                    direction,
+                    head.seq,
+                    f"{len(self._pending)} command(s) unanswered at close",
+                )
                 self._pending.clear()
                 self._auth_open = self._stls_open = 0
                 self._awaiting_response = False

@@ -45,8 +45,12 @@ class MessageSummary:
     attachments: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"from": self.sender, "subject": self.subject, "date": self.date,
-                "attachments": self.attachments}
+        return {
+            "from": self.sender,
+            "subject": self.subject,
+            "date": self.date,
+            "attachments": self.attachments,
+        }
 
 
 @dataclass
@@ -85,16 +89,26 @@ class Exchange:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "seq": self.seq, "command": self.command, "args": self.args,
-            "status": self.status, "code": self.code, "text": self.text,
-            "multiline": self.multiline, "body_lines": self.body_lines,
-            "body_octets": self.body_octets, "body_sha256": self.body_sha256,
+            "kind": self.kind,
+            "seq": self.seq,
+            "command": self.command,
+            "args": self.args,
+            "status": self.status,
+            "code": self.code,
+            "text": self.text,
+            "multiline": self.multiline,
+            "body_lines": self.body_lines,
+            "body_octets": self.body_octets,
+            "body_sha256": self.body_sha256,
             "truncated": self.truncated,
             "value": list(self.value) if self.value is not None else None,
             "listing": [list(x) for x in self.listing] if self.listing is not None else None,
-            "sasl": self.sasl, "state": self.state,
+            "sasl": self.sasl,
+            "state": self.state,
             "message": self.message.to_json() if self.message else None,
-            "t_sent": self.t_sent, "t_reply": self.t_reply, "t_end": self.t_end,
+            "t_sent": self.t_sent,
+            "t_reply": self.t_reply,
+            "t_end": self.t_end,
         }
 
 
@@ -127,9 +141,16 @@ class Item:
 class TranscriptBuilder:
     """Consumes (time, events) and yields display items; keeps only unfinished exchanges."""
 
-    def __init__(self, *, hash_bodies: bool = True, keep_listings: bool = True,
-                 body_items: int = 0, reveal_secrets: bool = False,
-                 scan_attachments: bool = True, summarise_messages: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        hash_bodies: bool = True,
+        keep_listings: bool = True,
+        body_items: int = 0,
+        reveal_secrets: bool = False,
+        scan_attachments: bool = True,
+        summarise_messages: bool = True,
+    ) -> None:
         self.summarise_messages = summarise_messages  # From/Subject of RETR/TOP bodies
         self.scan_attachments = scan_attachments  # a full scan of every message body
         self.reveal_secrets = reveal_secrets  # args from the raw bytes, not the masked copy
@@ -155,8 +176,15 @@ class TranscriptBuilder:
             if self.reveal_secrets and args is not None:
                 line = decode_text(event.raw.rstrip(b"\r\n")).lstrip(" \t")
                 args = line.partition(" ")[2].lstrip(" ") or args
-            ex = Exchange("command", event.seq, event.verb, args, t_sent=t,
-                          state=session.state, client_octets=len(event.raw))
+            ex = Exchange(
+                "command",
+                event.seq,
+                event.verb,
+                args,
+                t_sent=t,
+                state=session.state,
+                client_octets=len(event.raw),
+            )
             if event.verb == "USER" and event.args:
                 session.user = event.args
             elif event.verb == "APOP" and event.args:
@@ -185,8 +213,9 @@ class TranscriptBuilder:
         if isinstance(event, BodyChunk):
             found = self._open.get(event.seq)
             if found is None:  # a resynchronised body for an exchange already finished
-                found = self._open[event.seq] = Exchange("command", event.seq, multiline=True,
-                                                      body_lines=0, body_octets=0)
+                found = self._open[event.seq] = Exchange(
+                    "command", event.seq, multiline=True, body_lines=0, body_octets=0
+                )
                 found._hash = hashlib.sha256() if self.hash_bodies else None
             ex = found
             ex.server_octets += len(event.raw)
@@ -246,19 +275,40 @@ class TranscriptBuilder:
         if isinstance(event, Greeting):
             session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
             session.apop_timestamp = event.apop_timestamp
-            ex = Exchange("greeting", None, status=event.status, code=event.code,
-                          text=event.text, t_reply=t, t_end=t, server_octets=len(event.raw))
+            ex = Exchange(
+                "greeting",
+                None,
+                status=event.status,
+                code=event.code,
+                text=event.text,
+                t_reply=t,
+                t_end=t,
+                server_octets=len(event.raw),
+            )
             return Item("done", t, ex)
         if isinstance(event, Unsolicited):
-            ex = Exchange("unsolicited", None, status=event.status, code=event.code,
-                          text=event.text, t_reply=t, t_end=t, server_octets=len(event.raw))
+            ex = Exchange(
+                "unsolicited",
+                None,
+                status=event.status,
+                code=event.code,
+                text=event.text,
+                t_reply=t,
+                t_end=t,
+                server_octets=len(event.raw),
+            )
             return Item("done", t, ex)
         if isinstance(event, AuthIdentity):
             session.user, session.mechanism = event.identity, event.mechanism
             return None
         if isinstance(event, Anomaly):
-            record = {"kind": event.kind, "dir": event.direction.value, "seq": event.seq,
-                      "detail": event.detail, "t": t}
+            record = {
+                "kind": event.kind,
+                "dir": event.direction.value,
+                "seq": event.seq,
+                "detail": event.detail,
+                "t": t,
+            }
             session.anomalies.append(record)
             return Item("anomaly", t, None, record)
         if isinstance(event, StateChanged):

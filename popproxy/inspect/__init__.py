@@ -53,8 +53,9 @@ def metered_records(reader: CaptureReader, progress: Progress | None) -> Iterato
     meter.finish(reader.size)
 
 
-def metered_events(reader: CaptureReader, progress: Progress | None
-                   ) -> Iterator[tuple[Record | None, float, list[Event]]]:
+def metered_events(
+    reader: CaptureReader, progress: Progress | None
+) -> Iterator[tuple[Record | None, float, list[Event]]]:
     """``replay_events(reader)`` with progress reports."""
     meter = Meter(progress)
     for record, t, events in replay_events(reader):

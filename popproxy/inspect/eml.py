@@ -63,8 +63,9 @@ def message_number(args: str | None) -> int | None:
     return int(words[0])
 
 
-def export_eml(reader: CaptureReader, out: Path, *, include_top: bool = False,
-               progress: Progress | None = None) -> EmlResult:
+def export_eml(
+    reader: CaptureReader, out: Path, *, include_top: bool = False, progress: Progress | None = None
+) -> EmlResult:
     """Write each RETR body (and TOP body with ``include_top``) to ``out`` as an .eml file.
 
     The file holds the body as the client received it after un-stuffing (RFC 1939 §3):
@@ -110,7 +111,8 @@ def export_eml(reader: CaptureReader, out: Path, *, include_top: bool = False,
             result.partial.append(final)
             result.warnings.append(
                 f"{body.verb} {body.number if body.number is not None else '?'} was cut off "
-                f"after {body.octets:,} octets; kept as {final.name}")
+                f"after {body.octets:,} octets; kept as {final.name}"
+            )
 
     try:
         for _record, _t, events in metered_events(reader, progress):
@@ -134,7 +136,8 @@ def export_eml(reader: CaptureReader, out: Path, *, include_top: bool = False,
                             handle = open(tmp, "wb")  # noqa: SIM115 - closed in finish()
                         except OSError as exc:
                             raise CaptureError(
-                                f"cannot write {tmp}: {exc.strerror or exc}") from None
+                                f"cannot write {tmp}: {exc.strerror or exc}"
+                            ) from None
                         bodies[event.seq] = _Body(verb, number, tmp, handle)
                 elif isinstance(event, BodyChunk):
                     body = bodies.get(event.seq)

@@ -42,8 +42,10 @@ summary{cursor:pointer;color:#238}.sasl{color:#a60;margin:0;padding-left:1em}
 
 def _masked(value: str) -> str:
     """HTML of a string whose ``#`` runs are masked credentials."""
-    return "".join(f'<span class="secret" title="masked">{"•" * len(part)}</span>' if secret
-                   else escape(part) for part, secret in masked_parts(value))
+    return "".join(
+        f'<span class="secret" title="masked">{"•" * len(part)}</span>' if secret else escape(part)
+        for part, secret in masked_parts(value)
+    )
 
 
 def _time(t: object) -> str:
@@ -72,21 +74,30 @@ class _Page:
 def _facts(reader: CaptureReader) -> list[tuple[str, Any]]:
     h = reader.header
     facts: list[tuple[str, Any]] = [
-        ("capture", reader.path.name), ("session", h.get("session")),
-        ("started", h.get("start")), ("client", h.get("client")),
-        ("upstream", h.get("upstream")), ("listen", h.get("listen")),
-        ("STLS mode", h.get("stls")), ("popproxy", h.get("popproxy")),
+        ("capture", reader.path.name),
+        ("session", h.get("session")),
+        ("started", h.get("start")),
+        ("client", h.get("client")),
+        ("upstream", h.get("upstream")),
+        ("listen", h.get("listen")),
+        ("STLS mode", h.get("stls")),
+        ("popproxy", h.get("popproxy")),
     ]
     if h.get("insecure"):
         facts.append(("upstream TLS", "INSECURE (certificate not verified)"))
     end = reader.end()
     if end is not None:
         octets = end.get("octets") or {}
-        facts += [("ended", end.get("how")), ("duration", _time(end.get("t"))),
-                  ("commands", end.get("commands")), ("user", end.get("user")),
-                  ("mechanism", end.get("mechanism")), ("anomalies", end.get("anomalies")),
-                  ("octets client → server", octets.get("c")),
-                  ("octets server → client", octets.get("s"))]
+        facts += [
+            ("ended", end.get("how")),
+            ("duration", _time(end.get("t"))),
+            ("commands", end.get("commands")),
+            ("user", end.get("user")),
+            ("mechanism", end.get("mechanism")),
+            ("anomalies", end.get("anomalies")),
+            ("octets client → server", octets.get("c")),
+            ("octets server → client", octets.get("s")),
+        ]
         if end.get("error"):
             facts.append(("error", end.get("error")))
     return [(k, v) for k, v in facts if v not in (None, "")]
@@ -96,8 +107,10 @@ def _exchange_row(ex: Exchange, preview: bytearray | None) -> str:
     status_class = {"+OK": "ok", "+": "cont"}.get(ex.status or "", "err")
     row_class = "ex" if ex.status in ("+OK", "+") else "ex err-row"
     when = ex.t_sent if ex.t_sent is not None else ex.t_reply
-    cells = [f'<td class="t">{_time(when)}</td>',
-             f'<td class="seq">{"" if ex.seq is None else ex.seq}</td>']
+    cells = [
+        f'<td class="t">{_time(when)}</td>',
+        f'<td class="seq">{"" if ex.seq is None else ex.seq}</td>',
+    ]
     if ex.kind == "command":
         cmd = f'<span class="c">C: {escape(ex.command or "?")}</span>'
         if ex.args is not None:
@@ -142,15 +155,21 @@ def _details(ex: Exchange, preview: bytearray | None) -> str:
     body = escape(decode_text(bytes(preview or b"")))
     more = ""
     if (ex.body_octets or 0) > len(preview or b""):
-        more = (f'<div class="warn">… first {len(preview or b""):,} of '
-                f'{ex.body_octets or 0:,} octets shown</div>')
-    return (f"<details><summary>{escape(summary.replace(' TRUNCATED', ''))}{warn}</summary>"
-            f"<pre>{body}</pre>{more}</details>")
+        more = (
+            f'<div class="warn">… first {len(preview or b""):,} of '
+            f"{ex.body_octets or 0:,} octets shown</div>"
+        )
+    return (
+        f"<details><summary>{escape(summary.replace(' TRUNCATED', ''))}{warn}</summary>"
+        f"<pre>{body}</pre>{more}</details>"
+    )
 
 
 def _note_row(t: float | None, text: str, css: str) -> str:
-    return (f'<tr class="{css}"><td class="t">{_time(t)}</td><td></td>'
-            f'<td colspan="3">{escape(text)}</td></tr>\n')
+    return (
+        f'<tr class="{css}"><td class="t">{_time(t)}</td><td></td>'
+        f'<td colspan="3">{escape(text)}</td></tr>\n'
+    )
 
 
 def export_html(reader: CaptureReader, path: Path, *, progress: Progress | None = None) -> int:
@@ -164,13 +183,17 @@ def export_html(reader: CaptureReader, path: Path, *, progress: Progress | None 
     with out:
         page = _Page(out)
         title = escape(f"popproxy: {reader.path.name}")
-        page.add(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-                 f"<title>{title}</title><style>{CSS}</style></head><body>\n"
-                 f"<h1>{title}</h1>\n<dl class=\"facts\">\n")
+        page.add(
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{title}</title><style>{CSS}</style></head><body>\n"
+            f'<h1>{title}</h1>\n<dl class="facts">\n'
+        )
         for key, value in _facts(reader):
             page.add(f"<dt>{escape(key)}</dt><dd>{escape(str(value))}</dd>\n")
-        page.add('</dl>\n<table><thead><tr><th>time</th><th>#</th><th>command</th>'
-                 "<th>reply</th><th>latency</th></tr></thead><tbody>\n")
+        page.add(
+            "</dl>\n<table><thead><tr><th>time</th><th>#</th><th>command</th>"
+            "<th>reply</th><th>latency</th></tr></thead><tbody>\n"
+        )
         for item in walk(reader, progress):
             ex = item.exchange
             if item.what == "body" and ex is not None and ex.seq is not None:
@@ -182,16 +205,18 @@ def export_html(reader: CaptureReader, path: Path, *, progress: Progress | None 
                 page.add(_exchange_row(ex, preview))
                 exchanges += 1
             elif item.what == "anomaly":
-                page.add(_note_row(item.t, render.anomaly_line(item.detail, None).plain,
-                                   "anomaly"))
+                page.add(_note_row(item.t, render.anomaly_line(item.detail, None).plain, "anomaly"))
             elif item.what == "state":
                 page.add(_note_row(item.t, f"── {item.detail} ──", "state"))
             elif item.what == "closed":
                 page.add(_note_row(item.t, f"{item.detail} closed the connection", "muted"))
             elif item.what == "note":
                 note: Note = item.detail
-                css = "tls" if note.kind == "tls" and not note.alert else (
-                    "alert" if note.alert else "muted")
+                css = (
+                    "tls"
+                    if note.kind == "tls" and not note.alert
+                    else ("alert" if note.alert else "muted")
+                )
                 page.add(_note_row(item.t, note.text, css))
         page.add("</tbody></table>\n")
         for warning in reader.warnings:
@@ -199,4 +224,3 @@ def export_html(reader: CaptureReader, path: Path, *, progress: Progress | None 
         page.add("</body></html>\n")
         page.flush()
     return exchanges
-

@@ -28,49 +28,124 @@ MAX_ARG = 40  # RFC 1939 §3: each argument up to 40 characters
 _OCTETS_RE = re.compile(r"^\s*(\d+)\s+octets\b", re.IGNORECASE)
 
 # RFC 1939 §3-§7, RFC 2449, RFC 2595 §4, RFC 6856 §2: which state each command belongs to.
-AUTHORIZATION_ONLY = {"USER": "RFC 1939 §7", "PASS": "RFC 1939 §7", "APOP": "RFC 1939 §7",
-                      "AUTH": "RFC 5034 §4", "STLS": "RFC 2595 §4", "UTF8": "RFC 6856 §2"}
-TRANSACTION_ONLY = {"STAT": "RFC 1939 §5", "LIST": "RFC 1939 §5", "RETR": "RFC 1939 §5",
-                    "DELE": "RFC 1939 §5", "NOOP": "RFC 1939 §5", "RSET": "RFC 1939 §5",
-                    "TOP": "RFC 1939 §7", "UIDL": "RFC 1939 §7"}
+AUTHORIZATION_ONLY = {
+    "USER": "RFC 1939 §7",
+    "PASS": "RFC 1939 §7",
+    "APOP": "RFC 1939 §7",
+    "AUTH": "RFC 5034 §4",
+    "STLS": "RFC 2595 §4",
+    "UTF8": "RFC 6856 §2",
+}
+TRANSACTION_ONLY = {
+    "STAT": "RFC 1939 §5",
+    "LIST": "RFC 1939 §5",
+    "RETR": "RFC 1939 §5",
+    "DELE": "RFC 1939 §5",
+    "NOOP": "RFC 1939 §5",
+    "RSET": "RFC 1939 §5",
+    "TOP": "RFC 1939 §7",
+    "UIDL": "RFC 1939 §7",
+}
 
 # Observer anomaly kind -> (rule, severity, RFC section, explanation).  ``{detail}`` and
 # ``{command}`` are filled in.  Kinds mapped to None are checked more exactly elsewhere.
 ANOMALY_RULES: dict[str, tuple[str, str, str, str] | None] = {
-    "truncated-body": ("body-truncated", ERROR, "RFC 1939 §3",
-                       "the connection closed inside the multi-line reply: no '.' terminator"),
-    "unstuffed-dot": ("unstuffed-dot", ERROR, "RFC 1939 §3",
-                      "body lines begin with '.' but were not dot-stuffed ({detail})"),
-    "multiline-reply-to-single": ("multiline-reply-to-single", ERROR, "RFC 1939 §5, §7",
-                                  "multi-line listing sent for {command} with an argument, "
-                                  "which takes a single-line reply"),
-    "command-too-long": ("command-too-long", WARNING, "RFC 2449 §4",
-                         "command line of {detail} is over 255 octets including CRLF"),
-    "status-too-long": ("status-too-long", WARNING, "RFC 2449 §4",
-                        "first response line of {detail} is over 512 octets including CRLF"),
-    "unsolicited": ("unsolicited-reply", WARNING, "RFC 1939 §3",
-                    "server line with no command outstanding: {detail}"),
-    "data-after-quit": ("data-after-quit", WARNING, "RFC 1939 §6",
-                        "server sent more after answering QUIT: {detail}"),
-    "unexpected-line": ("unexpected-line", ERROR, "RFC 1939 §3",
-                        "server line that is neither status nor body (early terminator?): "
-                        "{detail}"),
-    "plaintext-after-stls": ("plaintext-after-stls", ERROR, "RFC 2595 §4",
-                             "plaintext after STLS, before the TLS handshake: injection"),
-    "nonstandard-status": ("nonstandard-status", ERROR, "RFC 1939 §3",
-                           "status indicator {detail!r}: only +OK and -ERR exist"),
-    "status-case": ("status-case", ERROR, "RFC 1939 §3",
-                    "status indicator {detail!r} must be sent in upper case"),
-    "continuation-outside-auth": ("continuation-outside-auth", ERROR, "RFC 5034 §4",
-                                  "'+' continuation answered {command}: only AUTH has them"),
-    "bad-greeting": ("bad-greeting", ERROR, "RFC 1939 §4",
-                     "the greeting is not a status line: {detail}"),
-    "command-after-quit": ("command-after-quit", WARNING, "RFC 1939 §6",
-                           "{command} sent after QUIT was answered"),
-    "challenge-without-response": ("challenge-without-response", WARNING, "RFC 5034 §4",
-                                   "a second challenge before the client answered the first"),
-    "unterminated-line": ("unterminated-line", WARNING, "RFC 1939 §3",
-                          "the stream ends in a line without CRLF ({detail})"),
+    "truncated-body": (
+        "body-truncated",
+        ERROR,
+        "RFC 1939 §3",
+        "the connection closed inside the multi-line reply: no '.' terminator",
+    ),
+    "unstuffed-dot": (
+        "unstuffed-dot",
+        ERROR,
+        "RFC 1939 §3",
+        "body lines begin with '.' but were not dot-stuffed ({detail})",
+    ),
+    "multiline-reply-to-single": (
+        "multiline-reply-to-single",
+        ERROR,
+        "RFC 1939 §5, §7",
+        "multi-line listing sent for {command} with an argument, which takes a single-line reply",
+    ),
+    "command-too-long": (
+        "command-too-long",
+        WARNING,
+        "RFC 2449 §4",
+        "command line of {detail} is over 255 octets including CRLF",
+    ),
+    "status-too-long": (
+        "status-too-long",
+        WARNING,
+        "RFC 2449 §4",
+        "first response line of {detail} is over 512 octets including CRLF",
+    ),
+    "unsolicited": (
+        "unsolicited-reply",
+        WARNING,
+        "RFC 1939 §3",
+        "server line with no command outstanding: {detail}",
+    ),
+    "data-after-quit": (
+        "data-after-quit",
+        WARNING,
+        "RFC 1939 §6",
+        "server sent more after answering QUIT: {detail}",
+    ),
+    "unexpected-line": (
+        "unexpected-line",
+        ERROR,
+        "RFC 1939 §3",
+        "server line that is neither status nor body (early terminator?): {detail}",
+    ),
+    "plaintext-after-stls": (
+        "plaintext-after-stls",
+        ERROR,
+        "RFC 2595 §4",
+        "plaintext after STLS, before the TLS handshake: injection",
+    ),
+    "nonstandard-status": (
+        "nonstandard-status",
+        ERROR,
+        "RFC 1939 §3",
+        "status indicator {detail!r}: only +OK and -ERR exist",
+    ),
+    "status-case": (
+        "status-case",
+        ERROR,
+        "RFC 1939 §3",
+        "status indicator {detail!r} must be sent in upper case",
+    ),
+    "continuation-outside-auth": (
+        "continuation-outside-auth",
+        ERROR,
+        "RFC 5034 §4",
+        "'+' continuation answered {command}: only AUTH has them",
+    ),
+    "bad-greeting": (
+        "bad-greeting",
+        ERROR,
+        "RFC 1939 §4",
+        "the greeting is not a status line: {detail}",
+    ),
+    "command-after-quit": (
+        "command-after-quit",
+        WARNING,
+        "RFC 1939 §6",
+        "{command} sent after QUIT was answered",
+    ),
+    "challenge-without-response": (
+        "challenge-without-response",
+        WARNING,
+        "RFC 5034 §4",
+        "a second challenge before the client answered the first",
+    ),
+    "unterminated-line": (
+        "unterminated-line",
+        WARNING,
+        "RFC 1939 §3",
+        "the stream ends in a line without CRLF ({detail})",
+    ),
     "bare-lf": None,  # counted exactly from the raw bytes
     "no-reply": None,  # reported per unanswered exchange
     "line-too-long": None,  # the command/status limits above say what matters
@@ -90,9 +165,15 @@ class Finding:
     direction: str | None = None  # "client" or "server"
 
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "severity": self.severity, "rfc": self.rfc,
-                "message": self.message, "seq": self.seq, "command": self.command,
-                "direction": self.direction}
+        return {
+            "rule": self.rule,
+            "severity": self.severity,
+            "rfc": self.rfc,
+            "message": self.message,
+            "seq": self.seq,
+            "command": self.command,
+            "direction": self.direction,
+        }
 
 
 def _who(direction: str) -> str:
@@ -169,39 +250,78 @@ class Linter:
             self._verbs.popitem(last=False)
         if self._outstanding and not self._pipelining and not self._pipelined_reported:
             self._pipelined_reported = True
-            self.add("pipelining-not-advertised", ADVICE, "RFC 2449 §6.6",
-                     f"{event.verb} sent before earlier replies were complete, but the server "
-                     "did not advertise PIPELINING in CAPA", event.seq, event.verb, "c")
+            self.add(
+                "pipelining-not-advertised",
+                ADVICE,
+                "RFC 2449 §6.6",
+                f"{event.verb} sent before earlier replies were complete, but the server "
+                "did not advertise PIPELINING in CAPA",
+                event.seq,
+                event.verb,
+                "c",
+            )
         self._outstanding.add(event.seq)
         if event.verb != "AUTH" and event.args:
             longest = max(len(a) for a in event.args.split(" "))
             if longest > MAX_ARG:
-                self.add("argument-too-long", ADVICE, "RFC 1939 §3",
-                         f"an argument of {longest} characters (limit 40)",
-                         event.seq, event.verb, "c")
+                self.add(
+                    "argument-too-long",
+                    ADVICE,
+                    "RFC 1939 §3",
+                    f"an argument of {longest} characters (limit 40)",
+                    event.seq,
+                    event.verb,
+                    "c",
+                )
 
     def _reply(self, event: Reply) -> None:
         if not event.multiline:
             self._outstanding.discard(event.seq)
         verb, state = event.verb, self._state  # the state the server processed it in
         if verb in AUTHORIZATION_ONLY and state != "AUTHORIZATION":
-            self.add("wrong-state", ADVICE, AUTHORIZATION_ONLY[verb],
-                     f"{verb} is valid only in the AUTHORIZATION state, sent in {state}",
-                     event.seq, verb, "c")
+            self.add(
+                "wrong-state",
+                ADVICE,
+                AUTHORIZATION_ONLY[verb],
+                f"{verb} is valid only in the AUTHORIZATION state, sent in {state}",
+                event.seq,
+                verb,
+                "c",
+            )
         elif verb in TRANSACTION_ONLY and state != "TRANSACTION":
-            self.add("wrong-state", ADVICE, TRANSACTION_ONLY[verb],
-                     f"{verb} is valid only in the TRANSACTION state, sent in {state}",
-                     event.seq, verb, "c")
+            self.add(
+                "wrong-state",
+                ADVICE,
+                TRANSACTION_ONLY[verb],
+                f"{verb} is valid only in the TRANSACTION state, sent in {state}",
+                event.seq,
+                verb,
+                "c",
+            )
         elif verb == "PASS" and state == "AUTHORIZATION" and self._last_reply != ("USER", "+OK"):
-            self.add("pass-without-user", ADVICE, "RFC 1939 §7",
-                     "PASS must follow a USER that got +OK", event.seq, verb, "c")
+            self.add(
+                "pass-without-user",
+                ADVICE,
+                "RFC 1939 §7",
+                "PASS must follow a USER that got +OK",
+                event.seq,
+                verb,
+                "c",
+            )
         self._last_reply = (verb, event.status)
 
     def _anomaly(self, event: Anomaly) -> None:
         command = self._verbs.get(event.seq) if event.seq is not None else None
         if event.kind not in ANOMALY_RULES:
-            self.add(event.kind, ADVICE, "-", f"observer anomaly: {event.detail}".rstrip(": "),
-                     event.seq, command, event.direction.value)
+            self.add(
+                event.kind,
+                ADVICE,
+                "-",
+                f"observer anomaly: {event.detail}".rstrip(": "),
+                event.seq,
+                command,
+                event.direction.value,
+            )
             return
         if event.kind == "bare-lf" and event.direction.value not in self._bare_seq:
             self._bare_seq[event.direction.value] = event.seq
@@ -219,11 +339,25 @@ class Linter:
             return
         verb, ok = ex.command or "", ex.status == "+OK"
         if verb == "QUIT" and not ok:
-            self.add("quit-not-ok", WARNING, "RFC 1939 §6",
-                     f"QUIT answered {ex.status} {ex.text or ''}".rstrip(), ex.seq, verb, "s")
+            self.add(
+                "quit-not-ok",
+                WARNING,
+                "RFC 1939 §6",
+                f"QUIT answered {ex.status} {ex.text or ''}".rstrip(),
+                ex.seq,
+                verb,
+                "s",
+            )
         elif verb == "APOP" and self._apop_stamp is None:
-            self.add("apop-without-timestamp", WARNING, "RFC 1939 §7",
-                     "APOP used but the greeting has no <timestamp>", ex.seq, verb, "c")
+            self.add(
+                "apop-without-timestamp",
+                WARNING,
+                "RFC 1939 §7",
+                "APOP used but the greeting has no <timestamp>",
+                ex.seq,
+                verb,
+                "c",
+            )
         if not ok:
             return
         if verb == "CAPA" and ex.listing is not None:
@@ -240,25 +374,60 @@ class Linter:
     def _drop_listing(self, ex: Exchange) -> None:
         # RFC 1939 §5: "+OK nn mm", message count and size in octets.
         if ex.value is None:
-            self.add("malformed-drop-listing", ERROR, "RFC 1939 §5",
-                     f"STAT reply is not '+OK count octets': {ex.text!r}", ex.seq, "STAT", "s")
+            self.add(
+                "malformed-drop-listing",
+                ERROR,
+                "RFC 1939 §5",
+                f"STAT reply is not '+OK count octets': {ex.text!r}",
+                ex.seq,
+                "STAT",
+                "s",
+            )
         elif len((ex.text or "").split()) > 2:
-            self.add("drop-listing-extra", ADVICE, "RFC 1939 §5",
-                     "text after the drop listing is discouraged", ex.seq, "STAT", "s")
+            self.add(
+                "drop-listing-extra",
+                ADVICE,
+                "RFC 1939 §5",
+                "text after the drop listing is discouraged",
+                ex.seq,
+                "STAT",
+                "s",
+            )
 
     def _single_listing(self, ex: Exchange) -> None:
         verb, asked = ex.command or "", (ex.args or "").split(" ")[0]
         section = "RFC 1939 §5" if verb == "LIST" else "RFC 1939 §7"
         what = "scan listing" if verb == "LIST" else "unique-id listing"
         if ex.value is None or (verb == "UIDL" and not _valid_uid(str(ex.value[1]))):
-            self.add(f"malformed-{what.replace(' ', '-')}", ERROR, section,
-                     f"{verb} {asked} reply is not a {what}: {ex.text!r}", ex.seq, verb, "s")
+            self.add(
+                f"malformed-{what.replace(' ', '-')}",
+                ERROR,
+                section,
+                f"{verb} {asked} reply is not a {what}: {ex.text!r}",
+                ex.seq,
+                verb,
+                "s",
+            )
         elif str(ex.value[0]) != asked.lstrip("0") and asked.isdigit():
-            self.add(f"malformed-{what.replace(' ', '-')}", ERROR, section,
-                     f"{verb} {asked} answered for message {ex.value[0]}", ex.seq, verb, "s")
+            self.add(
+                f"malformed-{what.replace(' ', '-')}",
+                ERROR,
+                section,
+                f"{verb} {asked} answered for message {ex.value[0]}",
+                ex.seq,
+                verb,
+                "s",
+            )
         elif verb == "UIDL" and len((ex.text or "").split()) > 2:
-            self.add("malformed-unique-id-listing", WARNING, section,
-                     "text after the unique-id", ex.seq, verb, "s")
+            self.add(
+                "malformed-unique-id-listing",
+                WARNING,
+                section,
+                "text after the unique-id",
+                ex.seq,
+                verb,
+                "s",
+            )
 
     def _listing(self, ex: Exchange) -> None:
         assert ex.listing is not None
@@ -289,41 +458,85 @@ class Linter:
         rule = f"malformed-{what.replace(' ', '-')}"
         if bad:
             detail = " (uid: 1-70 characters 0x21-0x7E)" if verb == "UIDL" else ""
-            self.add(rule, ERROR, section,
-                     f"{bad} malformed {what} line(s), first {first!r}{detail}", ex.seq, verb, "s")
+            self.add(
+                rule,
+                ERROR,
+                section,
+                f"{bad} malformed {what} line(s), first {first!r}{detail}",
+                ex.seq,
+                verb,
+                "s",
+            )
         if extra:
             severity = ADVICE if verb == "LIST" else WARNING
             last = "size" if verb == "LIST" else "uid"
-            self.add(rule if verb == "UIDL" else "scan-listing-extra", severity, section,
-                     f"{extra} {what} line(s) carry text after the {last}", ex.seq, verb, "s")
+            self.add(
+                rule if verb == "UIDL" else "scan-listing-extra",
+                severity,
+                section,
+                f"{extra} {what} line(s) carry text after the {last}",
+                ex.seq,
+                verb,
+                "s",
+            )
         if duplicates:
-            self.add("duplicate-unique-id", WARNING, section,
-                     f"{duplicates} unique-id(s) repeated in one listing", ex.seq, verb, "s")
+            self.add(
+                "duplicate-unique-id",
+                WARNING,
+                section,
+                f"{duplicates} unique-id(s) repeated in one listing",
+                ex.seq,
+                verb,
+                "s",
+            )
 
     def _retr_size(self, ex: Exchange) -> None:
         # RFC 1939 §11: sizes count CRLF as two octets and not the stuffing dots.
         octets = ex.body_octets or 0
         match = _OCTETS_RE.match(ex.text or "")
         if match is not None and int(match.group(1)) != octets:
-            self.add("octets-mismatch", WARNING, "RFC 1939 §11",
-                     f"'+OK {match.group(1)} octets' but the body has {octets} unstuffed octets",
-                     ex.seq, "RETR", "s")
+            self.add(
+                "octets-mismatch",
+                WARNING,
+                "RFC 1939 §11",
+                f"'+OK {match.group(1)} octets' but the body has {octets} unstuffed octets",
+                ex.seq,
+                "RETR",
+                "s",
+            )
         msg = (ex.args or "").strip()
         if msg in self._sizes and self._sizes[msg] != octets:
-            self.add("size-mismatch", WARNING, "RFC 1939 §11",
-                     f"LIST said message {msg} has {self._sizes[msg]} octets; RETR sent {octets}",
-                     ex.seq, "RETR", "s")
+            self.add(
+                "size-mismatch",
+                WARNING,
+                "RFC 1939 §11",
+                f"LIST said message {msg} has {self._sizes[msg]} octets; RETR sent {octets}",
+                ex.seq,
+                "RETR",
+                "s",
+            )
 
     # ----------------------------------------------------------------- results
 
-    def add(self, rule: str, severity: str, rfc: str, message: str, seq: int | None = None,
-            command: str | None = None, direction: str | None = None) -> None:
+    def add(
+        self,
+        rule: str,
+        severity: str,
+        rfc: str,
+        message: str,
+        seq: int | None = None,
+        command: str | None = None,
+        direction: str | None = None,
+    ) -> None:
         self._per_rule[rule] += 1
         if self._per_rule[rule] > MAX_PER_RULE:
             self.suppressed[rule] += 1
             return
-        self.findings.append(Finding(rule, severity, rfc, message, seq, command,
-                                     _who(direction) if direction else None))
+        self.findings.append(
+            Finding(
+                rule, severity, rfc, message, seq, command, _who(direction) if direction else None
+            )
+        )
 
     def finish(self) -> list[Finding]:
         """Close the books: unanswered commands and the exact bare-LF counts."""
@@ -331,21 +544,41 @@ class Linter:
             if ex.kind == "command" and ex.status is None:
                 verb = ex.command or "?"
                 if verb == "QUIT":
-                    self.add("quit-not-ok", WARNING, "RFC 1939 §6",
-                             "QUIT got no reply before the connection closed", ex.seq, verb, "s")
+                    self.add(
+                        "quit-not-ok",
+                        WARNING,
+                        "RFC 1939 §6",
+                        "QUIT got no reply before the connection closed",
+                        ex.seq,
+                        verb,
+                        "s",
+                    )
                 else:
-                    self.add("no-reply", WARNING, "RFC 1939 §3",
-                             f"{verb} got no reply before the connection closed",
-                             ex.seq, verb, "s")
+                    self.add(
+                        "no-reply",
+                        WARNING,
+                        "RFC 1939 §3",
+                        f"{verb} got no reply before the connection closed",
+                        ex.seq,
+                        verb,
+                        "s",
+                    )
         for d in ("c", "s"):
             bare = self._lf[d] - self._crlf[d]
             if bare > 0:
-                self.add("bare-lf", WARNING, "RFC 1939 §3",
-                         f"{bare} of {self._lf[d]} lines sent by the {_who(d)} end in a bare LF",
-                         self._bare_seq.get(d), None, d)
+                self.add(
+                    "bare-lf",
+                    WARNING,
+                    "RFC 1939 §3",
+                    f"{bare} of {self._lf[d]} lines sent by the {_who(d)} end in a bare LF",
+                    self._bare_seq.get(d),
+                    None,
+                    d,
+                )
         for rule, n in sorted(self.suppressed.items()):
-            self.findings.append(Finding(rule, ADVICE, "-",
-                                         f"{n} more '{rule}' findings not shown"))
+            self.findings.append(
+                Finding(rule, ADVICE, "-", f"{n} more '{rule}' findings not shown")
+            )
         return sorted(self.findings, key=lambda f: (f.seq is None, f.seq or 0))
 
 

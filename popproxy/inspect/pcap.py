@@ -93,18 +93,37 @@ class PcapWriter:
         self._ident = 0
         out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
 
-    def tcp(self, ts: float, src: tuple[str, int, bytes], dst: tuple[str, int, bytes],
-            seq: int, ack: int, flags: int, payload: bytes = b"") -> None:
+    def tcp(
+        self,
+        ts: float,
+        src: tuple[str, int, bytes],
+        dst: tuple[str, int, bytes],
+        seq: int,
+        ack: int,
+        flags: int,
+        payload: bytes = b"",
+    ) -> None:
         src_ip, dst_ip = ipaddress.IPv4Address(src[0]).packed, ipaddress.IPv4Address(dst[0]).packed
         tcp_len = 20 + len(payload)
         # RFC 9293 §3.1: the checksum covers a pseudo-header, the TCP header and the data.
         pseudo = src_ip + dst_ip + struct.pack("!BBH", 0, 6, tcp_len)
-        head = struct.pack("!HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                           5 << 4, flags, WINDOW, 0, 0)
+        head = struct.pack(
+            "!HHIIBBHHH",
+            src[1],
+            dst[1],
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF,
+            5 << 4,
+            flags,
+            WINDOW,
+            0,
+            0,
+        )
         head = head[:16] + struct.pack("!H", checksum(pseudo + head, payload)) + head[18:]
         self._ident = (self._ident + 1) & 0xFFFF
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, self._ident, 0x4000, 64, 6, 0,
-                         src_ip, dst_ip)
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, self._ident, 0x4000, 64, 6, 0, src_ip, dst_ip
+        )
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]  # RFC 791 §3.1
         frame_len = 14 + 20 + tcp_len
         sec = int(ts)
@@ -118,19 +137,21 @@ class PcapWriter:
 class _Connection:
     """One synthetic TCP connection between the client and port 110."""
 
-    def __init__(self, pcap: PcapWriter, client: tuple[str, int], server: tuple[str, int]
-                 ) -> None:
+    def __init__(self, pcap: PcapWriter, client: tuple[str, int], server: tuple[str, int]) -> None:
         self.pcap = pcap
-        self.ends = {"c": (client[0], client[1], CLIENT_MAC),
-                     "s": (server[0], server[1], SERVER_MAC)}
+        self.ends = {
+            "c": (client[0], client[1], CLIENT_MAC),
+            "s": (server[0], server[1], SERVER_MAC),
+        }
         self.next = {"c": CLIENT_ISN, "s": SERVER_ISN}  # next sequence number each side sends
         self.closed: set[str] = set()
 
     def _send(self, ts: float, sender: str, flags: int, payload: bytes = b"") -> None:
         other = "s" if sender == "c" else "c"
         ack = self.next[other] if flags & ACK else 0
-        self.pcap.tcp(ts, self.ends[sender], self.ends[other], self.next[sender], ack, flags,
-                      payload)
+        self.pcap.tcp(
+            ts, self.ends[sender], self.ends[other], self.next[sender], ack, flags, payload
+        )
         self.next[sender] += len(payload) + (1 if flags & (SYN | FIN) else 0)
 
     def open(self, ts: float) -> None:
@@ -157,24 +178,28 @@ class _Connection:
             self.fin(ts, sender)
 
 
-def export_pcap(reader: CaptureReader, path: Path, *, progress: Progress | None = None
-                ) -> PcapResult:
+def export_pcap(
+    reader: CaptureReader, path: Path, *, progress: Progress | None = None
+) -> PcapResult:
     """Write the capture's client leg to ``path`` as a pcap file tshark dissects as POP."""
     h = reader.header
     t0 = h.get("t0")
     base = float(t0) if isinstance(t0, int | float) and not isinstance(t0, bool) else 0.0
     client_ip, client_port, client_real = _endpoint(h.get("client"), CLIENT_IP)
     server_ip, server_port, server_real = _endpoint(h.get("upstream"), SERVER_IP)
-    port = client_port if client_port is not None and client_port != POP3_PORT \
-        else DEFAULT_CLIENT_PORT
+    port = (
+        client_port if client_port is not None and client_port != POP3_PORT else DEFAULT_CLIENT_PORT
+    )
     result = PcapResult()
     result.endpoints.append(
         f"client {h.get('client', '?')} is {client_ip}:{port}"
-        + ("" if client_real and port == client_port else " (synthetic)"))
+        + ("" if client_real and port == client_port else " (synthetic)")
+    )
     result.endpoints.append(
         f"upstream {h.get('upstream', '?')} is {server_ip}:{POP3_PORT}"
         + ("" if server_real else " (synthetic address)")
-        + ("" if server_port == POP3_PORT else " (port 110, so POP dissectors apply)"))
+        + ("" if server_port == POP3_PORT else " (port 110, so POP dissectors apply)")
+    )
     try:
         out = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -198,8 +223,13 @@ def export_pcap(reader: CaptureReader, path: Path, *, progress: Progress | None 
                 conn.data(ts, direction, record.data)
             elif record.kind == fmt.EOF:
                 conn.fin(ts, direction)
-            elif (record.kind == fmt.TLS and direction == "c" and not switched
-                  and fields.get("mode") == "stls" and fields.get("decrypted", True)):
+            elif (
+                record.kind == fmt.TLS
+                and direction == "c"
+                and not switched
+                and fields.get("mode") == "stls"
+                and fields.get("decrypted", True)
+            ):
                 # RFC 2595 §4: after STLS's +OK the connection carries TLS; give the
                 # decrypted plaintext a connection of its own so it dissects as POP.
                 switched = True
@@ -210,7 +240,8 @@ def export_pcap(reader: CaptureReader, path: Path, *, progress: Progress | None 
                 result.connections += 1
                 result.endpoints.append(
                     f"after STLS: decrypted plaintext on {client_ip}:{port2} → "
-                    f"{server_ip}:{POP3_PORT}")
+                    f"{server_ip}:{POP3_PORT}"
+                )
         conn.close(ts)
         result.packets = pcap.packets
     return result

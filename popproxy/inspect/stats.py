@@ -72,10 +72,16 @@ class CommandStats:
             self.latency_max = max(self.latency_max or 0.0, other.latency_max)
 
     def to_json(self) -> dict[str, Any]:
-        return {"count": self.count, "errors": self.errors, "error_rate": self.error_rate,
-                "no_reply": self.no_reply, "client_octets": self.client_octets,
-                "server_octets": self.server_octets, "body_octets": self.body_octets,
-                "latency": self.latency()}
+        return {
+            "count": self.count,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "no_reply": self.no_reply,
+            "client_octets": self.client_octets,
+            "server_octets": self.server_octets,
+            "body_octets": self.body_octets,
+            "latency": self.latency(),
+        }
 
 
 class StatsCollector:
@@ -133,6 +139,8 @@ class StatsCollector:
         return sorted(self.commands.values(), key=lambda s: (-s.count, s.verb))
 
     def to_json(self) -> dict[str, Any]:
-        return {"sessions": self.sessions,
-                "commands": {s.verb: s.to_json() for s in self.ordered()},
-                "total": self.total().to_json()}
+        return {
+            "sessions": self.sessions,
+            "commands": {s.verb: s.to_json() for s in self.ordered()},
+            "total": self.total().to_json(),
+        }

@@ -34,19 +34,30 @@ def record_note(record: Record) -> Note | None:
     t = fields.get("t")
     when = float(t) if isinstance(t, int | float) else None
     if kind == fmt.TLS:
-        return Note("tls", render.tls_line(fields, when).plain.strip(),
-                    alert=fields.get("decrypted") is False)
+        return Note(
+            "tls",
+            render.tls_line(fields, when).plain.strip(),
+            alert=fields.get("decrypted") is False,
+        )
     if kind == fmt.EVENT:
         detail = fields.get("detail") or fields.get("addr") or ""
-        return Note("event", f"● {fields.get('kind')} {detail}".rstrip(),
-                    alert=fields.get("kind") in ("insecure", "observer-error"))
+        return Note(
+            "event",
+            f"● {fields.get('kind')} {detail}".rstrip(),
+            alert=fields.get("kind") in ("insecure", "observer-error"),
+        )
     if kind == fmt.DROP:
         who = "client" if fields.get("d") == "c" else "server"
-        return Note("drop", f"✂ popproxy did not forward {fields.get('len')} octets from the "
-                            f"{who}: {fields.get('why')}", alert=True)
+        return Note(
+            "drop",
+            f"✂ popproxy did not forward {fields.get('len')} octets from the "
+            f"{who}: {fields.get('why')}",
+            alert=True,
+        )
     if kind == fmt.DATA and fields.get("p"):
-        return Note("proxy", f"✎ the next {fields.get('n')} octets were sent by popproxy",
-                    alert=True)
+        return Note(
+            "proxy", f"✎ the next {fields.get('n')} octets were sent by popproxy", alert=True
+        )
     if kind == fmt.END:
         how = fields.get("how")
         text = f"session ended: {how}"
@@ -77,8 +88,15 @@ def walk(reader: CaptureReader, progress: Progress | None = None) -> Iterator[It
                 ex = open_ex.get(event.seq)
                 if ex is None:  # no command seen for it (cannot happen with a sane observer)
                     ex = open_ex[event.seq] = Exchange(
-                        "command", event.seq, event.verb, status=event.status,
-                        code=event.code, text=event.text, multiline=True, t_reply=t)
+                        "command",
+                        event.seq,
+                        event.verb,
+                        status=event.status,
+                        code=event.code,
+                        text=event.text,
+                        multiline=True,
+                        t_reply=t,
+                    )
                 yield Item("reply", t, ex)
                 continue
             if isinstance(event, BodyChunk):
@@ -142,9 +160,12 @@ def header_lines(reader: CaptureReader) -> list[str]:
     h = reader.header
     lines = [f"# popproxy transcript of {reader.path.name}"]
     facts: list[tuple[str, Any]] = [
-        ("session", h.get("session")), ("started", h.get("start")),
-        ("client", h.get("client")), ("upstream", h.get("upstream")),
-        ("listen", h.get("listen")), ("stls", h.get("stls")),
+        ("session", h.get("session")),
+        ("started", h.get("start")),
+        ("client", h.get("client")),
+        ("upstream", h.get("upstream")),
+        ("listen", h.get("listen")),
+        ("stls", h.get("stls")),
     ]
     lines.extend(f"# {key}: {value}" for key, value in facts if value not in (None, ""))
     if h.get("keep_secrets"):

@@ -35,13 +35,15 @@ async def serve_record(
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
 
-async def _handle(config: ProxyConfig, view: SessionView | None,
-                  stream: trio.SocketStream) -> None:
+async def _handle(config: ProxyConfig, view: SessionView | None, stream: trio.SocketStream) -> None:
     session = Session(config, stream, view)
     try:
         await session.run()
     except Exception as exc:  # a bug in one session must never end the proxy
-        print(f"popproxy: session {session.number} failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"popproxy: session {session.number} failed: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         with contextlib.suppress(Exception):
             await stream.aclose()

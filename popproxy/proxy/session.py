@@ -49,9 +49,13 @@ class _Abort(Exception):
 class Session:
     """Relays one connection byte for byte and records it; never lets the tap stall it."""
 
-    def __init__(self, config: ProxyConfig, client: trio.abc.Stream,
-                 view: SessionView | None = None,
-                 connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        client: trio.abc.Stream,
+        view: SessionView | None = None,
+        connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+    ) -> None:
         self.config = config
         # How to reach the upstream: TCP by default; tests pass in-memory streams.
         self._connect = connect or partial(trio.open_tcp_stream, *config.upstream)
@@ -103,8 +107,9 @@ class Session:
             if self.view:
                 self.view.failed(self.number, self.peer, reason)
             with trio.move_on_after(2):
-                await _send_quietly(self.client, b"-ERR [SYS/TEMP] popproxy cannot record this "
-                                                 b"session\r\n")
+                await _send_quietly(
+                    self.client, b"-ERR [SYS/TEMP] popproxy cannot record this session\r\n"
+                )
             await _close_quietly(self.client)
             return
         assert self.tap is not None
@@ -134,12 +139,20 @@ class Session:
         self.path = path = cfg.out_dir / name
         self._fd = create_capture_file(path)
         header: dict[str, Any] = {
-            "popproxy": __version__, "start": started.isoformat().replace("+00:00", "Z"),
-            "t0": time.time(), "session": self.number, "client": self.peer,
-            "listen": self.local, "upstream": cfg.upstream_text,
-            "keep_secrets": cfg.keep_secrets, "listen_tls": cfg.listen_tls,
-            "upstream_tls": cfg.upstream_tls, "upstream_stls": cfg.upstream_stls,
-            "stls": cfg.stls.value, "insecure": cfg.insecure, **cfg.extra_header,
+            "popproxy": __version__,
+            "start": started.isoformat().replace("+00:00", "Z"),
+            "t0": time.time(),
+            "session": self.number,
+            "client": self.peer,
+            "listen": self.local,
+            "upstream": cfg.upstream_text,
+            "keep_secrets": cfg.keep_secrets,
+            "listen_tls": cfg.listen_tls,
+            "upstream_tls": cfg.upstream_tls,
+            "upstream_stls": cfg.upstream_stls,
+            "stls": cfg.stls.value,
+            "insecure": cfg.insecure,
+            **cfg.extra_header,
         }
         writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
         try:
@@ -172,11 +185,17 @@ class Session:
             how = "quit"
         stats = tap.writer.stats
         end: dict[str, Any] = {
-            "r": fmt.END, "t": round(t, 6), "how": how, "error": self.error,
+            "r": fmt.END,
+            "t": round(t, 6),
+            "how": how,
+            "error": self.error,
             "octets": {"c": tap.offsets[C], "s": tap.offsets[S]},
-            "commands": session.commands, "user": session.user,
-            "mechanism": session.mechanism, "anomalies": len(session.anomalies),
-            "redactions": stats.redactions, "observer_error": tap.broken,
+            "commands": session.commands,
+            "user": session.user,
+            "mechanism": session.mechanism,
+            "anomalies": len(session.anomalies),
+            "redactions": stats.redactions,
+            "observer_error": tap.broken,
         }
         if stats.late_redactions:
             end["late_redactions"] = stats.late_redactions
@@ -204,21 +223,24 @@ class Session:
                 stream: trio.abc.Stream = await self._connect()
         except (OSError, trio.TooSlowError) as exc:
             reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
-            await self._refuse("upstream-error", f"cannot reach upstream {cfg.upstream_text}: "
-                                                 f"{reason}")
+            await self._refuse(
+                "upstream-error", f"cannot reach upstream {cfg.upstream_text}: {reason}"
+            )
         self.upstream = stream
         self.tap.event(self.now(), "upstream-connected", addr=stream_address(stream, peer=True))
         if cfg.insecure:
-            self.tap.event(self.now(), "insecure",
-                           detail="upstream certificate verification is OFF")
+            self.tap.event(
+                self.now(), "insecure", detail="upstream certificate verification is OFF"
+            )
         if cfg.upstream_tls:
             self.upstream = await self._upstream_handshake(stream, "implicit")
         elif cfg.upstream_stls:
             try:
                 await self._upstream_stls()
             except STREAM_ERRORS as exc:
-                await self._refuse("upstream-error",
-                                   f"STLS with upstream failed: {describe_error(exc)}")
+                await self._refuse(
+                    "upstream-error", f"STLS with upstream failed: {describe_error(exc)}"
+                )
         async with trio.open_nursery() as pumps:
             pumps.start_soon(self._pump, C)
             pumps.start_soon(self._pump, S)
@@ -256,8 +278,9 @@ class Session:
         assert cfg.upstream_context is not None and self.tap is not None
         host = cfg.upstream[0]
         sni = None if is_ip(host) else host
-        tls = trio.SSLStream(stream, cfg.upstream_context, server_hostname=sni or host,
-                             https_compatible=True)
+        tls = trio.SSLStream(
+            stream, cfg.upstream_context, server_hostname=sni or host, https_compatible=True
+        )
         try:
             with trio.fail_after(cfg.connect_timeout):
                 await tls.do_handshake()
@@ -552,7 +575,8 @@ class Session:
         tap = self.tap
         assert tap is not None
         while tap.broken is None and any(
-                ex.seq is not None and ex.seq < seq for ex in tap.builder.unfinished()):
+            ex.seq is not None and ex.seq < seq for ex in tap.builder.unfinished()
+        ):
             self._replied = trio.Event()
             await self._replied.wait()
 
@@ -588,16 +612,21 @@ def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:
     key = (str(ca.cert_path), None if is_ip(host) else host, local_ip)
     ctx = _server_contexts.get(key)
     if ctx is None:
-        ctx = _server_contexts[key] = server_context(ca, default_host=key[1],
-                                                     local_ip=local_ip)
+        ctx = _server_contexts[key] = server_context(ca, default_host=key[1], local_ip=local_ip)
     return ctx
 
 
 def _tls_info(stream: trio.SSLStream[Any], leg: str, mode: str) -> dict[str, Any]:
     info = describe_tls(stream)
-    return {"leg": leg, "mode": mode, "version": info.version, "cipher": info.cipher,
-            "sni": info.sni, "peer_subject": info.peer_subject,
-            "peer_sha256": info.peer_fingerprint_sha256}
+    return {
+        "leg": leg,
+        "mode": mode,
+        "version": info.version,
+        "cipher": info.cipher,
+        "sni": info.sni,
+        "peer_subject": info.peer_subject,
+        "peer_sha256": info.peer_fingerprint_sha256,
+    }
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:

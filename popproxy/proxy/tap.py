@@ -23,45 +23,67 @@ class Tap:
     (it can no longer tell where credentials are).
     """
 
-    def __init__(self, writer: CaptureWriter, view: ViewSink | None, *,
-                 body_items: int = 0, summaries: bool = True) -> None:
+    def __init__(
+        self,
+        writer: CaptureWriter,
+        view: ViewSink | None,
+        *,
+        body_items: int = 0,
+        summaries: bool = True,
+    ) -> None:
         self.writer = writer
         self.view = view
         # Live, only what a person may be shown is worked out: listings of CAPA and AUTH,
         # message summaries when a view shows them; `popproxy show` re-reads the rest.
         self.observer = Observer(listings=LIVE_LISTINGS, count_lines=view is not None)
-        self.builder = TranscriptBuilder(hash_bodies=False, body_items=body_items,
-                                         scan_attachments=False,
-                                         summarise_messages=summaries and view is not None)
+        self.builder = TranscriptBuilder(
+            hash_bodies=False,
+            body_items=body_items,
+            scan_attachments=False,
+            summarise_messages=summaries and view is not None,
+        )
         self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
         self.broken: str | None = None
 
-    def data(self, direction: Direction, t: float, data: bytes, *,
-             proxy: bool = False) -> list[Event]:
+    def data(
+        self, direction: Direction, t: float, data: bytes, *, proxy: bool = False
+    ) -> list[Event]:
         """Account for a chunk ``direction`` sent (``proxy``: popproxy made it); b"" is EOF."""
         self.offsets[direction] += len(data)
         if data:
             self.writer.data(direction, t, data, proxy=proxy)
         else:
             self.writer.meta({"r": fmt.EOF, "d": direction.value, "t": round(t, 6)})
-        events = self._guard(lambda: self.observer.receive_data(direction, data), direction,
-                             len(data))
+        events = self._guard(
+            lambda: self.observer.receive_data(direction, data), direction, len(data)
+        )
         self._settle(t, events)
         return events
 
-    def start_tls(self, direction: Direction, t: float, info: dict[str, Any], *,
-                  decrypted: bool = True) -> None:
-        self.writer.meta({"r": fmt.TLS, "d": direction.value, "t": round(t, 6),
-                          "off": self.offsets[direction], "decrypted": decrypted, **info})
-        events = self._guard(lambda: self.observer.start_tls(direction, decrypted=decrypted),
-                             direction, 0)
+    def start_tls(
+        self, direction: Direction, t: float, info: dict[str, Any], *, decrypted: bool = True
+    ) -> None:
+        self.writer.meta(
+            {
+                "r": fmt.TLS,
+                "d": direction.value,
+                "t": round(t, 6),
+                "off": self.offsets[direction],
+                "decrypted": decrypted,
+                **info,
+            }
+        )
+        events = self._guard(
+            lambda: self.observer.start_tls(direction, decrypted=decrypted), direction, 0
+        )
         self._settle(t, events)
 
     def drop(self, direction: Direction, offset: int, length: int, why: str) -> None:
         """Bytes of ``direction``'s stream that popproxy received but did not forward."""
         if length > 0:
-            self.writer.meta({"r": fmt.DROP, "d": direction.value, "off": offset,
-                              "len": length, "why": why})
+            self.writer.meta(
+                {"r": fmt.DROP, "d": direction.value, "off": offset, "len": length, "why": why}
+            )
 
     def event(self, t: float, kind: str, **fields: Any) -> None:
         self.writer.meta({"r": fmt.EVENT, "t": round(t, 6), "kind": kind, **fields})
@@ -72,15 +94,15 @@ class Tap:
                 return event
         return None
 
-    def _guard(self, call: Callable[[], list[Event]], direction: Direction,
-               length: int) -> list[Event]:
+    def _guard(
+        self, call: Callable[[], list[Event]], direction: Direction, length: int
+    ) -> list[Event]:
         if self.broken is None:
             try:
                 return call()
             except Exception as exc:  # a parser bug must never reach the relay
                 self.broken = "".join(traceback.format_exception_only(exc)).strip()
-                self.writer.meta({"r": fmt.EVENT, "kind": "observer-error",
-                                  "detail": self.broken})
+                self.writer.meta({"r": fmt.EVENT, "kind": "observer-error", "detail": self.broken})
                 # Every client byte not yet on disk may hold a credential the observer was
                 # still deciding about (held SASL lines): redact all of it.
                 length = self.offsets[Direction.CLIENT] - self.writer.written(Direction.CLIENT)
@@ -94,8 +116,9 @@ class Tap:
         writer = self.writer
         writer.observe(events)
         if self.broken is None:
-            writer.advance(self.observer.settled(Direction.CLIENT),
-                           self.observer.settled(Direction.SERVER))
+            writer.advance(
+                self.observer.settled(Direction.CLIENT), self.observer.settled(Direction.SERVER)
+            )
         else:
             writer.advance(self.offsets[Direction.CLIENT], self.offsets[Direction.SERVER])
         if events:

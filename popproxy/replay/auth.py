@@ -30,11 +30,15 @@ class Credentials:
     password: str | None
 
 
-def read_password(*, password: str | None, password_file: str | None,
-                  env: dict[str, str] | None = None,
-                  prompt: Callable[[str], str] | None = None,
-                  interactive: bool | None = None,
-                  what: str = "password") -> str | None:
+def read_password(
+    *,
+    password: str | None,
+    password_file: str | None,
+    env: dict[str, str] | None = None,
+    prompt: Callable[[str], str] | None = None,
+    interactive: bool | None = None,
+    what: str = "password",
+) -> str | None:
     """The password from ``--password``, ``--password-file``, ``$POPPROXY_PASSWORD`` or a prompt.
 
     The first source given wins, in that order; the prompt (getpass, no echo) is used only

@@ -71,11 +71,15 @@ class Outcome:
     inserted: bool = False  # sent by the replay itself (RSET, STLS): never compared
 
     def to_json(self) -> dict[str, Any]:
-        return {"command": self.label, "inserted": self.inserted,
-                "equal": not self.differences,
-                "differences": [d.to_json() for d in self.differences], "notes": self.notes,
-                "recorded": self.recorded.to_json() if self.recorded else None,
-                "live": self.live.to_json() if self.live else None}
+        return {
+            "command": self.label,
+            "inserted": self.inserted,
+            "equal": not self.differences,
+            "differences": [d.to_json() for d in self.differences],
+            "notes": self.notes,
+            "recorded": self.recorded.to_json() if self.recorded else None,
+            "live": self.live.to_json() if self.live else None,
+        }
 
 
 @dataclass
@@ -96,9 +100,14 @@ class ReplayReport:
         return self.differences == 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"capture": str(self.capture), "server": self.server,
-                "equivalent": self.equivalent, "differences": self.differences,
-                "notes": self.notes, "exchanges": [o.to_json() for o in self.outcomes]}
+        return {
+            "capture": str(self.capture),
+            "server": self.server,
+            "equivalent": self.equivalent,
+            "differences": self.differences,
+            "notes": self.notes,
+            "exchanges": [o.to_json() for o in self.outcomes],
+        }
 
 
 class _Live:
@@ -161,8 +170,7 @@ class _Live:
 
     async def start_tls(self, host: str, context: ssl.SSLContext) -> None:
         sni = None if is_ip(host) else host
-        tls = trio.SSLStream(self.stream, context, server_hostname=sni,
-                             https_compatible=True)
+        tls = trio.SSLStream(self.stream, context, server_hostname=sni, https_compatible=True)
         try:
             with trio.fail_after(self.timeout):
                 await tls.do_handshake()
@@ -197,8 +205,10 @@ def check_mechanisms(session: RecordedSession) -> None:
     for step in session.steps:
         mech = step.mechanism
         if mech is not None and mech not in auth.SUPPORTED_MECHANISMS:
-            raise AuthError(f"cannot replay AUTH {mech}: popproxy answers "
-                            f"{', '.join(auth.SUPPORTED_MECHANISMS)} only")
+            raise AuthError(
+                f"cannot replay AUTH {mech}: popproxy answers "
+                f"{', '.join(auth.SUPPORTED_MECHANISMS)} only"
+            )
 
 
 def batches(steps: list[Step]) -> list[list[Step]]:
@@ -209,8 +219,12 @@ def batches(steps: list[Step]) -> list[list[Step]]:
     out: list[list[Step]] = []
     for step in steps:
         alone = step.verb in ("AUTH", "STLS")
-        if out and not alone and out[-1][-1].batch == step.batch and \
-                out[-1][-1].verb not in ("AUTH", "STLS"):
+        if (
+            out
+            and not alone
+            and out[-1][-1].batch == step.batch
+            and out[-1][-1].verb not in ("AUTH", "STLS")
+        ):
             out[-1].append(step)
         else:
             out.append([step])
@@ -226,8 +240,9 @@ async def replay_session(session: RecordedSession, options: ReplayOptions) -> Re
         with trio.fail_after(options.timeout):
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise ReplayError(f"cannot reach {report.server}: timed out after "
-                          f"{options.timeout:g} s") from None
+        raise ReplayError(
+            f"cannot reach {report.server}: timed out after {options.timeout:g} s"
+        ) from None
     except OSError as exc:
         raise ReplayError(f"cannot reach {report.server}: {describe_error(exc)}") from None
     live = _Live(stream, options.timeout)
@@ -239,8 +254,9 @@ async def replay_session(session: RecordedSession, options: ReplayOptions) -> Re
 
 
 class _Replayer:
-    def __init__(self, session: RecordedSession, options: ReplayOptions, live: _Live,
-                 report: ReplayReport) -> None:
+    def __init__(
+        self, session: RecordedSession, options: ReplayOptions, live: _Live, report: ReplayReport
+    ) -> None:
         self.session = session
         self.options = options
         self.live = live
@@ -311,16 +327,26 @@ class _Replayer:
                 rset_seq = seq
         for owner, seq in zip(owners, seqs, strict=False):
             label = owner.command_text if isinstance(owner, Step) else owner
-            await self.live.wait(lambda seq=seq: seq in self.live.done,  # type: ignore[misc]
-                                 f"{label}")
+            await self.live.wait(
+                lambda seq=seq: seq in self.live.done,  # type: ignore[misc]
+                f"{label}",
+            )
             if isinstance(owner, Step):
                 self._check_login(owner)
         if rset_seq is not None:
             ex = self.live.done.get(rset_seq)
-            self.report.outcomes.append(Outcome(
-                "RSET", None, ex, inserted=True,
-                notes=[f"sent before QUIT so the {self.deletes} deletion(s) are not made "
-                       "permanent (--commit-deletes replays them)"]))
+            self.report.outcomes.append(
+                Outcome(
+                    "RSET",
+                    None,
+                    ex,
+                    inserted=True,
+                    notes=[
+                        f"sent before QUIT so the {self.deletes} deletion(s) are not made "
+                        "permanent (--commit-deletes replays them)"
+                    ],
+                )
+            )
 
     def _line(self, step: Step) -> bytes:
         creds = self.options.credentials
@@ -332,8 +358,10 @@ class _Replayer:
             if creds.password is not None:
                 return verb + b" " + creds.password.encode() + eol
             if auth.is_masked(step.args):
-                raise ReplayError(f"the capture's {step.verb} argument was redacted: give the "
-                                  "password (POPPROXY_PASSWORD, --password-file, --password)")
+                raise ReplayError(
+                    f"the capture's {step.verb} argument was redacted: give the "
+                    "password (POPPROXY_PASSWORD, --password-file, --password)"
+                )
         if step.verb == "APOP":
             return verb + b" " + self._apop_args().encode() + eol
         return step.line
@@ -342,13 +370,15 @@ class _Replayer:
         greeting = self.live.greeting
         timestamp = greeting.apop_timestamp if greeting is not None else None
         if not timestamp:
-            raise ReplayError("the server's greeting has no APOP timestamp (RFC 1939 §7): "
-                              "it does not offer APOP")
+            raise ReplayError(
+                "the server's greeting has no APOP timestamp (RFC 1939 §7): it does not offer APOP"
+            )
         user = self._user()
         password = self.options.credentials.password
         if password is None:
-            raise ReplayError("APOP needs the password (POPPROXY_PASSWORD, --password-file, "
-                              "--password)")
+            raise ReplayError(
+                "APOP needs the password (POPPROXY_PASSWORD, --password-file, --password)"
+            )
         return f"{user} {auth.apop_digest(timestamp, password)}"
 
     def _user(self) -> str:
@@ -362,8 +392,9 @@ class _Replayer:
         mech = step.mechanism or ""
         password = self.options.credentials.password
         if password is None:
-            raise ReplayError(f"AUTH {mech} needs the password (POPPROXY_PASSWORD, "
-                              "--password-file, --password)")
+            raise ReplayError(
+                f"AUTH {mech} needs the password (POPPROXY_PASSWORD, --password-file, --password)"
+            )
         user = self._user()
         ir = step.initial_response
         first = f"AUTH {mech}"
@@ -414,8 +445,9 @@ class _Replayer:
         ex = self.live.done[seq]
         if ex.status != "+OK":
             raise ReplayError(f"the server refused STLS: {ex.status} {ex.text or ''}".strip())
-        self.report.outcomes.append(Outcome("STLS", None, ex, inserted=True,
-                                            notes=["sent by --stls"]))
+        self.report.outcomes.append(
+            Outcome("STLS", None, ex, inserted=True, notes=["sent by --stls"])
+        )
         await self.live.start_tls(host, self._context())
 
     def _context(self) -> ssl.SSLContext:
@@ -440,8 +472,7 @@ class _Replayer:
         if ex is None or ex.status == "+OK":
             self.logged_in = self.logged_in or ex is not None
             return
-        reply = " ".join(x for x in (ex.status, f"[{ex.code}]" if ex.code else None, ex.text)
-                         if x)
+        reply = " ".join(x for x in (ex.status, f"[{ex.code}]" if ex.code else None, ex.text) if x)
         raise ReplayError(f"login refused: {step.verb} was answered {reply}")
 
     def _compare_step(self, step: Step, missing: str | None = None) -> None:
@@ -465,18 +496,23 @@ class _Replayer:
         if not recorded_uids or not live_uids:
             return
         where_now = {uid: n for n, uid in live_uids.items()}
-        moved = [(uid, n, where_now.get(uid)) for n, uid in sorted(recorded_uids.items())
-                 if where_now.get(uid) != n]
+        moved = [
+            (uid, n, where_now.get(uid))
+            for n, uid in sorted(recorded_uids.items())
+            if where_now.get(uid) != n
+        ]
         new = [uid for uid in where_now if uid not in set(recorded_uids.values())]
         for uid, was, now in moved:
             if now is None:
                 self.report.notes.append(f"message {was} (UID {uid}) is gone from the server")
             else:
-                self.report.notes.append(f"message numbers moved: UID {uid} was message {was}, "
-                                         f"now {now}")
+                self.report.notes.append(
+                    f"message numbers moved: UID {uid} was message {was}, now {now}"
+                )
         if new:
-            self.report.notes.append(f"{len(new)} message(s) not in the recording: UID "
-                                     + ", ".join(new[:10]))
+            self.report.notes.append(
+                f"{len(new)} message(s) not in the recording: UID " + ", ".join(new[:10])
+            )
         for step in self.session.steps:
             outcome = self.step_outcomes.get(step.seq)
             first = (step.args or "").split(" ")[0]
@@ -487,17 +523,22 @@ class _Replayer:
                     at = where_now.get(known)
                     outcome.notes.append(
                         f"recorded message {number} (UID {known}) is "
-                        + (f"message {at} now" if at is not None else "gone"))
+                        + (f"message {at} now" if at is not None else "gone")
+                    )
 
 
-def compare(recorded: Exchange | None, live: Exchange | None, *,
-            strict: bool = False) -> list[Difference]:
+def compare(
+    recorded: Exchange | None, live: Exchange | None, *, strict: bool = False
+) -> list[Difference]:
     """``compare_exchanges``, plus the cases where one side never answered."""
     if live is None:
         if recorded is None or recorded.status is None:
             return []
-        return [Difference(recorded.seq, "exchange", label(recorded), None,
-                           "no answer from the live server")]
+        return [
+            Difference(
+                recorded.seq, "exchange", label(recorded), None, "no answer from the live server"
+            )
+        ]
     if recorded is None:
         return [Difference(None, "exchange", None, label(live), "not in the recording")]
     return compare_exchanges(recorded, live, strict=strict)

@@ -34,8 +34,13 @@ class Difference:
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "field": self.field, "expected": self.expected,
-                "actual": self.actual, "note": self.note}
+        return {
+            "seq": self.seq,
+            "field": self.field,
+            "expected": self.expected,
+            "actual": self.actual,
+            "note": self.note,
+        }
 
 
 def args_match(expected: str | None, actual: str | None) -> bool:
@@ -58,8 +63,9 @@ def label(ex: Exchange) -> str:
     return f"{ex.command or '?'}{' ' + ex.args if ex.args else ''}"
 
 
-def compare_exchanges(expected: Exchange, actual: Exchange, *,
-                      strict: bool = False) -> list[Difference]:
+def compare_exchanges(
+    expected: Exchange, actual: Exchange, *, strict: bool = False
+) -> list[Difference]:
     """Differences between two exchanges built with ``TranscriptBuilder(hash_bodies=True)``.
 
     Free text after the status (greeting banner, ``+OK Logged in.``, ``n octets``, APOP
@@ -71,8 +77,15 @@ def compare_exchanges(expected: Exchange, actual: Exchange, *,
         return [Difference(seq, "kind", expected.kind, actual.kind)]
     if expected.kind == "command":
         if expected.command != actual.command:
-            return [Difference(seq, "command", label(expected), label(actual),
-                               "a different command: the sessions diverge here")]
+            return [
+                Difference(
+                    seq,
+                    "command",
+                    label(expected),
+                    label(actual),
+                    "a different command: the sessions diverge here",
+                )
+            ]
         if not args_match(expected.args, actual.args):
             out.append(Difference(seq, "args", expected.args, actual.args))
     if expected.status != actual.status:
@@ -96,12 +109,18 @@ def _compare_value(e: Exchange, a: Exchange) -> list[Difference]:
     """Single-line values: STAT's drop listing (RFC 1939 §5), ``LIST n``/``UIDL n`` (§5, §7)."""
     if e.value == a.value:
         return []
-    names = {"STAT": ("stat.count", "stat.octets"), "LIST": ("list.msg", "list.size"),
-             "UIDL": ("uidl.msg", "uidl.uid")}.get(e.command or "")
+    names = {
+        "STAT": ("stat.count", "stat.octets"),
+        "LIST": ("list.msg", "list.size"),
+        "UIDL": ("uidl.msg", "uidl.uid"),
+    }.get(e.command or "")
     if names is None or e.value is None or a.value is None or len(e.value) != len(a.value):
         return [Difference(e.seq, "value", _plain(e.value), _plain(a.value), "parsed reply value")]
-    return [Difference(e.seq, name, x, y) for name, x, y in zip(names, e.value, a.value,
-                                                              strict=False) if x != y]
+    return [
+        Difference(e.seq, name, x, y)
+        for name, x, y in zip(names, e.value, a.value, strict=False)
+        if x != y
+    ]
 
 
 def _plain(value: tuple[object, ...] | None) -> list[object] | None:
@@ -115,50 +134,92 @@ def _compare_body(e: Exchange, a: Exchange, strict: bool) -> list[Difference]:
     if e.listing is not None and a.listing is not None:
         return out + _compare_listing(e, a, strict)
     if e.body_sha256 != a.body_sha256 or e.body_octets != a.body_octets:
-        out.append(Difference(e.seq, "body", _body_ref(e), _body_ref(a),
-                              "message bodies differ (unstuffed octets and SHA-256)"))
+        out.append(
+            Difference(
+                e.seq,
+                "body",
+                _body_ref(e),
+                _body_ref(a),
+                "message bodies differ (unstuffed octets and SHA-256)",
+            )
+        )
     return out
 
 
 def _body_ref(ex: Exchange) -> dict[str, Any]:
-    return {"seq": ex.seq, "octets": ex.body_octets, "lines": ex.body_lines,
-            "sha256": ex.body_sha256}
+    return {
+        "seq": ex.seq,
+        "octets": ex.body_octets,
+        "lines": ex.body_lines,
+        "sha256": ex.body_sha256,
+    }
 
 
 def _compare_listing(e: Exchange, a: Exchange, strict: bool) -> list[Difference]:
     assert e.listing is not None and a.listing is not None
     seq, verb = e.seq, e.command or ""
     if verb == "CAPA":
+
         def caps(listing: tuple[tuple[str, ...], ...]) -> set[str]:
-            return {" ".join(x) for x in listing
-                    if x and (strict or x[0].upper() not in VOLATILE_CAPABILITIES)}
+            return {
+                " ".join(x)
+                for x in listing
+                if x and (strict or x[0].upper() not in VOLATILE_CAPABILITIES)
+            }
+
         have, got = caps(e.listing), caps(a.listing)
         if have == got:
             return []
-        return [Difference(seq, "capabilities", sorted(have - got), sorted(got - have),
-                           "capabilities only in expected / only in actual")]
+        return [
+            Difference(
+                seq,
+                "capabilities",
+                sorted(have - got),
+                sorted(got - have),
+                "capabilities only in expected / only in actual",
+            )
+        ]
     if verb not in ("LIST", "UIDL"):
         if e.listing == a.listing:
             return []
-        return [Difference(seq, "listing", [" ".join(x) for x in e.listing],
-                           [" ".join(x) for x in a.listing])]
+        return [
+            Difference(
+                seq, "listing", [" ".join(x) for x in e.listing], [" ".join(x) for x in a.listing]
+            )
+        ]
     # RFC 1939 §5 scan listings and §7 unique-id listings: "msg value" per message.
     what = "size" if verb == "LIST" else "uid"
     mine = {x[0]: " ".join(x[1:]) for x in e.listing if x}
     theirs = {x[0]: " ".join(x[1:]) for x in a.listing if x}
     out: list[Difference] = []
     if len(e.listing) != len(a.listing):
-        out.append(Difference(seq, "listing.count", len(e.listing), len(a.listing),
-                              "number of messages listed"))
-    differing = [n for n in _numeric_order(mine.keys() | theirs.keys())
-                 if mine.get(n) != theirs.get(n)]
+        out.append(
+            Difference(
+                seq, "listing.count", len(e.listing), len(a.listing), "number of messages listed"
+            )
+        )
+    differing = [
+        n for n in _numeric_order(mine.keys() | theirs.keys()) if mine.get(n) != theirs.get(n)
+    ]
     for n in differing[:MAX_LISTING_DIFFS]:
-        note = (f"message {n} missing from actual" if n not in theirs else
-                f"message {n} not in expected" if n not in mine else f"message {n} {what}")
+        note = (
+            f"message {n} missing from actual"
+            if n not in theirs
+            else f"message {n} not in expected"
+            if n not in mine
+            else f"message {n} {what}"
+        )
         out.append(Difference(seq, f"listing[{n}]", mine.get(n), theirs.get(n), note))
     if len(differing) > MAX_LISTING_DIFFS:
-        out.append(Difference(seq, "listing", None, None,
-                              f"{len(differing) - MAX_LISTING_DIFFS} more messages differ"))
+        out.append(
+            Difference(
+                seq,
+                "listing",
+                None,
+                None,
+                f"{len(differing) - MAX_LISTING_DIFFS} more messages differ",
+            )
+        )
     return out
 
 
@@ -168,8 +229,15 @@ def _numeric_order(keys: Iterable[str]) -> list[str]:
 
 def _compare_sasl(e: Exchange, a: Exchange, strict: bool) -> list[Difference]:
     if len(e.sasl) != len(a.sasl):
-        return [Difference(e.seq, "sasl.steps", len(e.sasl), len(a.sasl),
-                           "number of SASL challenge/response lines (RFC 5034 §4)")]
+        return [
+            Difference(
+                e.seq,
+                "sasl.steps",
+                len(e.sasl),
+                len(a.sasl),
+                "number of SASL challenge/response lines (RFC 5034 §4)",
+            )
+        ]
     if not strict:
         return []  # challenges carry nonces (CRAM-MD5, SCRAM): volatile
     out = []
@@ -179,8 +247,9 @@ def _compare_sasl(e: Exchange, a: Exchange, strict: bool) -> list[Difference]:
     return out
 
 
-def compare_sessions(expected: Iterable[Exchange], actual: Iterable[Exchange], *,
-                     strict: bool = False) -> Iterator[Difference]:
+def compare_sessions(
+    expected: Iterable[Exchange], actual: Iterable[Exchange], *, strict: bool = False
+) -> Iterator[Difference]:
     """Compare two sessions' exchanges as they stream (both in capture order).
 
     Command exchanges are aligned by position (POP3 has no tags; order is the only key,
@@ -210,14 +279,16 @@ def _commands(exchanges: Iterable[Exchange], others: list[Exchange]) -> Iterator
             others.append(ex)
 
 
-def _compare_others(e_other: list[Exchange], a_other: list[Exchange],
-                    strict: bool) -> Iterator[Difference]:
+def _compare_others(
+    e_other: list[Exchange], a_other: list[Exchange], strict: bool
+) -> Iterator[Difference]:
     e_greet = [x for x in e_other if x.kind == "greeting"]
     a_greet = [x for x in a_other if x.kind == "greeting"]
     for e, a in zip_longest(e_greet, a_greet):
         if e is None or a is None:
-            yield Difference(None, "greeting", e and e.status, a and a.status,
-                             "greeting missing from one side")
+            yield Difference(
+                None, "greeting", e and e.status, a and a.status, "greeting missing from one side"
+            )
         else:
             for d in compare_exchanges(e, a, strict=strict):
                 yield Difference(None, f"greeting.{d.field}", d.expected, d.actual, d.note)
@@ -227,16 +298,21 @@ def _compare_others(e_other: list[Exchange], a_other: list[Exchange],
         if e is None or a is None:
             shown_e = e and f"{e.status} {e.text}"
             shown_a = a and f"{a.status} {a.text}"
-            yield Difference(None, f"unsolicited[{i}]", shown_e, shown_a,
-                             "unsolicited server line on one side only")
+            yield Difference(
+                None,
+                f"unsolicited[{i}]",
+                shown_e,
+                shown_a,
+                "unsolicited server line on one side only",
+            )
         else:
             for d in compare_exchanges(e, a, strict=strict):
-                yield Difference(None, f"unsolicited[{i}].{d.field}", d.expected, d.actual,
-                                 d.note)
+                yield Difference(None, f"unsolicited[{i}].{d.field}", d.expected, d.actual, d.note)
 
 
-def capture_exchanges(reader: CaptureReader,
-                      progress: Callable[[int], None] | None = None) -> Iterator[Exchange]:
+def capture_exchanges(
+    reader: CaptureReader, progress: Callable[[int], None] | None = None
+) -> Iterator[Exchange]:
     """A capture's exchanges in order, bodies hashed, unanswered ones last (streaming).
 
     ``progress`` is called now and then with the capture bytes read so far.
@@ -263,8 +339,9 @@ def first_body_difference(path_a: Path, seq_a: int, path_b: Path, seq_b: int) ->
     return first_body_differences(path_a, path_b, [(seq_a, seq_b)]).get((seq_a, seq_b))
 
 
-def first_body_differences(path_a: Path, path_b: Path,
-                           pairs: list[tuple[int, int]]) -> dict[tuple[int, int], int | None]:
+def first_body_differences(
+    path_a: Path, path_b: Path, pairs: list[tuple[int, int]]
+) -> dict[tuple[int, int], int | None]:
     """``first_body_difference`` for many (seq in A, seq in B) pairs in one pass of each file.
 
     Pairs must be in increasing order on both sides (exchanges are answered in order).

@@ -90,8 +90,9 @@ class ServeReport:
     def unplayed(self) -> list[str]:
         """Recorded exchanges no client asked for, and captures no client connected for."""
         out = [f"{c.capture}: {cmd}" for c in self.connections for cmd in c.unplayed]
-        out.extend(f"{path}: the whole session (no client connected for it)"
-                   for path in self.unserved)
+        out.extend(
+            f"{path}: the whole session (no client connected for it)" for path in self.unserved
+        )
         return out
 
 
@@ -115,8 +116,14 @@ class _Closed(Exception):
 class FakeSession:
     """One client connection answered from one recorded session."""
 
-    def __init__(self, config: ServeConfig, session: RecordedSession, stream: trio.abc.Stream,
-                 report: ConnectionReport, log: Log | None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        session: RecordedSession,
+        stream: trio.abc.Stream,
+        report: ConnectionReport,
+        log: Log | None,
+    ) -> None:
         self.config = config
         self.session = session
         self.steps = session.steps
@@ -173,8 +180,9 @@ class FakeSession:
             while True:
                 line = await self._line()
                 if not line:
-                    self.report.ended = self.report.ended if self.report.ended != "open" \
-                        else "client closed"
+                    self.report.ended = (
+                        self.report.ended if self.report.ended != "open" else "client closed"
+                    )
                     break
                 if not await self._command(line):
                     break
@@ -182,9 +190,11 @@ class FakeSession:
             if self.report.ended == "open":
                 self.report.ended = "connection lost"
         finally:
-            self.report.unplayed = [s.command_text for i, s in enumerate(self.steps)
-                                    if i not in self.report.played and i not in self.skipped
-                                    and s.verb not in SKIPPABLE]
+            self.report.unplayed = [
+                s.command_text
+                for i, s in enumerate(self.steps)
+                if i not in self.report.played and i not in self.skipped and s.verb not in SKIPPABLE
+            ]
 
     async def _command(self, line: bytes) -> bool:
         """Answer one client line; False ends the session."""
@@ -259,20 +269,24 @@ class FakeSession:
         return next((s.reply for s in self.steps if s.verb == "CAPA"), None)
 
     async def _mismatch(self, shown: str, verb: str, args: str | None) -> bool:
-        remaining = list(enumerate(self.steps))[self.cursor:]
+        remaining = list(enumerate(self.steps))[self.cursor :]
         same = next((s for _, s in remaining if s.verb == verb), None)
         nxt = remaining[0][1] if remaining else None
         if same is not None:
             closest = same
-            differed = (f"arguments differ: got {args!r}, recorded {same.args!r}"
-                        if same is nxt else f"out of order: the next recorded command is "
-                        f"{nxt.command_text if nxt else 'none'}")
+            differed = (
+                f"arguments differ: got {args!r}, recorded {same.args!r}"
+                if same is nxt
+                else f"out of order: the next recorded command is "
+                f"{nxt.command_text if nxt else 'none'}"
+            )
         elif nxt is not None:
             closest, differed = nxt, f"command differs: expected {nxt.verb}"
         else:
             closest, differed = None, "the recording has no more commands"
-        miss = NearMiss(self.report.number, shown, closest.command_text if closest else None,
-                        differed)
+        miss = NearMiss(
+            self.report.number, shown, closest.command_text if closest else None, differed
+        )
         self.report.near_misses.append(miss)
         self._say(f"near miss: {miss.describe()}", "pop.warning")
         expected = f" (next recorded: {nxt.command_text})" if nxt else ""
@@ -325,8 +339,9 @@ class FakeSession:
 
         local = getattr(self.stream, "socket", None)
         local_ip = local.getsockname()[0] if local is not None else "127.0.0.1"
-        ctx = server_context(self.config.certificate_authority(), default_host="localhost",
-                             local_ip=local_ip)
+        ctx = server_context(
+            self.config.certificate_authority(), default_host="localhost", local_ip=local_ip
+        )
         tls = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=True)
         try:
             with trio.fail_after(self.config.timeout):
@@ -344,8 +359,11 @@ def _sasl_ok(mech: str, password: str, responses: list[str], challenges: list[by
         return len(responses) >= 2 and auth.check_login_password(responses[1], password)
     if mech == "CRAM-MD5":
         challenge = auth.b64(challenges[0].decode("ascii", "replace")) if challenges else None
-        return challenge is not None and bool(responses) and \
-            auth.check_cram_md5(challenge, responses[0], password)
+        return (
+            challenge is not None
+            and bool(responses)
+            and auth.check_cram_md5(challenge, responses[0], password)
+        )
     return False  # a mechanism popproxy cannot verify: refuse rather than pretend
 
 
@@ -395,8 +413,9 @@ class FakeServer:
             if self.log:
                 self.log(Text(f"#{number} from {peer}: no recorded session left", "pop.error"))
             with trio.move_on_after(2), contextlib.suppress(*STREAM_ERRORS):
-                await stream.send_all(b"-ERR [SYS/TEMP] popproxy serve: no recorded "
-                                      b"session left\r\n")
+                await stream.send_all(
+                    b"-ERR [SYS/TEMP] popproxy serve: no recorded session left\r\n"
+                )
             await _close(stream)
             return
         report = ConnectionReport(number, session.path, peer)
@@ -410,15 +429,22 @@ class FakeServer:
         finally:
             await _close(fake.stream)
             if self.log:
-                left = f", {len(report.unplayed)} recorded exchange(s) unplayed" \
-                    if report.unplayed else ""
+                left = (
+                    f", {len(report.unplayed)} recorded exchange(s) unplayed"
+                    if report.unplayed
+                    else ""
+                )
                 self.log(Text(f"#{number} ended: {report.ended}{left}", "pop.muted"))
 
 
-async def serve_replay(config: ServeConfig, log: Log | None = None, *, announce: bool = True,
-                       server: FakeServer | None = None,
-                       task_status: trio.TaskStatus[list[tuple[str, int]]]
-                       = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_replay(
+    config: ServeConfig,
+    log: Log | None = None,
+    *,
+    announce: bool = True,
+    server: FakeServer | None = None,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Listen and play until cancelled; prints ``listening on HOST:PORT`` like ``record``."""
     fake = server or FakeServer(config, log)
     listeners, addresses = await open_listeners(*config.listen, announce=announce)

@@ -54,27 +54,42 @@ SETTLE_TIMEOUT = 5.0  # recording: how long open sessions get to write their end
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("popproxy", "popproxy POP3 record/replay")
-    group.addoption("--pop3-record-mode", choices=MODES, default=None,
-                    help="none (default): only replay; once: record missing captures; "
-                         "all: always record; rewrite: delete and record anew")
-    group.addoption("--pop3-upstream", default=None, metavar="HOST:PORT",
-                    help="the POP3 server to record from")
+    group.addoption(
+        "--pop3-record-mode",
+        choices=MODES,
+        default=None,
+        help="none (default): only replay; once: record missing captures; "
+        "all: always record; rewrite: delete and record anew",
+    )
+    group.addoption(
+        "--pop3-upstream", default=None, metavar="HOST:PORT", help="the POP3 server to record from"
+    )
     parser.addini("pop3_record_mode", "default record mode for pop3_server", default="none")
     parser.addini("pop3_upstream", "the POP3 server pop3_server records from (HOST:PORT)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "pop3_capture(path, allow_unplayed=False, password=None, strict=False, "
-                   "tls=False): the POP3 capture (file or folder, relative to the test file) "
-                   "the pop3_server fixture plays or records")
+        "markers",
+        "pop3_capture(path, allow_unplayed=False, password=None, strict=False, "
+        "tls=False): the POP3 capture (file or folder, relative to the test file) "
+        "the pop3_server fixture plays or records",
+    )
 
 
 class Pop3Server:
     """What a test talks to: a fake server (replaying) or the recording proxy."""
 
-    def __init__(self, host: str, port: int, mode: str, capture: Path, recording: bool,
-                 report: ServeReport | None, ca: Callable[[], CertificateAuthority]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        mode: str,
+        capture: Path,
+        recording: bool,
+        report: ServeReport | None,
+        ca: Callable[[], CertificateAuthority],
+    ) -> None:
         self.host = host
         self.port = port
         self.mode = mode
@@ -103,8 +118,7 @@ class _TrioThread:
         self._scope: trio.CancelScope | None = None
         self.addresses: list[tuple[str, int]] = []
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="popproxy-pop3-server",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="popproxy-pop3-server", daemon=True)
 
     def start(self) -> list[tuple[str, int]]:
         self._thread.start()
@@ -145,13 +159,13 @@ def _mode(config: pytest.Config) -> str:
 
 
 @pytest.fixture
-def pop3_server(request: pytest.FixtureRequest,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pop3Server]:
+def pop3_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pop3Server]:
     """A POP3 server for this test: recorded sessions played back, or recorded (see module)."""
     marker = request.node.get_closest_marker("pop3_capture")
     if marker is None or not marker.args:
-        pytest.fail('pop3_server needs @pytest.mark.pop3_capture("path/to/capture")',
-                    pytrace=False)
+        pytest.fail('pop3_server needs @pytest.mark.pop3_capture("path/to/capture")', pytrace=False)
     path = (Path(str(request.path)).parent / str(marker.args[0])).resolve()
     kwargs = dict(marker.kwargs)
     mode = _mode(request.config)
@@ -170,26 +184,32 @@ def pop3_server(request: pytest.FixtureRequest,
         yield from _replaying(path, mode, kwargs, ca)
 
 
-def _replaying(path: Path, mode: str, kwargs: dict[str, Any],
-               ca: Callable[[], CertificateAuthority]) -> Iterator[Pop3Server]:
+def _replaying(
+    path: Path, mode: str, kwargs: dict[str, Any], ca: Callable[[], CertificateAuthority]
+) -> Iterator[Pop3Server]:
     if not _exists(path):
-        pytest.fail(f"no POP3 capture at {path}: record mode {mode!r} never touches the "
-                    "network; record it with --pop3-record-mode=once --pop3-upstream HOST:PORT",
-                    pytrace=False)
+        pytest.fail(
+            f"no POP3 capture at {path}: record mode {mode!r} never touches the "
+            "network; record it with --pop3-record-mode=once --pop3-upstream HOST:PORT",
+            pytrace=False,
+        )
     try:
         sessions = load_sessions([str(path)])
     except CaptureError as exc:
         pytest.fail(f"cannot play {path}: {exc}", pytrace=False)
-    config = ServeConfig(sessions=sessions, listen=("127.0.0.1", 0),
-                         password=kwargs.get("password"), strict=bool(kwargs.get("strict")),
-                         tls=bool(kwargs.get("tls")))
+    config = ServeConfig(
+        sessions=sessions,
+        listen=("127.0.0.1", 0),
+        password=kwargs.get("password"),
+        strict=bool(kwargs.get("strict")),
+        tls=bool(kwargs.get("tls")),
+    )
     if config.tls or any(s.verb == "STLS" for x in sessions for s in x.steps):
         config.ca = ca()
     server = FakeServer(config)
 
     async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
-        await serve_replay(config, None, announce=False, server=server,
-                           task_status=task_status)
+        await serve_replay(config, None, announce=False, server=server, task_status=task_status)
 
     thread = _TrioThread(serve)
     host, port = thread.start()[0]
@@ -208,14 +228,18 @@ def _replaying(path: Path, mode: str, kwargs: dict[str, Any],
         pytest.fail(message, pytrace=False)
 
 
-def _recording(request: pytest.FixtureRequest, path: Path, mode: str,
-               ca: Callable[[], CertificateAuthority]) -> Iterator[Pop3Server]:
+def _recording(
+    request: pytest.FixtureRequest, path: Path, mode: str, ca: Callable[[], CertificateAuthority]
+) -> Iterator[Pop3Server]:
     from popproxy.proxy.server import serve_record
 
     text = request.config.getoption("--pop3-upstream") or request.config.getini("pop3_upstream")
     if not text:
-        pytest.fail(f"record mode {mode!r} needs the upstream POP3 server: give "
-                    "--pop3-upstream HOST:PORT or ini pop3_upstream", pytrace=False)
+        pytest.fail(
+            f"record mode {mode!r} needs the upstream POP3 server: give "
+            "--pop3-upstream HOST:PORT or ini pop3_upstream",
+            pytrace=False,
+        )
     try:
         upstream = parse_hostport(str(text))
     except UsageError as exc:
@@ -227,8 +251,7 @@ def _recording(request: pytest.FixtureRequest, path: Path, mode: str,
     out_dir = Path(tempfile.mkdtemp(prefix="popproxy-rec-")) if single else path
     out_dir.mkdir(parents=True, exist_ok=True)
     before = set(out_dir.glob(f"*{SUFFIX}"))
-    config = ProxyConfig(upstream=upstream, listen=("127.0.0.1", 0), out_dir=out_dir,
-                         linger=0.5)
+    config = ProxyConfig(upstream=upstream, listen=("127.0.0.1", 0), out_dir=out_dir, linger=0.5)
 
     async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
         await serve_record(config, None, announce=False, task_status=task_status)
@@ -244,16 +267,18 @@ def _recording(request: pytest.FixtureRequest, path: Path, mode: str,
     if single:
         try:
             if len(new) > 1:
-                pytest.fail(f"the test made {len(new)} POP3 sessions but {path} holds one: "
-                            "mark it with a folder to keep them all", pytrace=False)
+                pytest.fail(
+                    f"the test made {len(new)} POP3 sessions but {path} holds one: "
+                    "mark it with a folder to keep them all",
+                    pytrace=False,
+                )
             if new:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(new[0]), path)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
     if not new:
-        pytest.fail(f"record mode {mode!r}: the test made no POP3 session to record",
-                    pytrace=False)
+        pytest.fail(f"record mode {mode!r}: the test made no POP3 session to record", pytrace=False)
 
 
 def _settle(out_dir: Path, before: set[Path]) -> None:

@@ -109,8 +109,12 @@ def load_session(path: str | Path) -> RecordedSession:
         for record, t, events in replay_events(reader):
             if record is not None and record.kind == fmt.DATA:
                 data_records += 1
-            if record is not None and record.kind == fmt.TLS and last is not None \
-                    and last.verb == "STLS":
+            if (
+                record is not None
+                and record.kind == fmt.TLS
+                and last is not None
+                and last.verb == "STLS"
+            ):
                 last.tls_after = True
             if record is not None and record.kind == fmt.IDENTITY:
                 session.identity = str(record.fields.get("identity") or "") or None
@@ -119,8 +123,9 @@ def load_session(path: str | Path) -> RecordedSession:
                 if isinstance(event, Greeting):
                     session.greeting = event.raw
                 elif isinstance(event, Command):
-                    last = steps[event.seq] = Step(event.seq, event.verb, event.args, event.raw,
-                                                   data_records)
+                    last = steps[event.seq] = Step(
+                        event.seq, event.verb, event.args, event.raw, data_records
+                    )
                     session.steps.append(last)
                 elif isinstance(event, Reply) and event.seq in steps:
                     step = steps[event.seq]

@@ -42,8 +42,9 @@ class LiveView:
     dropped and shown as "N lines skipped".
     """
 
-    def __init__(self, console: Console | None = None, *, mode: str = NORMAL,
-                 sink: Sink | None = None) -> None:
+    def __init__(
+        self, console: Console | None = None, *, mode: str = NORMAL, sink: Sink | None = None
+    ) -> None:
         self.mode = mode
         self.detail = mode != QUIET
         self.sink: Sink = sink or ConsoleSink(console or make_console(), mode)
@@ -69,8 +70,9 @@ class LiveView:
             for item in items:
                 self._put(("item", number, item))
 
-    def ended(self, number: int, how: str, error: str | None, duration: float,
-              session: SessionSummary) -> None:
+    def ended(
+        self, number: int, how: str, error: str | None, duration: float, session: SessionSummary
+    ) -> None:
         self._put(("ended", number, (how, error, duration, session)), force=True)
 
     def failed(self, number: int, peer: str, reason: str) -> None:
@@ -128,8 +130,9 @@ class ConsoleSink:
     def write(self, entries: list[Entry], skipped: int) -> bool:
         lines = [line for e in entries if (line := self.renderer.render(*e)) is not None]
         if skipped:
-            lines.append(Text(f"… {skipped} lines skipped (terminal too slow)",
-                              style="pop.skipped"))
+            lines.append(
+                Text(f"… {skipped} lines skipped (terminal too slow)", style="pop.skipped")
+            )
         try:
             for line in lines:
                 self.console.print(line, overflow="ellipsis", no_wrap=True)
@@ -149,8 +152,9 @@ class ProcessSink:
     def __init__(self, mode: str) -> None:
         ctx = multiprocessing.get_context("spawn")
         reader, self._conn = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_render_child, args=(reader, mode),
-                                 name="popproxy-view", daemon=True)
+        self._proc = ctx.Process(
+            target=_render_child, args=(reader, mode), name="popproxy-view", daemon=True
+        )
         self._proc.start()
         reader.close()
 
@@ -206,8 +210,9 @@ class LineRenderer:
             return render.session_end_line(how, error, duration, session, tag)
         if kind == "failed":
             peer, reason = payload
-            return render.note_line(f"session from {peer} refused: {reason}", None,
-                                    "pop.error", tag)
+            return render.note_line(
+                f"session from {peer} refused: {reason}", None, "pop.error", tag
+            )
         if kind == "notice":
             message, style = payload
             return Text(message, style=style)
@@ -232,8 +237,9 @@ class LineRenderer:
             side = "client" if item.detail == "c" else "server"
             return render.note_line(f"🔒 TLS from here on ({side} side)", item.t, "pop.tls", tag)
         if item.what == "closed":
-            return render.note_line(f"{item.detail} closed the connection", item.t, "pop.muted",
-                                    tag)
+            return render.note_line(
+                f"{item.detail} closed the connection", item.t, "pop.muted", tag
+            )
         if item.what == "body" and self.mode == VERBOSE:
             return Text(item.detail.decode("utf-8", "backslashreplace"), style="pop.body")
         return None

@@ -31,9 +31,14 @@ class ScanProgress:
         self._task = None
         self._done: dict[int, int] = {}
         if sys.stderr.isatty() and total >= PROGRESS_MIN:
-            self._bar = Progress(TextColumn("[progress.description]{task.description}"),
-                                 BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                                 console=make_console(stderr=True), transient=True)
+            self._bar = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeRemainingColumn(),
+                console=make_console(stderr=True),
+                transient=True,
+            )
             self._task = self._bar.add_task(label, total=total)
 
     def __enter__(self) -> ScanProgress:
@@ -41,8 +46,9 @@ class ScanProgress:
             self._bar.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._bar is not None:
             self._bar.stop()
 

@@ -175,8 +175,9 @@ def note_line(message: str, t: float | None, style: str, tag: Text | None = None
     return text
 
 
-def session_end_line(how: str, error: str | None, duration: float, session: SessionSummary,
-                     tag: Text | None = None) -> Text:
+def session_end_line(
+    how: str, error: str | None, duration: float, session: SessionSummary, tag: Text | None = None
+) -> Text:
     text = prefix(None, tag)
     style = "pop.ok" if how in ("quit", "closed", "client-closed", "server-closed") else "pop.err"
     text.append(f"session ended: {how}", style=style)

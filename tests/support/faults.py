@@ -58,9 +58,12 @@ def open_files() -> dict[int, str]:
 
 def task_count() -> int:
     """Every task alive in this trio run (the root task's tree)."""
+
     def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries
-                       for child in nursery.child_tasks)
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
+
     root = trio.lowlevel.current_root_task()
     assert root is not None
     return walk(root)
@@ -125,8 +128,14 @@ class FaultServer:
     """Greets, then hands each LF-terminated line to ``on_line``; ``behaviours[i]`` replaces
     the whole conversation of the i-th connection."""
 
-    def __init__(self, on_line: OnLine = standard, *, greeting: bytes = GREETING,
-                 keep: bool = True, behaviours: dict[int, Behaviour] | None = None) -> None:
+    def __init__(
+        self,
+        on_line: OnLine = standard,
+        *,
+        greeting: bytes = GREETING,
+        keep: bool = True,
+        behaviours: dict[int, Behaviour] | None = None,
+    ) -> None:
         self.on_line = on_line
         self.greeting = greeting
         self.keep = keep
@@ -134,8 +143,7 @@ class FaultServer:
         self.peers: list[Peer] = []
         self.accepted = trio.Event()
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(self._handle, listeners)
@@ -289,8 +297,9 @@ class _ViewAdapter:
     def items(self, number: int, items: list[Item]) -> None:
         pass
 
-    def ended(self, number: int, how: str, error: str | None, duration: float,
-              session: SessionSummary) -> None:
+    def ended(
+        self, number: int, how: str, error: str | None, duration: float, session: SessionSummary
+    ) -> None:
         self.record.ended[number] = (how, error)
 
     def failed(self, number: int, peer: str, reason: str) -> None:
@@ -327,8 +336,9 @@ def read_capture(path: Path, work: Path) -> Capture:
     with CaptureReader(path) as reader:
         doc = capture_json(reader)
         warnings = list(reader.warnings)
-    return Capture(path, doc, (out / "client.bin").read_bytes(),
-                   (out / "server.bin").read_bytes(), warnings)
+    return Capture(
+        path, doc, (out / "client.bin").read_bytes(), (out / "server.bin").read_bytes(), warnings
+    )
 
 
 def _ended(path: Path) -> bool:
@@ -349,10 +359,21 @@ async def wait_ended(out: Path, count: int) -> list[Path]:
 
 
 class Harness:
-    def __init__(self, config: ProxyConfig, addr: tuple[str, int], view: RecordingView,
-                 server: FaultServer, work: Path) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        addr: tuple[str, int],
+        view: RecordingView,
+        server: FaultServer,
+        work: Path,
+    ) -> None:
         self.config, self.addr, self.view, self.server, self.work = (
-            config, addr, view, server, work)
+            config,
+            addr,
+            view,
+            server,
+            work,
+        )
 
     @property
     def out(self) -> Path:
@@ -381,8 +402,14 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def harness(work: Path, server: FaultServer, *, out: Path | None = None,
-                  check_fds: bool = True, **options: Any) -> AsyncIterator[Harness]:
+async def harness(
+    work: Path,
+    server: FaultServer,
+    *,
+    out: Path | None = None,
+    check_fds: bool = True,
+    **options: Any,
+) -> AsyncIterator[Harness]:
     """``server`` and a recording proxy in front of it (``keep_secrets``, 0.2 s linger)."""
     fds = fd_count()
     if out is None:
@@ -392,10 +419,12 @@ async def harness(work: Path, server: FaultServer, *, out: Path | None = None,
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
         settings: dict[str, Any] = {"keep_secrets": True, "linger": 0.2, **options}
-        config = ProxyConfig(upstream=("127.0.0.1", port), listen=("127.0.0.1", 0),
-                             out_dir=out, **settings)
-        addrs = await nursery.start(partial(serve_record, announce=False), config,
-                                    _ViewAdapter(view))
+        config = ProxyConfig(
+            upstream=("127.0.0.1", port), listen=("127.0.0.1", 0), out_dir=out, **settings
+        )
+        addrs = await nursery.start(
+            partial(serve_record, announce=False), config, _ViewAdapter(view)
+        )
         yield Harness(config, addrs[0], view, server, work)
         nursery.cancel_scope.cancel()
     if check_fds:
@@ -404,6 +433,7 @@ async def harness(work: Path, server: FaultServer, *, out: Path | None = None,
 
 def relay_to(port: int) -> Behaviour:
     """A connection behaviour: pass everything through to 127.0.0.1:``port`` and back."""
+
     async def behaviour(peer: Peer) -> None:
         upstream = await trio.open_tcp_stream("127.0.0.1", port)
 
@@ -420,6 +450,7 @@ def relay_to(port: int) -> Behaviour:
         finally:
             with trio.CancelScope(shield=True):
                 await upstream.aclose()
+
     return behaviour
 
 
@@ -456,12 +487,14 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def recorder_process(upstream_port: int, out: Path, *,
-                           fsize: int | None = None) -> AsyncIterator[Recorder]:
+async def recorder_process(
+    upstream_port: int, out: Path, *, fsize: int | None = None
+) -> AsyncIterator[Recorder]:
     """Run ``popproxy record`` (quiet, keep-secrets); ``fsize`` sets its RLIMIT_FSIZE.
 
     On exit it is stopped with SIGINT (unless it is dead already) and waited for.
     """
+
     def limits() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
         if fsize is not None:
@@ -469,12 +502,23 @@ async def recorder_process(upstream_port: int, out: Path, *,
 
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR",)}
     env.update(NO_COLOR="1", COLUMNS="400", PYTHONDONTWRITEBYTECODE="1")
-    argv = [sys.executable, "-m", "popproxy", "record", "--upstream",
-            f"127.0.0.1:{upstream_port}", "--listen", "127.0.0.1:0", "--out", str(out),
-            "--quiet", "--keep-secrets"]
-    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, env=env, cwd=ROOT,
-                                            preexec_fn=limits)
+    argv = [
+        sys.executable,
+        "-m",
+        "popproxy",
+        "record",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--listen",
+        "127.0.0.1:0",
+        "--out",
+        str(out),
+        "--quiet",
+        "--keep-secrets",
+    ]
+    proc = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, preexec_fn=limits
+    )
     rec = Recorder(proc)
     try:
         async with trio.open_nursery() as nursery:

@@ -14,16 +14,22 @@ from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record
 
 
-def record(upstream: tuple[str, int], out_dir: Path,
-           client: Callable[[str, int], Any], *, timeout: float = 30.0) -> tuple[Path, Any]:
+def record(
+    upstream: tuple[str, int],
+    out_dir: Path,
+    client: Callable[[str, int], Any],
+    *,
+    timeout: float = 30.0,
+) -> tuple[Path, Any]:
     """Run ``client(host, port)`` (sync, in a thread) through popproxy; return its capture."""
     out_dir.mkdir(parents=True, exist_ok=True)
     before = set(out_dir.glob("*.popcap"))
     result: list[Any] = []
 
     async def main() -> None:
-        config = ProxyConfig(upstream=upstream, listen=("127.0.0.1", 0), out_dir=out_dir,
-                             linger=0.2)
+        config = ProxyConfig(
+            upstream=upstream, listen=("127.0.0.1", 0), out_dir=out_dir, linger=0.2
+        )
         with trio.fail_after(timeout):
             async with trio.open_nursery() as nursery:
                 addresses = await nursery.start(partial_serve, config)
@@ -39,8 +45,9 @@ def record(upstream: tuple[str, int], out_dir: Path,
     return new[0], result[0]
 
 
-async def partial_serve(config: ProxyConfig,
-                        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+async def partial_serve(
+    config: ProxyConfig, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
     await serve_record(config, None, announce=False, task_status=task_status)
 
 

@@ -48,8 +48,10 @@ def default_answer(messages: dict[int, bytes] | None = None) -> Answer:
         if verb == b"CAPA":
             return b"+OK capability list follows\r\nUSER\r\nUIDL\r\nTOP\r\n.\r\n"
         if verb in (b"LIST", b"UIDL") and len(words) == 1:
-            lines = b"".join(b"%d %d\r\n" % (n, len(m)) if verb == b"LIST" else
-                             b"%d uid-%d\r\n" % (n, n) for n, m in sorted(messages.items()))
+            lines = b"".join(
+                b"%d %d\r\n" % (n, len(m)) if verb == b"LIST" else b"%d uid-%d\r\n" % (n, n)
+                for n, m in sorted(messages.items())
+            )
             return b"+OK\r\n" + lines + b".\r\n"
         if verb == b"RETR" and len(words) > 1 and words[1].isdigit():
             body = messages.get(int(words[1]))
@@ -75,9 +77,14 @@ class Connection:
 class ScriptedServer:
     """``greeting=None`` never greets; ``silent`` never answers (reads until EOF)."""
 
-    def __init__(self, *, greeting: bytes | None = b"+OK scripted POP3 ready\r\n",
-                 answer: Answer | None = None, silent: bool = False,
-                 bye: bytes = b"+OK bye\r\n") -> None:
+    def __init__(
+        self,
+        *,
+        greeting: bytes | None = b"+OK scripted POP3 ready\r\n",
+        answer: Answer | None = None,
+        silent: bool = False,
+        bye: bytes = b"+OK bye\r\n",
+    ) -> None:
         self.greeting = greeting
         self.answer = answer or default_answer()
         self.silent = silent
@@ -86,8 +93,7 @@ class ScriptedServer:
         self.accepted = trio.Event()
         self.port = 0
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
@@ -149,8 +155,7 @@ class TeeRelay:
         self.connections: list[Connection] = []  # received: from the client; sent: from server
         self.port = 0
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)

@@ -25,8 +25,9 @@ _ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 BODY = b"Subject: scripted\r\n\r\nhello over TLS\r\n"
 
 
-def client_ssl_context(cafile: str | Path | None, *, keylog: str | Path | None = None
-                       ) -> ssl.SSLContext:
+def client_ssl_context(
+    cafile: str | Path | None, *, keylog: str | Path | None = None
+) -> ssl.SSLContext:
     """A verifying client context that trusts only ``cafile`` (None: no trust anchors)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
     if cafile is not None:
@@ -68,8 +69,7 @@ class StlsServer:
     requires of a server) and starts TLS; USER/PASS/STAT/RETR 1/QUIT get canned answers.
     """
 
-    def __init__(self, *, stls_reply: bytes = b"+OK Begin TLS\r\n", implicit: bool = False
-                 ) -> None:
+    def __init__(self, *, stls_reply: bytes = b"+OK Begin TLS\r\n", implicit: bool = False) -> None:
         self.stls_reply = stls_reply
         self.implicit = implicit  # pop3s: TLS from the first byte, STLS refused
         self.ca = trustme.CA()
@@ -88,8 +88,7 @@ class StlsServer:
         self.ca.configure_trust(ctx)
         return ctx
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
@@ -137,8 +136,7 @@ class StlsServer:
                     if not self.stls_reply.startswith(b"+OK"):
                         continue
                     pending = b""  # RFC 2595 §4: drop plaintext pipelined after STLS
-                    tls = trio.SSLStream(raw, self.context, server_side=True,
-                                         https_compatible=True)
+                    tls = trio.SSLStream(raw, self.context, server_side=True, https_compatible=True)
                     await tls.do_handshake()
                     conn.handshake_ok = True
                     stream, log = tls, conn.tls_received
@@ -198,8 +196,9 @@ class LineClient:
         """Switch to TLS; returns (and clears) plaintext already buffered, which must be empty
         for a conforming server (RFC 2595 §4)."""
         leftover, self.buf = self.buf, b""
-        tls = trio.SSLStream(self.stream, ctx, server_hostname=server_hostname,
-                             https_compatible=True)
+        tls = trio.SSLStream(
+            self.stream, ctx, server_hostname=server_hostname, https_compatible=True
+        )
         await tls.do_handshake()
         self.stream = tls
         return leftover
