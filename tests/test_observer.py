@@ -1,4 +1,4 @@
-"""Table-driven scripts for the sans-IO observer: every command and reference §10 edge case."""
+"""Table-driven scripts for the sans-IO observer: every command, every protocol-notes §6 case."""
 
 from __future__ import annotations
 
@@ -634,7 +634,7 @@ def _followers_ok(ev: list[Event], obs: Observer, raw: dict[Direction, bytes]) -
     ],
 )
 def _followers_challenge(ev: list[Event], obs: Observer, raw: dict[Direction, bytes]) -> None:
-    # Reference §10 item 24: the server consumed STAT as the SASL response.
+    # docs/protocol-notes.md §6.9: the server consumed STAT as the SASL response.
     assert verbs(ev) == ["AUTH", "NOOP"]
     (resp,) = of(ev, SaslResponse)
     assert resp.raw == b"STAT\r\n" and not resp.cancel

@@ -30,7 +30,7 @@ class State(enum.Enum):
 
 
 class SecretKind(enum.Enum):
-    """Why a byte span is a credential (reference §11)."""
+    """Why a byte span is a credential (docs/protocol-notes.md §7)."""
 
     PASS = "PASS"
     APOP = "APOP"

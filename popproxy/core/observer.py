@@ -7,7 +7,7 @@ EOF) plus the facts only it knows (``start_tls``).  The observer never sees a so
 clock or a file, so the live proxy and an offline re-read of a capture produce the same
 events.
 
-Framing follows reference §0 and §9: the client side is split into lines; each line is a
+Framing follows docs/protocol-notes.md §1–§3: the client side is split into lines; each line is a
 command pushed on a FIFO of pending commands (RFC 2449 §6.6 pipelining: POP3 has no
 tags, order is the only key).  The server side is split into lines while it expects a
 status line; the head of the FIFO decides what a status line means, and only
@@ -57,7 +57,7 @@ from popproxy.core.events import (
     Unsolicited,
 )
 
-# Reference §9.1: multi-line on +OK, always or only without an argument.
+# docs/protocol-notes.md §2: multi-line on +OK, always or only without an argument.
 ML_ON_OK = frozenset({"CAPA", "RETR", "TOP", "XTND", "*ENV"})
 ML_ON_OK_IF_NO_ARG = frozenset({"LIST", "UIDL", "AUTH", "LANG"})
 LISTING_VERBS = frozenset({"LIST", "UIDL", "CAPA", "AUTH", "LANG", "XTND"})
@@ -412,7 +412,8 @@ class Observer:
         lead = len(body) - len(body.lstrip(b" \t"))
         verb_b, sep, rest = body[lead:].partition(b" ")
         arg_start = lead + len(verb_b) + len(sep)
-        # Dovecot skips repeated spaces (reference §1.2); the argument starts after them.
+        # Dovecot skips repeated spaces (docs/protocol-notes.md §1.5): the argument starts after
+        # them.
         stripped = rest.lstrip(b" ")
         arg_start += len(rest) - len(stripped)
         rest = stripped
@@ -423,7 +424,7 @@ class Observer:
         span: tuple[int, int, SecretKind] | None = None
         if has_arg:
             # RFC 1939 §7: the password is the rest of the line after one SP; it may contain
-            # spaces, leading ones too (reference §11.1).
+            # spaces, leading ones too (docs/protocol-notes.md §7).
             if verb == "PASS":
                 span = (lead + len(verb_b) + 1, len(body), SecretKind.PASS)
             elif verb == "RPOP":
@@ -499,7 +500,7 @@ class Observer:
             del self._secrets[:-16]
 
     def _release_held(self, *, injected: bool = False, as_secret: bool = False) -> None:
-        """Decide the role of held client lines, in the order they arrived (reference §9.3)."""
+        """Decide the role of held client lines, in arrival order (docs/protocol-notes.md §3.2)."""
         held, self._held, self._held_bytes = self._held, [], 0
         if not held:
             return
@@ -553,7 +554,7 @@ class Observer:
         side.mode = _Mode.LINES
 
     def _mask_echo(self, side: _Side, body: bytes) -> bytes:
-        """Mask a server line's echo of a credential (reference §11.2, Dovecot's %s)."""
+        """Mask a server line's echo of a credential (docs/protocol-notes.md §7, Dovecot's %s)."""
         if not self._secrets:
             return body
         lower = body.lower()
@@ -667,8 +668,8 @@ class Observer:
             self._release_held()
 
     def _resync_into_body(self, side: _Side, line: bytes) -> bool:
-        """Reference §9.4: listing lines after a single-line +OK to ``LIST n``/``UIDL n`` or an
-        unknown verb mean the server sent a body after all; read it until the terminator."""
+        """Listing lines after a single-line +OK to ``LIST n``/``UIDL n`` or an unknown verb mean
+        the server sent a body after all: read it until the terminator (protocol-notes §4)."""
         last = self._last
         if last is None or last[3] != values.OK or self._body is not None:
             return False
@@ -765,7 +766,7 @@ class Observer:
             auth_open = self._auth_open
             if self._pending:
                 head = self._pending[0]
-                # Reference §10 item 16: a close ends the head command without a reply.
+                # docs/protocol-notes.md §5: a close ends the head command without a reply.
                 self._anomaly(
                     "no-reply",
                     direction,
@@ -777,7 +778,7 @@ class Observer:
                 self._awaiting_response = False
             if self._held:
                 # Lines sent during an AUTH the server never finished: their role stays
-                # unknown, so treat them as credentials (reference §11.1).
+                # unknown, so treat them as credentials (docs/protocol-notes.md §7).
                 self._release_held(as_secret=bool(auth_open))
         side.mode = _Mode.CLOSED
         self._out.append(ConnectionClosed(direction, side.offset))

@@ -49,7 +49,7 @@ def classify_status(line: bytes) -> tuple[str | None, str | None, bytes]:
     if upper == b"-ERR":
         return ERR, "status-case", rest
     if upper == b"+ERR":
-        # hMailServer's "+ERR": an error, never a continuation (reference §10 item 12).
+        # hMailServer's "+ERR": an error, never a continuation (docs/protocol-notes.md §4).
         return ERR, "nonstandard-status", rest
     return None, None, rest
 
@@ -80,7 +80,7 @@ def parse_listing_line(verb: str, line: bytes) -> tuple[str, ...]:
     """One line of a LIST/UIDL/CAPA/AUTH/LANG body, split into fields.
 
     Scan and unique-id listings split on any run of blanks (tab and multiple spaces occur
-    in the wild, reference §3.3); capability and mechanism lines keep their words.
+    in the wild, docs/protocol-notes.md §6.8); capability and mechanism lines keep their words.
     """
     text = decode_text(line)
     if verb == "LANG":

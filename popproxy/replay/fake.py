@@ -299,7 +299,7 @@ class FakeSession:
     def _credentials_ok(self, step: Step, verb: str, args: str | None) -> bool:
         password = self.config.password
         if password is None:
-            return True  # reference §12: accept any credentials unless told the password
+            return True  # docs/replay.md: accept any credentials unless told the password
         if verb in ("PASS", "RPOP"):
             return (args or "") == password
         digest = (args or "").split(" ")[-1]
