@@ -1,4 +1,4 @@
-"""Small network helpers every command shares: error wording, address checks, listeners."""
+"""Small network helpers every command shares: addresses, error wording, listeners, closing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,42 @@ import sys
 
 import trio
 
-from popproxy.proxy.config import format_hostport
+from popproxy.errors import UsageError
 
 BACKLOG = 4096  # room for 1,000 simultaneous connects and more
+# What a send, receive or close on a peer's stream may raise when the peer misbehaves or goes.
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``1.2.3.4:port`` or ``[v6]:port`` (names allowed) → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not host:
+            raise UsageError(f"bad address {text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise UsageError(f"bad address {text!r}: expected [IPv6]:PORT")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+        if ":" in host:
+            raise UsageError(f"bad address {text!r}: write IPv6 addresses as [ADDR]:PORT")
+    if not host:
+        raise UsageError(f"bad address {text!r}: the host is missing")
+    if not port_text:
+        if default_port is None:
+            raise UsageError(f"bad address {text!r}: expected HOST:PORT")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"bad address {text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -58,3 +91,19 @@ def stream_address(stream: object, *, peer: bool) -> str:
     except OSError:
         return "?"
     return format_hostport(addr[0], addr[1])
+
+
+async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send ``data`` if the stream still takes it; a gone peer is not an error here."""
+    try:
+        await stream.send_all(data)
+    except (*STREAM_ERRORS, trio.BusyResourceError):
+        pass
+
+
+async def close_quietly(stream: trio.abc.Stream) -> None:
+    """Close a stream whatever state its peer left it in."""
+    try:
+        await stream.aclose()
+    except (*STREAM_ERRORS, trio.BusyResourceError):
+        pass

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
+from popproxy.errors import report
 from popproxy.replay.compare import (
     Difference,
     capture_exchanges,
@@ -80,7 +81,7 @@ def diff_captures(expected: Path, actual: Path, *, strict: bool = False) -> list
         )
         warnings = ra.warnings + rb.warnings
     for warning in warnings:
-        print(f"popproxy diff: warning: {warning}", file=sys.stderr)
+        report("diff", f"{warning}", level="warning")
     bodies = [d for d in differences if d.field == "body"][:MAX_BODY_OFFSETS]
     if not bodies:
         return differences
@@ -88,7 +89,7 @@ def diff_captures(expected: Path, actual: Path, *, strict: bool = False) -> list
     try:
         offsets = first_body_differences(expected, actual, pairs)
     except CaptureError as exc:  # the comparison above stands without offsets
-        print(f"popproxy diff: warning: no body offsets: {exc}", file=sys.stderr)
+        report("diff", f"no body offsets: {exc}", level="warning")
         return differences
     out = []
     for d in differences:

@@ -9,6 +9,7 @@ from pathlib import Path
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
+from popproxy.errors import report
 from popproxy.inspect import Progress, metered_records
 from popproxy.inspect.eml import export_eml
 from popproxy.inspect.html import export_html
@@ -77,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise CaptureError(f"--{name} {target}: {exc.strerror or exc}") from None
             for note in notes:  # after the progress bar is gone
-                print(f"popproxy export: {note}", file=sys.stderr)
+                report("export", note, level="")
         for warning in dict.fromkeys(reader.warnings):
-            print(f"popproxy export: warning: {warning}", file=sys.stderr)
+            report("export", f"{warning}", level="warning")
     return 0
 
 

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.inspect.lint_rules import RANK, SEVERITIES, Finding, Linter
 from popproxy.views.progress import ScanProgress
@@ -59,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
                 with CaptureReader(path) as reader:
                     findings = lint_capture(reader, progress.capture(path, reader.size))
                     for warning in reader.warnings:
-                        print(f"popproxy lint: warning: {warning}", file=sys.stderr)
+                        report("lint", f"{warning}", level="warning")
             except CaptureError as exc:
-                print(f"popproxy lint: error: {exc}", file=sys.stderr)
+                report("lint", f"{exc}")
                 failed = True
                 continue
             found = found or any(RANK[f.severity] >= RANK["warning"] for f in findings)

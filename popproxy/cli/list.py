@@ -18,6 +18,7 @@ from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.cli.stats import fmt_size
 from popproxy.core.transcript import TranscriptBuilder
+from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.views.progress import ScanProgress
 from popproxy.views.render import fmt_ms
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     rows.append(row_from_end(reader, end))
         except CaptureError as exc:
-            print(f"popproxy list: error: {exc}", file=sys.stderr)
+            report("list", f"{exc}")
             status = 2
     with ScanProgress("list", unfinished) as progress:
         for path in unfinished:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 with CaptureReader(path) as reader:
                     rows.append(row_from_scan(reader, progress.capture(path, reader.size)))
             except CaptureError as exc:
-                print(f"popproxy list: error: {exc}", file=sys.stderr)
+                report("list", f"{exc}")
                 status = 2
     rows.sort(key=lambda r: (str(r.get("start") or ""), r["path"]))
     if args.json:

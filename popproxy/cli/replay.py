@@ -14,6 +14,8 @@ import trio
 from rich.console import Console
 from rich.text import Text
 
+from popproxy import errors
+from popproxy.errors import ExitCode
 from popproxy.proxy.config import UsageError, parse_hostport
 from popproxy.replay.auth import AuthError, Credentials, read_password
 from popproxy.replay.client import (
@@ -27,9 +29,6 @@ from popproxy.replay.client import (
 )
 from popproxy.replay.script import load_sessions, require_client_side
 from popproxy.views.theme import make_console
-
-EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
-
 
 # ------------------------------------------------------------------ options shared with serve
 
@@ -165,19 +164,19 @@ def run(args: argparse.Namespace) -> int:
         context=client_tls_context(args),
     )
     console = make_console()
-    status = EXIT_OK
+    status = ExitCode.OK
     for session in sessions:
         try:
             report = trio.run(replay_session, session, options)
         except (ReplayError, AuthError) as exc:
-            print(f"popproxy replay: {session.path}: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            errors.report("replay", f"{session.path}: {exc}")
+            return ExitCode.ERROR
         if args.json:
             sys.stdout.write(json.dumps(report.to_json(), ensure_ascii=False, default=str) + "\n")
         else:
             render_report(console, report)
         if not report.equivalent:
-            status = EXIT_DIFFERENT
+            status = ExitCode.DIFFERENT
     sys.stdout.flush()
     return status
 

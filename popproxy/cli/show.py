@@ -15,6 +15,7 @@ from popproxy.capture.events import replay_events
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
+from popproxy.errors import report
 from popproxy.views import render
 from popproxy.views.theme import make_console
 
@@ -68,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     show_text(console, reader, args)
                 for warning in reader.warnings:
-                    print(f"popproxy show: warning: {warning}", file=sys.stderr)
+                    report("show", f"{warning}", level="warning")
         except CaptureError as exc:
-            print(f"popproxy show: error: {exc}", file=sys.stderr)
+            report("show", f"{exc}")
             status = 2
     sys.stdout.flush()
     return status

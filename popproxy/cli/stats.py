@@ -16,6 +16,7 @@ from rich.text import Text
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.core.transcript import TranscriptBuilder
+from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.inspect.stats import StatsCollector
 from popproxy.views.progress import ScanProgress
@@ -55,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
                 with CaptureReader(path) as reader:
                     collect(reader, stats, progress.capture(path, reader.size))
                     for warning in reader.warnings:
-                        print(f"popproxy stats: warning: {warning}", file=sys.stderr)
+                        report("stats", f"{warning}", level="warning")
                 read.append(str(path))
             except CaptureError as exc:
-                print(f"popproxy stats: error: {exc}", file=sys.stderr)
+                report("stats", f"{exc}")
                 status = 2
     if args.json:
         sys.stdout.write(json.dumps({"captures": read, **stats.to_json()}) + "\n")

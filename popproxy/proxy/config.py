@@ -1,4 +1,4 @@
-"""The recording proxy's settings, and ``HOST:PORT`` parsing shared by every command."""
+"""The recording proxy's settings."""
 
 from __future__ import annotations
 
@@ -8,44 +8,24 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from popproxy.errors import UsageError
+from popproxy.netutil import format_hostport, parse_hostport
 from popproxy.tls.ca import CertificateAuthority
 
-
-class UsageError(Exception):
-    """A bad command-line value: reported in one line, exit code 2."""
+__all__ = [
+    "ProxyConfig",
+    "StlsMode",
+    "UsageError",
+    "capture_dir",
+    "format_hostport",
+    "parse_hostport",
+]
 
 
 class StlsMode(enum.Enum):
     INTERCEPT = "intercept"
     PASSTHROUGH = "passthrough"
     STRIP = "strip"
-
-
-def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``1.2.3.4:port`` or ``[v6]:port`` (names allowed) → (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not host:
-            raise UsageError(f"bad address {text!r}: expected [IPv6]:PORT")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise UsageError(f"bad address {text!r}: expected [IPv6]:PORT")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            host, port_text = text, ""
-        if ":" in host:
-            raise UsageError(f"bad address {text!r}: write IPv6 addresses as [ADDR]:PORT")
-    if not host:
-        raise UsageError(f"bad address {text!r}: the host is missing")
-    if not port_text:
-        if default_port is None:
-            raise UsageError(f"bad address {text!r}: expected HOST:PORT")
-        return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"bad address {text!r}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
 
 
 def capture_dir(text: str) -> Path:
@@ -58,10 +38,6 @@ def capture_dir(text: str) -> Path:
     except OSError as exc:
         raise UsageError(f"cannot write captures to {out}: {exc.strerror or exc}") from None
     return out
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass

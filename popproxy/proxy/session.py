@@ -21,7 +21,7 @@ from popproxy import __version__
 from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Command, Direction, Event
-from popproxy.netutil import describe_error, is_ip, stream_address
+from popproxy.netutil import STREAM_ERRORS, describe_error, is_ip, stream_address
 from popproxy.proxy import control
 from popproxy.proxy.config import ProxyConfig, StlsMode
 from popproxy.proxy.tap import Tap
@@ -36,7 +36,6 @@ FLUSH_INTERVAL = 0.05  # relayed bytes reach the file well within ~100 ms (crash
 FLUSH_SIZE = 1 << 20
 SMALL_WRITE = 64 << 10  # smaller batches are written inline, larger ones in a worker thread
 HIGH_WATER = 8 << 20  # released bytes the disk may lag behind before the pumps wait
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 _counter = itertools.count(1)
 _server_contexts: dict[tuple[str, str | None, str | None], ssl.SSLContext] = {}

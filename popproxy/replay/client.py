@@ -21,8 +21,7 @@ from popproxy.core import (
     SaslChallenge,
 )
 from popproxy.core.transcript import Exchange, TranscriptBuilder
-from popproxy.netutil import describe_error, is_ip
-from popproxy.proxy.config import format_hostport
+from popproxy.netutil import STREAM_ERRORS, describe_error, format_hostport, is_ip
 from popproxy.replay import auth
 from popproxy.replay.auth import AuthError, Credentials
 from popproxy.replay.compare import Difference, compare_exchanges, label
@@ -32,7 +31,6 @@ C, S = Direction.CLIENT, Direction.SERVER
 CHUNK = 65536
 LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH", "RPOP"})
 NUMBERED_VERBS = frozenset({"RETR", "TOP", "DELE", "LIST", "UIDL"})
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class ReplayError(Exception):

@@ -13,14 +13,13 @@ from pathlib import Path
 import trio
 from rich.text import Text
 
-from popproxy.netutil import open_listeners, stream_address
+from popproxy.netutil import STREAM_ERRORS, open_listeners, stream_address
 from popproxy.replay import auth
 from popproxy.replay.script import RecordedSession, Step
 from popproxy.tls.ca import CertificateAuthority
 
 MAX_LINE = 8192  # RFC 2449 §4 allows 255 octets a command; anything near this is garbage
 SKIPPABLE = frozenset({"CAPA", "NOOP"})  # lenient mode: a client may skip or repeat these
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 Log = Callable[[Text], None]
 
