@@ -287,12 +287,19 @@ def observer(lab: Lab) -> Table:
     return table
 
 
+def startup(lab: Lab) -> Table:
+    from bench import startup as startup_bench
+
+    return startup_bench.run(lab.runs)
+
+
 SUITES: dict[str, Callable[[Lab], Table]] = {
     "throughput": throughput,
     "noop": noop,
     "concurrency": concurrency,
     "rss": rss,
     "observer": observer,
+    "startup": startup,
 }
 
 

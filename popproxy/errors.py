@@ -16,7 +16,11 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-class UsageError(Exception):
+class PopproxyError(Exception):
+    """A failure a command reports in one line and exits 2 for (never a traceback)."""
+
+
+class UsageError(PopproxyError):
     """A bad command-line value: reported in one line, exit code 2."""
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import popproxy
 from popproxy.cli.main import COMMANDS, build_parser, main
 
 
@@ -74,3 +76,18 @@ def test_version_loads_no_subcommand() -> None:
     lines = done.stdout.splitlines()
     assert lines[-2] == "['popproxy.cli.main']"
     assert lines[-1] == "False False"
+
+
+def test_show_loads_neither_trio_nor_tls() -> None:
+    capture = Path(popproxy.__file__).parent / "data" / "demo.popcap"
+    code = (
+        "import sys\n"
+        "from popproxy.cli.main import main\n"
+        f"main(['show', {str(capture)!r}])\n"
+        "print('trio' in sys.modules, 'popproxy.tls' in sys.modules, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "RETR" in done.stdout
+    assert done.stderr.splitlines()[-1] == "False False"

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from popproxy.errors import PopproxyError
+
 FORMAT_NAME = "popproxy-capture"
 MAJOR = 1
 MINOR = 0
@@ -26,7 +28,7 @@ EOF = "eof"
 END = "end"
 
 
-class CaptureError(Exception):
+class CaptureError(PopproxyError):
     """A capture cannot be read: not a capture, a newer major version, or corrupt."""
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from popproxy import __version__
-from popproxy.errors import ExitCode, UsageError, report
+from popproxy.errors import ExitCode, PopproxyError, report
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -75,13 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if runner is None:
         parser.print_help(sys.stderr)
         return ExitCode.ERROR
-    # Imported here, not at the top: they pull in the capture and TLS layers.
-    from popproxy.capture.format import CaptureError
-    from popproxy.tls.ca import CAError
-
     try:
         return runner(args)
-    except (UsageError, CaptureError, CAError) as exc:
+    except PopproxyError as exc:  # UsageError, CaptureError, CAError, ...
         report(args.command, str(exc))
         return ExitCode.ERROR
     except KeyboardInterrupt:

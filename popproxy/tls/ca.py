@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from popproxy.errors import PopproxyError
+
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca-key.pem"
 _LOCK_NAME = ".lock"
@@ -35,7 +37,7 @@ _CN_MAX = 64
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class CAError(Exception):
+class CAError(PopproxyError):
     """The CA folder or its files cannot be used; the message says what to do."""
 
 
