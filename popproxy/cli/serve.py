@@ -30,6 +30,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "does not have gets -ERR and a near-miss report.",
     )
     p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    mode = p.add_argument_group("mailbox mode (docs/replay.md)")
+    mode.add_argument(
+        "--mailbox",
+        action="store_true",
+        help="serve a stateful mailbox rebuilt from the captures (or from a Maildir, an "
+        "mbox, .eml files) that answers any valid command sequence",
+    )
+    mode.add_argument(
+        "--persist",
+        action="store_true",
+        help="mailbox: deletions committed by QUIT last for later sessions of this run",
+    )
+    mode.add_argument("--user", metavar="NAME", help="mailbox: the only user name that may log in")
+    p.add_argument(
+        "--match",
+        choices=("ordered", "any"),
+        default="ordered",
+        help="recorded replay: commands in recorded order (default) or in any order, "
+        "each recorded exchange played once",
+    )
     p.add_argument(
         "--listen",
         default="127.0.0.1:1110",
@@ -69,7 +89,16 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     listen = parse_hostport(args.listen, default_port=1110)
     if not math.isfinite(args.timeout) or args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    sessions = load_sessions(args.captures)
+    mailbox = None
+    if args.mailbox:
+        from popproxy.replay.sources import load_mailbox
+
+        mailbox = load_mailbox(args.captures)
+        sessions = []
+    else:
+        if args.persist or args.user:
+            raise UsageError("--persist and --user need --mailbox")
+        sessions = load_sessions(args.captures)
     password = None
     if args.password is not None or args.password_file is not None or args.check_password:
         password = read_password(password=args.password, password_file=args.password_file)
@@ -87,8 +116,17 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         repeat=args.repeat,
         timeout=args.timeout,
         ca_dir=Path(args.ca_dir) if args.ca_dir else default_ca_dir(),
+        mailbox=mailbox,
+        persist=args.persist,
+        mailbox_user=args.user,
+        offer_stls=args.stls,
+        match=args.match,
     )
-    uses_tls = args.tls or any(s.steps and any(x.verb == "STLS" for x in s.steps) for s in sessions)
+    uses_tls = (
+        args.tls
+        or mailbox is not None
+        or any(s.steps and any(x.verb == "STLS" for x in s.steps) for s in sessions)
+    )
     if uses_tls:
         config.certificate_authority()  # fail at start-up, not at the first client
     return config
@@ -98,6 +136,16 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     console = make_console()
     notes = make_console(stderr=True)  # stdout carries "listening on" first, for scripts
+    if config.mailbox is not None:
+        for note in config.mailbox.notes:
+            notes.print(Text(f"warning: {note}", style="pop.warning"))
+        notes.print(
+            Text(
+                f"mailbox: {len(config.mailbox.messages)} message(s) from "
+                f"{len(config.mailbox.origins)} source(s)",
+                style="pop.muted",
+            )
+        )
     for session in config.sessions:
         if session.implicit_tls and not config.tls:
             notes.print(

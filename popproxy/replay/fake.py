@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from rich.text import Text
@@ -17,6 +18,10 @@ from popproxy.netutil import STREAM_ERRORS, open_listeners, stream_address
 from popproxy.replay import auth
 from popproxy.replay.script import RecordedSession, Step
 from popproxy.tls.ca import CertificateAuthority
+
+if TYPE_CHECKING:
+    from popproxy.replay.mailbox import Maildrop
+    from popproxy.replay.sources import MailboxSource
 
 MAX_LINE = 8192  # RFC 2449 §4 allows 255 octets a command; anything near this is garbage
 SKIPPABLE = frozenset({"CAPA", "NOOP"})  # lenient mode: a client may skip or repeat these
@@ -37,6 +42,11 @@ class ServeConfig:
     timeout: float = 60.0  # a silent client is dropped after this long
     ca: CertificateAuthority | None = None
     ca_dir: Path | None = None
+    mailbox: MailboxSource | None = None  # set: a stateful mailbox instead of scripts
+    persist: bool = False  # mailbox: deletions last across the sessions of one run
+    mailbox_user: str | None = None  # mailbox: the only user name that may log in
+    offer_stls: bool = False
+    match: str = "ordered"  # recorded replay: "ordered" or "any" (order-free)
 
     def certificate_authority(self) -> CertificateAuthority:
         if self.ca is None:
@@ -388,6 +398,11 @@ class FakeServer:
         self.report = ServeReport(unserved=[s.path for s in config.sessions])
         self._next = 0
         self._count = 0
+        self.maildrop: Maildrop | None = None
+        if config.mailbox is not None:
+            from popproxy.replay.mailbox import Maildrop
+
+            self.maildrop = Maildrop(config.mailbox, persist=config.persist)
 
     def _take(self) -> RecordedSession | None:
         sessions = self.config.sessions
@@ -406,6 +421,9 @@ class FakeServer:
         self._count += 1
         number = self._count
         peer = stream_address(stream, peer=True)
+        if self.maildrop is not None:
+            await self._serve_mailbox(number, peer, stream)
+            return
         session = self._take()
         if session is None:
             self.report.refused += 1
@@ -434,6 +452,23 @@ class FakeServer:
                     else ""
                 )
                 self.log(Text(f"#{number} ended: {report.ended}{left}", "pop.muted"))
+
+    async def _serve_mailbox(self, number: int, peer: str, stream: trio.SocketStream) -> None:
+        from popproxy.replay.mailbox_server import MailboxConnection
+
+        assert self.maildrop is not None
+        report = ConnectionReport(number, None, peer)
+        with self.report.lock:
+            self.report.connections.append(report)
+        if self.log:
+            self.log(Text(f"#{number} from {peer}: the mailbox", "pop.session"))
+        connection = MailboxConnection(self.config, self.maildrop, stream, report, self.log)
+        try:
+            await connection.run()
+        finally:
+            await _close(connection.stream)
+            if self.log:
+                self.log(Text(f"#{number} ended: {report.ended}", "pop.muted"))
 
 
 async def serve_replay(

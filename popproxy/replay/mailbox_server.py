@@ -1,0 +1,156 @@
+"""The fake mailbox on a socket: reads client lines, sends ``MailboxSession`` answers, does TLS."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+import trio
+from rich.text import Text
+
+from popproxy.replay.fake import (
+    MAX_LINE,
+    STREAM_ERRORS,
+    ConnectionReport,
+    Log,
+    NearMiss,
+    ServeConfig,
+)
+from popproxy.replay.mailbox import Answer, MailboxSession, Maildrop, mask_command
+from popproxy.replay.mailbox_auth import Authenticator, LoginPolicy
+
+#: Wraps the reply path: given the session's ``answer`` and a client line, returns the answer.
+AnswerHook = Callable[[Callable[[bytes], Answer], bytes], Answer]
+
+
+class _Closed(Exception):
+    pass
+
+
+def make_session(config: ServeConfig, maildrop: Maildrop) -> MailboxSession:
+    """A fresh session on ``maildrop`` with the logins ``config`` allows."""
+    policy = LoginPolicy(password=config.password, user=config.mailbox_user)
+    return MailboxSession(
+        maildrop,
+        Authenticator(policy),
+        stls=not config.tls,
+        tls_active=config.tls,
+        offer_stls=config.offer_stls,
+    )
+
+
+class MailboxConnection:
+    """One client served by the fake mailbox."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        maildrop: Maildrop,
+        stream: trio.abc.Stream,
+        report: ConnectionReport,
+        log: Log | None,
+        hook: AnswerHook | None = None,
+    ) -> None:
+        self.config = config
+        self.session = make_session(config, maildrop)
+        self.stream = stream
+        self.report = report
+        self.log = log
+        self.hook = hook
+        self._buf = b""
+
+    def answer(self, line: bytes) -> Answer:
+        """The single reply path: the session's answer, through the hook when one is set."""
+        if self.hook is not None:
+            return self.hook(self.session.answer, line)
+        return self.session.answer(line)
+
+    async def run(self) -> None:
+        try:
+            if self.config.tls:
+                await self._handshake()
+            await self._send(self.session.greeting())
+            while True:
+                line = await self._line()
+                if not line:
+                    if self.report.ended == "open":
+                        self.report.ended = "client closed"
+                    return
+                in_sasl = self.session.in_sasl
+                answer = self.answer(line)
+                self._note(line, answer, in_sasl)
+                await self._send(answer.data)
+                if answer.then == "tls":
+                    if self._buf:
+                        self._say("plaintext after STLS discarded (RFC 2595 §4)", "pop.warning")
+                        self._buf = b""
+                    await self._handshake()
+                    self.session.tls_started()
+                elif answer.then == "close":
+                    self.report.ended = "quit"
+                    return
+        except _Closed:
+            if self.report.ended == "open":
+                self.report.ended = "connection lost"
+
+    def _note(self, line: bytes, answer: Answer, in_sasl: bool) -> None:
+        text = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+        shown = "#" * len(text) if in_sasl and text != "*" else mask_command(text)
+        first = answer.data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")
+        if answer.miss is not None:
+            miss = NearMiss(self.report.number, shown, answer.closest, answer.miss)
+            self.report.near_misses.append(miss)
+            self._say(f"near miss: {miss.describe()}", "pop.warning")
+        else:
+            self._say(f"{shown} → {first[:100]}")
+
+    def _say(self, text: str, style: str = "pop.muted") -> None:
+        if self.log is not None:
+            tag = Text(f"#{self.report.number} ", style="pop.session")
+            tag.append(text, style=style)
+            self.log(tag)
+
+    # ------------------------------------------------------------------ IO
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            with trio.fail_after(self.config.timeout):
+                await self.stream.send_all(data)
+        except (*STREAM_ERRORS, trio.TooSlowError):
+            raise _Closed from None
+
+    async def _line(self) -> bytes:
+        while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
+            try:
+                with trio.fail_after(self.config.timeout):
+                    data = bytes(await self.stream.receive_some(65536))
+            except trio.TooSlowError:
+                self.report.ended = f"idle for {self.config.timeout:g} s"
+                raise _Closed from None
+            except STREAM_ERRORS:
+                data = b""
+            if not data:
+                rest, self._buf = self._buf, b""
+                return rest
+            self._buf += data
+        end = self._buf.find(b"\n")
+        end = MAX_LINE if end < 0 else end + 1
+        line, self._buf = self._buf[:end], self._buf[end:]
+        return line
+
+    async def _handshake(self) -> None:
+        from popproxy.tls.contexts import server_context
+
+        local = getattr(self.stream, "socket", None)
+        local_ip = local.getsockname()[0] if local is not None else "127.0.0.1"
+        ctx = server_context(
+            self.config.certificate_authority(), default_host="localhost", local_ip=local_ip
+        )
+        tls = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(self.config.timeout):
+                await tls.do_handshake()
+        except (*STREAM_ERRORS, trio.TooSlowError, ssl.SSLError) as exc:
+            self.report.ended = f"TLS handshake failed: {exc or type(exc).__name__}"
+            raise _Closed from None
+        self.stream = tls
