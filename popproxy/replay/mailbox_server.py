@@ -8,14 +8,8 @@ from collections.abc import Callable
 import trio
 from rich.text import Text
 
-from popproxy.replay.fake import (
-    MAX_LINE,
-    STREAM_ERRORS,
-    ConnectionReport,
-    Log,
-    NearMiss,
-    ServeConfig,
-)
+from popproxy.netutil import STREAM_ERRORS
+from popproxy.replay.fake import MAX_LINE, ConnectionReport, Log, NearMiss, ServeConfig
 from popproxy.replay.mailbox import Answer, MailboxSession, Maildrop, mask_command
 from popproxy.replay.mailbox_auth import Authenticator, LoginPolicy
 
