@@ -143,3 +143,27 @@ async def test_ordered_replay_of_a_reordered_client_names_the_recorded_exchange(
     miss = server.report.near_misses[0]
     assert miss.received == "UIDL 2" and miss.closest == "UIDL"
     assert "the next recorded command is STAT" in miss.describe()
+
+
+async def test_any_order_serves_a_reordered_poplib_from_a_dovecot_recording(
+    recorded: Path,
+) -> None:
+    def client(port: int) -> list[bytes]:
+        c = poplib.POP3("127.0.0.1", port, timeout=10)
+        c.user(ALICE)
+        c.pass_(PW)
+        got = [b"".join(x + b"\r\n" for x in c.retr(n)[1]) for n in (3, 1, 4, 2)]
+        c.uidl()
+        c.stat()
+        c.list()
+        c.quit()
+        return got
+
+    config = ServeConfig([load_session(recorded)], listen=("127.0.0.1", 0), match="any")
+    async with trio.open_nursery() as nursery:
+        server, port = await start(nursery, config)
+        got = await trio.to_thread.run_sync(client, port)
+        nursery.cancel_scope.cancel()
+    assert got == [STANDARD_MESSAGES[i] for i in (2, 0, 3, 1)]
+    assert server.report.near_misses == []
+    assert server.report.unplayed() == [f"{recorded}: TOP 1 0"]

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from popproxy.netutil import STREAM_ERRORS, open_listeners, stream_address
 from popproxy.replay import auth
+from popproxy.replay.matching import closest, find_any
 from popproxy.replay.script import RecordedSession, Step
 from popproxy.tls.ca import CertificateAuthority
 
@@ -212,7 +213,10 @@ class FakeSession:
         verb = verb.upper()
         args = args_text.strip() or None
         shown = f"{verb} {'#' * len(args or '')}" if verb in ("PASS", "RPOP") else text
-        index = self._find(verb, args)
+        if self.config.match == "any":
+            index = find_any(self.steps, self.report.played, verb, args, _matches)
+        else:
+            index = self._find(verb, args)
         if index is None:
             if not self.config.strict and verb == "CAPA" and self._capa() is not None:
                 capa = self._capa()
@@ -250,6 +254,11 @@ class FakeSession:
 
     def _more(self, index: int) -> bool:
         """After the last recorded answer the server closes, as the recording did."""
+        if self.config.match == "any":  # order-free: QUIT or the last unplayed exchange
+            done = self.steps[index].verb == "QUIT" or len(self.report.played) == len(self.steps)
+            if done:
+                self.report.ended = "script finished"
+            return not done
         if index == len(self.steps) - 1:
             self.report.ended = "script finished"
             return False
@@ -278,6 +287,8 @@ class FakeSession:
         return next((s.reply for s in self.steps if s.verb == "CAPA"), None)
 
     async def _mismatch(self, shown: str, verb: str, args: str | None) -> bool:
+        if self.config.match == "any":
+            return await self._mismatch_any(shown, verb, args)
         remaining = list(enumerate(self.steps))[self.cursor :]
         same = next((s for _, s in remaining if s.verb == verb), None)
         nxt = remaining[0][1] if remaining else None
@@ -300,6 +311,31 @@ class FakeSession:
         self._say(f"near miss: {miss.describe()}", "pop.warning")
         expected = f" (next recorded: {nxt.command_text})" if nxt else ""
         await self._send(f"-ERR popproxy serve: not in the recording{expected}\r\n".encode())
+        if self.config.strict:
+            self.report.ended = "mismatch (strict)"
+            return False
+        return True
+
+    async def _mismatch_any(self, shown: str, verb: str, args: str | None) -> bool:
+        """Order-free: no unplayed recorded exchange matches; report the closest, scored."""
+        near = closest(self.steps, self.report.played, verb, args)
+        again = any(_matches(s, verb, args) for s in self.steps)
+        differed = "played already, once as recorded; " if again else ""
+        if near:
+            differed += "no unplayed recorded exchange matches; closest: " + "; ".join(
+                c.describe() for c in near
+            )
+        else:
+            left = [s.command_text for i, s in enumerate(self.steps) if i not in self.report.played]
+            differed += "no unplayed recorded exchange is like it" + (
+                f" (unplayed: {', '.join(left[:5])})" if left else ""
+            )
+        miss = NearMiss(
+            self.report.number, shown, near[0].step.command_text if near else None, differed
+        )
+        self.report.near_misses.append(miss)
+        self._say(f"near miss: {miss.describe()}", "pop.warning")
+        await self._send(b"-ERR popproxy serve: not in the recording (or played already)\r\n")
         if self.config.strict:
             self.report.ended = "mismatch (strict)"
             return False
