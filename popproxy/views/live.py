@@ -16,7 +16,7 @@ from rich.text import Text
 
 from popproxy.core.transcript import Item, SessionSummary
 from popproxy.views import render
-from popproxy.views.theme import make_console, session_style
+from popproxy.views.theme import fits, make_console, session_style
 
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 REFRESH = 0.1  # at most ~10 screen updates a second
@@ -128,14 +128,20 @@ class ConsoleSink:
         self.renderer = LineRenderer(mode)
 
     def write(self, entries: list[Entry], skipped: int) -> bool:
-        lines = [line for e in entries if (line := self.renderer.render(*e)) is not None]
+        # On a terminal a transcript line is cut to one row, but session lines (capture
+        # paths, errors) wrap; anywhere else every line is kept whole.
+        crop = fits(self.console)
+        lines = [
+            (line, crop and e[0] == "item")
+            for e in entries
+            if (line := self.renderer.render(*e)) is not None
+        ]
         if skipped:
-            lines.append(
-                Text(f"… {skipped} lines skipped (terminal too slow)", style="pop.skipped")
-            )
+            note = Text(f"… {skipped} lines skipped (terminal too slow)", style="pop.skipped")
+            lines.append((note, False))
         try:
-            for line in lines:
-                self.console.print(line, overflow="ellipsis", no_wrap=True)
+            for line, cut in lines:
+                self.console.print(line, overflow="ellipsis" if cut else "fold", no_wrap=cut)
         except (OSError, ValueError):
             return False
         return True

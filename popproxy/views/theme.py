@@ -52,18 +52,33 @@ def session_style(number: int) -> str:
     return f"bold {SESSION_COLOURS[(number - 1) % len(SESSION_COLOURS)]}"
 
 
+UNLIMITED = 100_000  # the width of a console that is not a terminal: lines are never cut
+
+
 def make_console(
     file: IO[str] | None = None, *, stderr: bool = False, width: int | None = None
 ) -> Console:
-    """A console with the theme; honours NO_COLOR (rich does) and never colours a pipe."""
+    """A console with the theme; honours NO_COLOR (rich does) and never colours a pipe.
+
+    On a terminal, text wraps at its width. Anywhere else (a pipe, a file) nothing is
+    wrapped or cut: one record per line, whole, so ``grep`` and ``cut`` see every field.
+    """
     target = file if file is not None else (sys.stderr if stderr else sys.stdout)
-    if os.environ.get("NO_COLOR"):  # https://no-color.org: no escapes at all, bold included
-        return Console(
-            file=target,
-            theme=THEME,
-            width=width,
-            highlight=False,
-            color_system=None,
-            soft_wrap=False,
-        )
-    return Console(file=target, theme=THEME, width=width, highlight=False, soft_wrap=False)
+    console = Console(
+        file=target,
+        theme=THEME,
+        width=width,
+        highlight=False,
+        # https://no-color.org: no escapes at all, bold included
+        color_system=None if os.environ.get("NO_COLOR") else "auto",
+        soft_wrap=False,
+    )
+    if width is None and not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = UNLIMITED
+        console.soft_wrap = True
+    return console
+
+
+def fits(console: Console) -> bool:
+    """Whether lines may be cut to the console's width (only on a terminal)."""
+    return console.is_terminal
