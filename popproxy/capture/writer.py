@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from popproxy import fsutil
 from popproxy.capture import format as fmt
 from popproxy.core.events import AuthIdentity, Direction, Event, Secret
 
@@ -166,5 +166,4 @@ class CaptureWriter:
 
 def create_capture_file(path: Path) -> int:
     """Create a capture file exclusively, mode 0600 (captures hold mail); return its fd."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    return os.open(path, flags, 0o600)
+    return fsutil.create(path, fsutil.PRIVATE)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import IO
 
+from popproxy import fsutil
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
@@ -57,6 +60,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="FILE",
         help="write the client leg as a pcap file (IPv4/TCP, server port 110) for Wireshark/tshark",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files that already exist (by default an existing name is an error "
+        "and nothing is overwritten)",
+    )
     p.set_defaults(run=run)
 
 
@@ -75,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
                 with ScanProgress(f"export --{name}", [reader.path]) as bar:
                     progress = bar.capture(reader.path, reader.size)
                     notes = _export(reader, name, target, args, progress)
+            except fsutil.Exists as exc:
+                raise CaptureError(
+                    f"--{name}: {exc.filename} exists; nothing was overwritten "
+                    "(--force replaces existing files)"
+                ) from None
             except OSError as exc:
                 raise CaptureError(f"--{name} {target}: {exc.strerror or exc}") from None
             for note in notes:  # after the progress bar is gone
@@ -92,19 +106,22 @@ def _export(
     progress: Progress | None,
 ) -> list[str]:
     """Run one exporter; return the notes to show about what it wrote."""
+    replace = bool(args.force)
     if name == "streams":
-        export_streams(reader, target, progress=progress)
+        export_streams(reader, target, replace=replace, progress=progress)
     elif name == "eml":
-        result = export_eml(reader, target, include_top=args.include_top, progress=progress)
+        result = export_eml(
+            reader, target, include_top=args.include_top, replace=replace, progress=progress
+        )
         return [f"warning: {w}" for w in result.warnings] + [
             f"{len(result.written)} message(s) written to {target}"
         ]
     elif name == "text":
-        export_text(reader, target, progress=progress)
+        export_text(reader, target, replace=replace, progress=progress)
     elif name == "html":
-        export_html(reader, target, progress=progress)
+        export_html(reader, target, replace=replace, progress=progress)
     elif name == "pcap":
-        pcap = export_pcap(reader, target, progress=progress)
+        pcap = export_pcap(reader, target, replace=replace, progress=progress)
         return [
             f"{pcap.packets} packets on {pcap.connections} connection(s) written to {target}",
             *(f"  {line}" for line in pcap.endpoints),
@@ -112,31 +129,45 @@ def _export(
     return []
 
 
+STREAM_NAMES = {"c": "client.bin", "s": "server.bin"}
+
+
 def export_streams(
-    reader: CaptureReader, out: Path, *, progress: Progress | None = None
+    reader: CaptureReader,
+    out: Path,
+    *,
+    replace: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
-    """The bytes each side sent, as recorded: popproxy's own bytes are left out."""
+    """The bytes each side sent, as recorded: popproxy's own bytes are left out.
+
+    Both files are written to private temp files and renamed into place at the end; an
+    existing ``client.bin`` or ``server.bin`` raises ``fsutil.Exists`` unless ``replace``.
+    """
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        files = {
-            d: open(out / name, "wb")  # noqa: SIM115 - closed below
-            for d, name in (("c", "client.bin"), ("s", "server.bin"))
-        }
+        folder = fsutil.Folder(out)
     except OSError as exc:
         raise CaptureError(f"cannot write to {out}: {exc.strerror or exc}") from None
-    sizes = {"c": 0, "s": 0}
-    redacted = 0
-    try:
-        for record in metered_records(reader, progress):
-            if record.kind == fmt.DATA and record.data is not None and not record.fields.get("p"):
-                d = record.fields.get("d", "s")
-                files[d].write(record.data)
-                sizes[d] += len(record.data)
-            elif record.kind == fmt.REDACT and record.fields.get("masked", True):
-                redacted += 1
-    finally:
-        for f in files.values():
-            f.close()
+    with folder:
+        for name in STREAM_NAMES.values():
+            if not replace and folder.taken(name):
+                raise fsutil.Exists(out / name)
+        temps: dict[str, str] = {}
+        files: dict[str, IO[bytes]] = {}
+        try:
+            for d, name in STREAM_NAMES.items():
+                fd, temps[d] = folder.temp(name)
+                files[d] = os.fdopen(fd, "wb", buffering=1 << 20)
+            sizes, redacted = _write_streams(reader, files, progress)
+            for f in files.values():
+                f.close()
+            for d, name in STREAM_NAMES.items():
+                folder.publish(temps.pop(d), name, replace=replace)
+        finally:
+            for f in files.values():
+                f.close()
+            for temp in temps.values():
+                folder.discard(temp)
     if redacted:
         print(
             f"popproxy export: warning: {redacted} credential span(s) are redacted with "
@@ -144,3 +175,19 @@ def export_streams(
             file=sys.stderr,
         )
     return sizes["c"], sizes["s"]
+
+
+def _write_streams(
+    reader: CaptureReader, files: dict[str, IO[bytes]], progress: Progress | None
+) -> tuple[dict[str, int], int]:
+    sizes = {"c": 0, "s": 0}
+    redacted = 0
+    for record in metered_records(reader, progress):
+        if record.kind == fmt.DATA and record.data is not None and not record.fields.get("p"):
+            d = record.fields.get("d")
+            if d in files:
+                files[d].write(record.data)
+                sizes[d] += len(record.data)
+        elif record.kind == fmt.REDACT and record.fields.get("masked", True):
+            redacted += 1
+    return sizes, redacted

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from popproxy import fsutil
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.core import BodyChunk, BodyEnd, Command, Reply
@@ -32,20 +31,9 @@ class EmlResult:
 class _Body:
     verb: str
     number: int | None
-    tmp: Path
+    tmp: str  # a temp file's name in the output folder
     file: IO[bytes]
     octets: int = 0
-
-
-def session_stamp(header: dict[str, Any]) -> str:
-    """The session's start as ``YYYYmmddTHHMMSSZ`` (UTC), from ``t0``; "" when unknown."""
-    t0 = header.get("t0")
-    if isinstance(t0, int | float) and not isinstance(t0, bool):
-        try:
-            return datetime.fromtimestamp(float(t0), UTC).strftime("%Y%m%dT%H%M%SZ")
-        except (OverflowError, OSError, ValueError):
-            return ""
-    return ""
 
 
 def safe_part(text: str) -> str:
@@ -63,22 +51,39 @@ def message_number(args: str | None) -> int | None:
     return int(words[0])
 
 
+def capture_identity(reader: CaptureReader) -> str:
+    """What names this capture's exports: its file name's stem, made safe for file names.
+
+    popproxy names captures by start time to the microsecond and session number, so two
+    captures never share one; a capture renamed by hand keeps the name it was given.
+    """
+    return safe_part(reader.path.stem) or "capture"
+
+
 def export_eml(
-    reader: CaptureReader, out: Path, *, include_top: bool = False, progress: Progress | None = None
+    reader: CaptureReader,
+    out: Path,
+    *,
+    include_top: bool = False,
+    replace: bool = False,
+    progress: Progress | None = None,
 ) -> EmlResult:
     """Write each RETR body (and TOP body with ``include_top``) to ``out`` as an .eml file.
 
     The file holds the body as the client received it after un-stuffing (RFC 1939 §3):
     every octet between the status line and the terminating ``.`` line, leading dots
-    removed.  Names are ``<start>-<nnnn>-<VERB>-<uid>.eml``, the uid taken from the
-    session's UIDL listings, else ``msg-<n>``; a body cut off by a close gets ``.partial``.
+    removed.  Names are ``<capture>-<nnnn>-<VERB>-<uid>.eml``, ``<capture>`` being the
+    capture file's stem and the uid taken from the session's UIDL listings, else
+    ``msg-<n>``; a body cut off by a close gets ``.partial``.  Each body is written to a
+    private temp file and renamed into place when complete; an existing name raises
+    ``fsutil.Exists`` unless ``replace``.
     """
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder = fsutil.Folder(out)
     except OSError as exc:
         raise CaptureError(f"cannot write to {out}: {exc.strerror or exc}") from None
     verbs = ("RETR", "TOP") if include_top else ("RETR",)
-    stamp = session_stamp(reader.header)
+    ident_prefix = capture_identity(reader)
     result = EmlResult()
     uids: dict[int, str] = {}
     commands: dict[int, tuple[str, int | None]] = {}
@@ -94,17 +99,18 @@ def export_eml(
             ident = "msg-unknown"
         else:
             ident = safe_part(uids.get(body.number, "")) or f"msg-{body.number}"
-        name = f"{count:04d}-{body.verb}-{ident}"
-        if stamp:
-            name = f"{stamp}-{name}"
+        name = f"{ident_prefix}-{count:04d}-{body.verb}-{ident}"
         if body.verb == "TOP":
             name += "-top"
         if truncated:
             name += ".partial"
         final = out / f"{name}.eml"
         try:
-            os.replace(body.tmp, final)
+            folder.publish(body.tmp, final.name, replace=replace)
         except OSError as exc:
+            folder.discard(body.tmp)
+            if isinstance(exc, fsutil.Exists):
+                raise
             raise CaptureError(f"cannot write {final}: {exc.strerror or exc}") from None
         result.written.append(final)
         if truncated:
@@ -131,13 +137,13 @@ def export_eml(
                     elif verb == "UIDL" and event.multiline:
                         uidl_bodies.add(event.seq)
                     elif verb in verbs and event.multiline:
-                        tmp = out / f".popproxy-{os.getpid()}-{event.seq}.eml.tmp"
                         try:
-                            handle = open(tmp, "wb")  # noqa: SIM115 - closed in finish()
+                            fd, tmp = folder.temp(f"popproxy-{event.seq}.eml")
                         except OSError as exc:
                             raise CaptureError(
-                                f"cannot write {tmp}: {exc.strerror or exc}"
+                                f"cannot write to {out}: {exc.strerror or exc}"
                             ) from None
+                        handle = os.fdopen(fd, "wb")
                         bodies[event.seq] = _Body(verb, number, tmp, handle)
                 elif isinstance(event, BodyChunk):
                     body = bodies.get(event.seq)
@@ -159,6 +165,6 @@ def export_eml(
     finally:
         for body in bodies.values():  # an error stopped the export: leave no temp files
             body.file.close()
-            with contextlib.suppress(OSError):
-                body.tmp.unlink()
+            folder.discard(body.tmp)
+        folder.close()
     return result

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from html import escape
 from pathlib import Path
 from typing import IO, Any
 
-from popproxy.capture.format import CaptureError
+from popproxy import fsutil
 from popproxy.capture.reader import CaptureReader
 from popproxy.core.transcript import Exchange
 from popproxy.core.values import decode_text
@@ -172,15 +173,20 @@ def _note_row(t: float | None, text: str, css: str) -> str:
     )
 
 
-def export_html(reader: CaptureReader, path: Path, *, progress: Progress | None = None) -> int:
+def export_html(
+    reader: CaptureReader,
+    path: Path,
+    *,
+    replace: bool = False,
+    progress: Progress | None = None,
+) -> int:
     """Write the page to ``path``; return the number of exchanges in it."""
-    try:
-        out = open(path, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise CaptureError(f"cannot write {path}: {exc.strerror or exc}") from None
     exchanges = 0
     previews: dict[int, bytearray] = {}
-    with out:
+    with (
+        fsutil.output_file(path, replace=replace) as raw,
+        io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as out,
+    ):
         page = _Page(out)
         title = escape(f"popproxy: {reader.path.name}")
         page.add(

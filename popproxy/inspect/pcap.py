@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from popproxy import fsutil
 from popproxy.capture import format as fmt
-from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.inspect import Progress, metered_records
 
@@ -179,7 +179,11 @@ class _Connection:
 
 
 def export_pcap(
-    reader: CaptureReader, path: Path, *, progress: Progress | None = None
+    reader: CaptureReader,
+    path: Path,
+    *,
+    replace: bool = False,
+    progress: Progress | None = None,
 ) -> PcapResult:
     """Write the capture's client leg to ``path`` as a pcap file tshark dissects as POP."""
     h = reader.header
@@ -200,11 +204,7 @@ def export_pcap(
         + ("" if server_real else " (synthetic address)")
         + ("" if server_port == POP3_PORT else " (port 110, so POP dissectors apply)")
     )
-    try:
-        out = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise CaptureError(f"cannot write {path}: {exc.strerror or exc}") from None
-    with out:
+    with fsutil.output_file(path, replace=replace) as out:
         pcap = PcapWriter(out)
         conn = _Connection(pcap, (client_ip, port), (server_ip, POP3_PORT))
         conn.open(base)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from popproxy import fsutil
 from popproxy.capture import format as fmt
-from popproxy.capture.format import CaptureError, Record
+from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
 from popproxy.core import BodyChunk, Reply
 from popproxy.core.transcript import MESSAGE_VERBS, Exchange, Item, TranscriptBuilder
@@ -174,15 +176,20 @@ def header_lines(reader: CaptureReader) -> list[str]:
     return lines
 
 
-def export_text(reader: CaptureReader, path: Path, *, progress: Progress | None = None) -> int:
+def export_text(
+    reader: CaptureReader,
+    path: Path,
+    *,
+    replace: bool = False,
+    progress: Progress | None = None,
+) -> int:
     """Write the transcript to ``path``; return the number of lines written."""
-    try:
-        out = open(path, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise CaptureError(f"cannot write {path}: {exc.strerror or exc}") from None
     lines = 0
     body: BodyLines | None = None
-    with out:
+    with (
+        fsutil.output_file(path, replace=replace) as raw,
+        io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as out,
+    ):
         for line in header_lines(reader):
             out.write(line + "\n")
             lines += 1

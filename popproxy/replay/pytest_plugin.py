@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 import trio
 
+from popproxy import fsutil
 from popproxy.capture.format import SUFFIX, CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.proxy.config import ProxyConfig, UsageError, parse_hostport
@@ -274,7 +275,7 @@ def _recording(
                 )
             if new:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(new[0]), path)
+                fsutil.move_file(new[0], path)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
     if not new:

@@ -7,7 +7,6 @@ import datetime
 import fcntl
 import ipaddress
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from popproxy import fsutil
 from popproxy.errors import PopproxyError
 
 CA_CERT_NAME = "ca.pem"
@@ -127,7 +127,7 @@ def _split_name(hostname: str | None) -> tuple[str | None, _Address | None]:
 
 @contextlib.contextmanager
 def _locked(ca_dir: Path) -> Iterator[None]:
-    fd = os.open(ca_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = fsutil.open_lock(ca_dir / _LOCK_NAME)
     try:
         # flock serialises first use across processes; the kernel drops it if we die.
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -136,18 +136,16 @@ def _locked(ca_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _write_temp(ca_dir: Path, data: bytes, mode: int) -> Path:
+def _write_temp(folder: fsutil.Folder, name: str, data: bytes, mode: int) -> str:
     # Same folder as the target, so the rename that follows is atomic.
-    fd, name = tempfile.mkstemp(prefix=".tmp-", dir=ca_dir)
-    tmp = Path(name)
+    fd, tmp = folder.temp(name, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the content must be on disk before the rename publishes it
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        folder.discard(tmp)
         raise
     return tmp
 
@@ -207,20 +205,20 @@ class CertificateAuthority:
     def _create(cls, ca_dir: Path) -> None:
         key = _new_key()
         cert = _make_ca_cert(key)
-        key_tmp = _write_temp(ca_dir, _key_pem(key), 0o600)
-        cert_tmp = _write_temp(ca_dir, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        try:
-            os.replace(key_tmp, ca_dir / CA_KEY_NAME)
-            os.replace(cert_tmp, ca_dir / CA_CERT_NAME)
-            dir_fd = os.open(ca_dir, os.O_RDONLY)
+        with fsutil.Folder(ca_dir, make=False) as folder:
+            key_tmp = _write_temp(folder, CA_KEY_NAME, _key_pem(key), fsutil.PRIVATE)
+            cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+            cert_tmp = _write_temp(folder, CA_CERT_NAME, cert_pem, fsutil.PUBLIC)
             try:
-                os.fsync(dir_fd)  # make the renames durable before anyone trusts the CA
+                # Never replace what is there (a planted symlink included): refuse instead.
+                folder.publish(key_tmp, CA_KEY_NAME)
+                folder.publish(cert_tmp, CA_CERT_NAME)
+                os.fsync(folder.fd)  # make the renames durable before anyone trusts the CA
+            except fsutil.Exists as exc:
+                raise CAError(f"{exc.filename} is in the way (not a CA file); remove it") from None
             finally:
-                os.close(dir_fd)
-        finally:
-            for tmp in (key_tmp, cert_tmp):
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+                for tmp in (key_tmp, cert_tmp):
+                    folder.discard(tmp)
 
     @classmethod
     def _load(cls, ca_dir: Path) -> CertificateAuthority:

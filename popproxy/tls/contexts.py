@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import ssl
@@ -17,6 +18,7 @@ from typing import TypeVar
 import trio
 from cryptography import x509
 
+from popproxy import fsutil
 from popproxy.tls.ca import LEAF_CACHE_SIZE, CertificateAuthority
 
 _S = TypeVar("_S", bound=trio.abc.Stream)
@@ -29,8 +31,28 @@ def _apply_keylog(ctx: ssl.SSLContext) -> None:
     # Only ssl.create_default_context() reads SSLKEYLOGFILE; a hand-built context must be told,
     # and so must each per-name context the SNI callback swaps in (OpenSSL logs through it).
     path = os.environ.get("SSLKEYLOGFILE")
-    if path and not sys.flags.ignore_environment:
+    if path and not sys.flags.ignore_environment and _keylog_ready(path):
         ctx.keylog_filename = path
+
+
+@functools.cache
+def _keylog_ready(path: str) -> bool:
+    """Create the key log 0600 (or check an existing one is a regular file of ours) first.
+
+    ssl appends to the file by name and would follow a symlink, creating it 0644; made or
+    checked here, with O_NOFOLLOW, it holds keys only where the user asked.  Checked once
+    per path: a refused key log is reported once and TLS goes on without it.
+    """
+    try:
+        os.close(fsutil.open_append(path, fsutil.PRIVATE))
+    except OSError as exc:
+        print(
+            f"popproxy: warning: SSLKEYLOGFILE {path}: {exc.strerror or exc}; "
+            "TLS keys are not logged",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _server_base() -> ssl.SSLContext:
@@ -75,8 +97,7 @@ class _LeafContexts:
         # keeping them on disk (ca_dir/leaves/) would add secrets to guard and nothing else.
         with tempfile.TemporaryDirectory(prefix="popproxy-leaf-") as tmp:
             pem = Path(tmp) / "leaf.pem"
-            fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fsutil.create(pem, fsutil.PRIVATE), "wb") as f:
                 f.write(key + chain)
             ctx.load_cert_chain(pem)
 
