@@ -74,7 +74,7 @@ def test_version_loads_no_subcommand() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     lines = done.stdout.splitlines()
-    assert lines[-2] == "['popproxy.cli.main']"
+    assert lines[-2] == "['popproxy.cli.examples', 'popproxy.cli.main']"
     assert lines[-1] == "False False"
 
 
@@ -91,3 +91,21 @@ def test_show_loads_neither_trio_nor_tls() -> None:
     )
     assert "RETR" in done.stdout
     assert done.stderr.splitlines()[-1] == "False False"
+
+
+def test_every_subcommand_has_examples_and_documented_positionals() -> None:
+    full = build_parser(full=True)
+    for name in COMMANDS:
+        text = full.commands[name].format_help()
+        assert "examples:\n  # " in text, name
+        for action in full.commands[name]._actions:
+            if not action.option_strings:
+                assert action.help, f"{name}: positional {action.dest} has no help"
+
+
+def test_cli_reference_is_current() -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_cli_docs.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

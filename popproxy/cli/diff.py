@@ -38,8 +38,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "offset). Free text, greeting banners and SASL challenges "
         "are ignored unless --strict. Exit 0 equal, 1 different.",
     )
-    p.add_argument("expected", metavar="A")
-    p.add_argument("actual", metavar="B")
+    p.add_argument("expected", metavar="A", help="the reference capture")
+    p.add_argument("actual", metavar="B", help="the capture compared with it")
     p.add_argument(
         "--strict",
         action="store_true",

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="export a capture (raw streams, messages, text, ...)",
         description="Export what a capture holds. Flags may be combined.",
     )
-    p.add_argument("capture", metavar="CAPTURE")
+    p.add_argument("capture", metavar="CAPTURE", help="the capture to export")
     p.add_argument(
         "--streams",
         metavar="DIR",

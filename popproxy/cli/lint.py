@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Exit 0 when clean (advice allowed), 1 with warnings or "
         "errors.",
     )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    p.add_argument(
+        "captures", nargs="+", metavar="CAPTURE|DIR", help="capture files, or folders of them"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument(
         "--min-severity",

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from popproxy import __version__
+from popproxy.cli import examples
 from popproxy.errors import ExitCode, PopproxyError, report
 
 Runner = Callable[[argparse.Namespace], int]
@@ -49,6 +50,9 @@ def build_parser(only: str | None = None, *, full: bool = False) -> Parser:
     for name, summary in COMMANDS.items():
         if full or name == only:
             importlib.import_module(f"popproxy.cli.{name}").add_parser(sub)
+            command = sub.choices[name]
+            command.epilog = examples.epilog(name, command.epilog)
+            command.formatter_class = examples.HelpFormatter
         else:
             sub.add_parser(name, help=summary, add_help=False)
     parser.commands = sub.choices

@@ -104,7 +104,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "before QUIT unless --commit-deletes.",
         epilog="Exit codes: 0 equivalent, 1 different, 2 could not run.",
     )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE")
+    p.add_argument(
+        "captures", nargs="+", metavar="CAPTURE", help="captures whose client side to replay"
+    )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the live server")
     p.add_argument(
         "--user", metavar="U", help="log in as U (default: the user named in the capture)"

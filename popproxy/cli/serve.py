@@ -29,7 +29,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Successive connections get successive captures. A command the recording "
         "does not have gets -ERR and a near-miss report.",
     )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    p.add_argument(
+        "captures",
+        nargs="+",
+        metavar="CAPTURE|DIR",
+        help="captures to play (folders: every capture in them); with --mailbox also a "
+        "Maildir, an mbox or a folder of .eml files",
+    )
     mode = p.add_argument_group("mailbox mode (docs/replay.md)")
     mode.add_argument(
         "--mailbox",

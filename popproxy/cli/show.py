@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Show captures as a transcript: commands, replies, bodies "
         "folded, TLS, anomalies. Secrets stay masked.",
     )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    p.add_argument(
+        "captures", nargs="+", metavar="CAPTURE|DIR", help="capture files, or folders of them"
+    )
     p.add_argument(
         "--json",
         action="store_true",

@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Statistics over captures, per command: count, -ERR rate, "
         "latency p50/p90/p99/max, octets each way. " + LATENCY_HELP,
     )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE|DIR")
+    p.add_argument(
+        "captures", nargs="+", metavar="CAPTURE|DIR", help="capture files, or folders of them"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(run=run)
 
