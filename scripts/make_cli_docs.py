@@ -6,12 +6,14 @@ import os
 import sys
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "cli.md"
 WIDTH = "100"  # argparse wraps help at $COLUMNS; fixed so the file is the same everywhere
 
 
 def render() -> str:
     os.environ["COLUMNS"] = WIDTH
+    sys.path.insert(0, str(ROOT))  # this checkout's popproxy, whatever the venv points at
     from popproxy.cli.main import COMMANDS, build_parser
 
     parser = build_parser(full=True)
