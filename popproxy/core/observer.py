@@ -31,7 +31,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from popproxy.core import values
+from popproxy.core import credentials, values
 from popproxy.core.body import Body
 from popproxy.core.events import (
     Anomaly,
@@ -103,6 +103,7 @@ class _Mode(enum.Enum):
     TAIL = "tail"  # inside an over-long line whose head was emitted
     TLS_WAIT = "tls-wait"  # after STLS's +OK, before the handshake
     OPAQUE = "opaque"
+    SCAN = "scan"  # lost sync with plaintext: lines are only scanned for credentials
     CLOSED = "closed"
 
 
@@ -124,6 +125,7 @@ class _Side:
     buf: bytes = b""
     after_tail: _Mode = _Mode.LINES
     tail_secret: SecretKind | None = None
+    scan_tail: bool | None = None  # SCAN: inside an over-long line (True: a credential)
     bare_lf_seen: bool = False
     reported: set[str] = field(default_factory=set)  # anomalies reported once per side
 
@@ -160,7 +162,8 @@ class Observer:
         self._last: tuple[int, str, bool, str] | None = None  # seq, verb, has_arg, status
         self._quit_done = False
         self._seq = 0
-        self._secrets: list[bytes] = []
+        self._secrets: list[tuple[bytes, bool]] = []  # echo forms (credentials.echo_forms)
+        self._scan_auth: _Pending | None = None  # the last AUTH seen in SCAN mode
         self._out: list[Event] = []
 
     # ----------------------------------------------------------------- public API
@@ -221,6 +224,8 @@ class Observer:
         out: list[Event] = []
         self._out = out
         if side.buf:
+            if direction is Direction.CLIENT and credentials.could_carry_credential(side.buf):
+                self._secret(direction, side.offset, len(side.buf), SecretKind.SASL)
             self._emit_raw(Opaque, side, side.buf)
             side.buf = b""
         if side.mode is not _Mode.CLOSED:
@@ -246,10 +251,7 @@ class Observer:
             return not self._secrets
         if self._auth_open or self._stls_open or self._awaiting_response:
             return False
-        head = side.buf.lstrip(b" \t")[:5].upper()
-        if b" " not in head and len(head) < 5:
-            return False  # the verb is not complete yet
-        return not head.startswith((b"PASS", b"APOP", b"AUTH", b"RPOP"))
+        return not credentials.could_carry_credential(side.buf)
 
     @property
     def pending_count(self) -> int:
@@ -305,6 +307,10 @@ class Observer:
                 pos = stop
                 if nl < 0:
                     break
+            elif mode is _Mode.SCAN:
+                pos = self._scan(side, data, pos)
+                if pos < end:
+                    break  # an unfinished line waits for more data
             elif mode is _Mode.OPAQUE:
                 self._emit_raw(Opaque, side, data[pos:])
                 pos = end
@@ -380,6 +386,76 @@ class Observer:
         side.after_tail = side.mode
         side.mode = _Mode.TAIL
 
+    # ----------------------------------------------------------------- lost sync
+
+    def _scan(self, side: _Side, data: bytes, pos: int) -> int:
+        """SCAN mode: pass lines on as opaque, still finding credentials and their echoes.
+
+        The same framing as ``LINES`` (over-long heads of ``max_line``, a trailing CR held
+        back) keeps events independent of segmentation.
+        """
+        end = len(data)
+        while pos < end:
+            nl = data.find(b"\n", pos)
+            if side.scan_tail is not None:
+                stop = end if nl < 0 else nl + 1
+                if nl < 0 and data.endswith(b"\r"):
+                    stop -= 1
+                if stop > pos:
+                    self._scan_tail_piece(side, data[pos:stop], nl >= 0)
+                pos = stop
+                if nl < 0:
+                    break
+            elif (nl < 0 and end - pos > self.max_line) or nl - pos > self.max_line:
+                head = data[pos : pos + self.max_line]
+                side.scan_tail = self._scan_line(side, head)
+                pos += self.max_line
+            elif nl < 0:
+                break
+            else:
+                self._scan_line(side, data[pos : nl + 1])
+                pos = nl + 1
+        return pos
+
+    def _scan_tail_piece(self, side: _Side, piece: bytes, last: bool) -> None:
+        if side.scan_tail:
+            content = len(values.strip_eol(piece)) if last else len(piece)
+            self._secret(side.direction, side.offset, content, SecretKind.SASL)
+        self._emit_raw(Opaque, side, piece)
+        if last:
+            side.scan_tail = None
+
+    def _scan_line(self, side: _Side, line: bytes) -> bool:
+        """One line (or over-long head) in SCAN mode; True when its rest is a credential."""
+        body = values.strip_eol(line)
+        offset = side.offset
+        secret = False
+        if side.direction is Direction.SERVER:
+            for start, stop in credentials.find_echoes(body, self._secrets):
+                self._secret(Direction.SERVER, offset + start, stop - start, SecretKind.ECHO)
+        else:
+            cmd = credentials.split_command(body)
+            span = credentials.credential_span(cmd, body)
+            if span is not None:
+                start, stop, kind = span
+                self._secret(Direction.CLIENT, offset + start, stop - start, kind)
+                self._remember_secret(body[start:stop])
+                secret = True
+            if cmd.verb == "AUTH":
+                mech, ir = credentials.mechanism_and_response(cmd)
+                self._scan_auth = _Pending(0, "AUTH", True, mech, [] if ir is None else [ir])
+                self._remember_decoded(self._scan_auth)
+            elif cmd.verb not in KNOWN_VERBS and body:
+                # Perhaps a SASL response (there is no reply to tell): a credential.
+                self._secret(Direction.CLIENT, offset, len(body), SecretKind.SASL)
+                self._remember_secret(body)
+                if self._scan_auth is not None:
+                    self._scan_auth.responses.append(body)
+                    self._remember_decoded(self._scan_auth)
+                secret = True
+        self._emit_raw(Opaque, side, line)
+        return secret
+
     # ----------------------------------------------------------------- client side
 
     def _client_line(self, side: _Side, line: bytes, overlong: bool = False) -> None:
@@ -409,35 +485,16 @@ class Observer:
 
     def _command(self, offset: int, line: bytes, overlong: bool = False) -> None:
         body = values.strip_eol(line)
-        lead = len(body) - len(body.lstrip(b" \t"))
-        verb_b, sep, rest = body[lead:].partition(b" ")
-        arg_start = lead + len(verb_b) + len(sep)
-        # Dovecot skips repeated spaces (docs/protocol-notes.md §1.5): the argument starts after
-        # them.
-        stripped = rest.lstrip(b" ")
-        arg_start += len(rest) - len(stripped)
-        rest = stripped
-        verb = verb_b.upper().decode("ascii", "backslashreplace")
-        has_arg = bool(rest.strip())
+        # Servers split at a run of SP or TAB and fold the verb's case; Dovecot skips
+        # repeated spaces (docs/protocol-notes.md §1.5): the argument starts after them.
+        cmd = credentials.split_command(body)
+        verb, arg_start, rest = cmd.verb, cmd.arg_start, cmd.rest
+        has_arg = bool(rest.strip(credentials.BLANKS))
         self._seq += 1
         seq = self._seq
-        span: tuple[int, int, SecretKind] | None = None
-        if has_arg:
-            # RFC 1939 §7: the password is the rest of the line after one SP; it may contain
-            # spaces, leading ones too (docs/protocol-notes.md §7).
-            if verb == "PASS":
-                span = (lead + len(verb_b) + 1, len(body), SecretKind.PASS)
-            elif verb == "RPOP":
-                span = (lead + len(verb_b) + 1, len(body), SecretKind.RPOP)
-            elif verb == "APOP":
-                name, sp, _digest = rest.rstrip(b" ").partition(b" ")
-                if sp:
-                    start = arg_start + len(name) + 1
-                    span = (start, arg_start + len(rest.rstrip(b" ")), SecretKind.APOP)
-            elif verb == "AUTH":
-                mech, sp, ir = rest.partition(b" ")
-                if sp and ir.strip() and ir.strip() != b"=":
-                    span = (arg_start + len(mech) + 1, len(body), SecretKind.AUTH_IR)
+        # RFC 1939 §7: a password is the rest of the line and may hold blanks
+        # (docs/protocol-notes.md §7).
+        span = credentials.credential_span(cmd, body)
         masked = body
         if span is not None:
             start, stop, kind = span
@@ -451,11 +508,11 @@ class Observer:
         self._out.append(Command(Direction.CLIENT, offset, line, seq, verb, args, overlong))
         pending = _Pending(seq, verb, has_arg)
         if verb == "AUTH" and has_arg:
-            mech, _, ir = rest.partition(b" ")
-            pending.mechanism = mech.upper().decode("ascii", "backslashreplace")
-            if ir.strip():
-                pending.responses.append(b"" if ir.strip() == b"=" else ir.strip())
+            pending.mechanism, ir = credentials.mechanism_and_response(cmd)
+            if ir is not None:
+                pending.responses.append(ir)
                 self._maybe_identity(pending)
+                self._remember_decoded(pending)
             self._auth_open += 1
         elif verb == "STLS":
             self._stls_open += 1
@@ -470,8 +527,9 @@ class Observer:
                 f"more than {self.max_pending} commands outstanding",
             )
             self._pending.clear()
-            self._client.mode = _Mode.OPAQUE
-            self._server.mode = _Mode.OPAQUE
+            # Redaction never switches off: both sides are still scanned line by line.
+            self._client.mode = _Mode.SCAN
+            self._server.mode = _Mode.SCAN
 
     def _sasl_response(self, offset: int, line: bytes) -> None:
         head = self._pending[0]
@@ -484,6 +542,7 @@ class Observer:
         self._awaiting_response = False
         self._out.append(SaslResponse(Direction.CLIENT, offset, line, head.seq, cancel))
         self._maybe_identity(head)
+        self._remember_decoded(head)
 
     def _maybe_identity(self, pending: _Pending) -> None:
         mech = pending.mechanism
@@ -495,9 +554,15 @@ class Observer:
             self._out.append(AuthIdentity(pending.seq, mech, identity))
 
     def _remember_secret(self, token: bytes) -> None:
-        if len(token.strip()) >= 4:
-            self._secrets.append(token.strip().lower())
-            del self._secrets[:-16]
+        """Keep the forms in which the server may echo a credential (the latest 64)."""
+        forms = [f for f in credentials.echo_forms(token) if f not in self._secrets]
+        if forms:
+            self._secrets.extend(forms)
+            del self._secrets[:-64]
+
+    def _remember_decoded(self, pending: _Pending) -> None:
+        for value in credentials.decoded_secrets(pending.mechanism, pending.responses):
+            self._remember_secret(value)
 
     def _release_held(self, *, injected: bool = False, as_secret: bool = False) -> None:
         """Decide the role of held client lines, in arrival order (docs/protocol-notes.md §3.2)."""
@@ -557,15 +622,11 @@ class Observer:
         """Mask a server line's echo of a credential (docs/protocol-notes.md §7, Dovecot's %s)."""
         if not self._secrets:
             return body
-        lower = body.lower()
         masked: bytearray | None = None
-        for token in self._secrets:
-            start = lower.find(token)
-            while start >= 0:
-                masked = masked if masked is not None else bytearray(body)
-                masked[start : start + len(token)] = bytes([FILLER]) * len(token)
-                self._secret(Direction.SERVER, side.offset + start, len(token), SecretKind.ECHO)
-                start = lower.find(token, start + len(token))
+        for start, stop in credentials.find_echoes(body, self._secrets):
+            masked = masked if masked is not None else bytearray(body)
+            masked[start:stop] = FILLER_BYTE * (stop - start)
+            self._secret(Direction.SERVER, side.offset + start, stop - start, SecretKind.ECHO)
         return body if masked is None else bytes(masked)
 
     def _server_line(self, side: _Side, line: bytes) -> None:
@@ -757,6 +818,11 @@ class Observer:
                 self._line(side, rest)
             elif side.mode is _Mode.TAIL:
                 self._tail_piece(side, rest, True)
+            elif side.mode is _Mode.SCAN:
+                if side.scan_tail is not None:
+                    self._scan_tail_piece(side, rest, True)
+                else:
+                    self._scan_line(side, rest)
             else:
                 self._feed(side, rest)
                 side.buf = b""
