@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import ssl
 import tempfile
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from popproxy.errors import UsageError
 from popproxy.netutil import format_hostport, parse_hostport
+from popproxy.proxy.controller import StlsMode
 from popproxy.tls.ca import CertificateAuthority
 
 __all__ = [
@@ -20,12 +20,6 @@ __all__ = [
     "format_hostport",
     "parse_hostport",
 ]
-
-
-class StlsMode(enum.Enum):
-    INTERCEPT = "intercept"
-    PASSTHROUGH = "passthrough"
-    STRIP = "strip"
 
 
 def capture_dir(text: str) -> Path:

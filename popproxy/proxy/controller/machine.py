@@ -1,0 +1,560 @@
+"""The relay controller: a sans-IO state machine that decides every byte popproxy relays.
+
+docs/controller.md describes its inputs, its commands and the guarantees they carry.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from popproxy.core.events import BodyChunk, BodyEnd, Direction, Event, Greeting, RawEvent, Reply
+from popproxy.core.events import Command as PopCommand
+from popproxy.proxy.controller.io import (
+    Cut,
+    DataReceived,
+    Drop,
+    EndSession,
+    EofReceived,
+    Forward,
+    ForwardEof,
+    HoldReads,
+    Input,
+    Leg,
+    Note,
+    ObserverFailed,
+    Parsed,
+    RelayCommand,
+    ResumeReads,
+    Send,
+    StartTls,
+    Tick,
+    TlsEstablished,
+    TlsFact,
+    TlsFailed,
+)
+
+C, S = Direction.CLIENT, Direction.SERVER
+STLS_OK = b"+OK Begin TLS negotiation now.\r\n"
+STRIP_ERR = b"-ERR STLS not available.\r\n"
+ACTIVE_ERR = b"-ERR TLS is already active.\r\n"
+OWN_STLS = b"STLS\r\n"
+# RFC 2449 §5: one capability per line; STLS (RFC 2595 §4) takes no arguments.
+_STLS_CAPABILITY = re.compile(rb"(?i)stls[ \t]*\r?\n")
+
+
+def _line_head(head: bytes | None, data: bytes | bytearray) -> bytes | None:
+    """The start of the line left unfinished after ``data`` (``head``: before it), upper
+    case and without leading blanks, or None once that line cannot be an STLS command."""
+    newline = data.rfind(b"\n")
+    if newline >= 0:
+        head, rest = b"", bytes(data[newline + 1 :])
+    elif head is None:
+        return None
+    else:
+        rest = bytes(data[:8])
+    head = (head + rest if head else rest.lstrip(b" \t"))[:5].upper()
+    if head[:4] != b"STLS"[: len(head[:4])] or (len(head) == 5 and head[4:] not in b" \t\r"):
+        return None
+    return head
+
+
+class StlsMode(enum.Enum):
+    """What popproxy does when the client sends STLS (RFC 2595 §4) to a plaintext upstream."""
+
+    INTERCEPT = "intercept"  # TLS on both legs, popproxy in the middle (decrypted)
+    PASSTHROUGH = "passthrough"  # client and server do TLS end to end (opaque)
+    STRIP = "strip"  # popproxy refuses STLS and hides it from CAPA
+
+
+class Phase(enum.Enum):
+    """Where an STLS upgrade stands; every phase but ``LOCAL`` holds the client's bytes."""
+
+    GREETING = "greeting"  # --upstream-stls: waiting for the server's greeting
+    OWN_REPLY = "own-reply"  # --upstream-stls: waiting for the reply to popproxy's STLS
+    AWAIT_REPLY = "await-reply"  # the client's STLS went to the server: its reply decides
+    LOCAL = "local"  # popproxy answers the client's STLS once earlier replies are done
+    UPSTREAM_HANDSHAKE = "upstream-handshake"
+    CLIENT_HANDSHAKE = "client-handshake"
+
+
+@dataclass(slots=True)
+class _Upgrade:
+    seq: int
+    phase: Phase
+    ok_offset: int = 0  # the server's +OK, held back until the upstream leg is TLS
+    ok_line: bytes = b""
+
+
+@dataclass(slots=True)
+class _Flow:
+    """One direction's stream as the controller sees it (popproxy's own bytes included)."""
+
+    received: int = 0  # stream offset of the next byte
+    decided: int = 0  # every byte below was forwarded, sent or dropped
+    pending: bytearray = field(default_factory=bytearray)  # bytes [decided, received)
+    head: bytes | None = b""  # the unfinished line's start, while it may still be STLS
+    covered: int = 0  # the observer has accounted for every byte below
+    own: list[tuple[int, int]] = field(default_factory=list)  # spans popproxy sent
+    eof: bool = False
+    eof_forwarded: bool = False
+
+
+class Controller:
+    """Decides, for every byte either peer sends, whether it is forwarded, held or dropped,
+    and what popproxy sends itself; ``handle`` takes one input and returns the commands."""
+
+    def __init__(
+        self,
+        stls: StlsMode = StlsMode.INTERCEPT,
+        *,
+        client_tls: bool = False,
+        upstream_tls: bool = False,
+        upstream_stls: bool = False,
+        idle_timeout: float = 600.0,
+        linger: float = 5.0,
+        t: float = 0.0,
+    ) -> None:
+        self.stls = stls
+        self.tls = {Leg.CLIENT: client_tls, Leg.UPSTREAM: upstream_tls}
+        self.idle_timeout = idle_timeout
+        self.linger = linger
+        self.ended: EndSession | None = None
+        self._flows = {C: _Flow(), S: _Flow()}
+        self._open: dict[int, str] = {}  # commands whose reply (and body) has not ended
+        self._open_verbs: dict[str, int] = {}  # how many of each verb are open
+        self._capa: set[int] = set()  # CAPA bodies filtered for STLS lines
+        self._capa_line: int | None = None  # where the unfinished CAPA line starts
+        self._upgrade: _Upgrade | None = None
+        if upstream_stls:
+            self._upgrade = _Upgrade(-1, Phase.GREETING)
+        self._transparent = False
+        self._last = t
+        self._out: list[RelayCommand] = []
+
+    # ----------------------------------------------------------------- public API
+
+    def handle(self, event: Input) -> list[RelayCommand]:
+        """Take one input; return the commands it causes, to be executed in order."""
+        out: list[RelayCommand] = []
+        self._out = out
+        if self.ended is not None:
+            return out
+        if isinstance(event, DataReceived):
+            self._data(event)
+        elif isinstance(event, Parsed):
+            self._parsed(event.events)
+        elif isinstance(event, EofReceived):
+            self._last = event.t
+            self._flows[event.direction].eof = True
+            self._settle()
+        elif isinstance(event, TlsEstablished):
+            self._tls_established(event.leg)
+        elif isinstance(event, TlsFailed):
+            self._tls_failed(event.leg, event.reason)
+        elif isinstance(event, ObserverFailed):
+            self._observer_failed(event.reason)
+        elif isinstance(event, Tick):
+            self._tick(event.t)
+        return out
+
+    def start(self) -> list[RelayCommand]:
+        """The commands before the first read (--upstream-stls holds the client's bytes)."""
+        if self._upgrade is not None:
+            return [HoldReads(Leg.CLIENT)]
+        return []
+
+    @property
+    def deadline(self) -> float:
+        """When the controller wants a ``Tick``: idle timeout, or linger after an EOF."""
+        flows = self._flows
+        limit = self.linger if flows[C].eof or flows[S].eof else self.idle_timeout
+        return self._last + limit
+
+    @property
+    def phase(self) -> Phase | None:
+        return None if self._upgrade is None else self._upgrade.phase
+
+    def pending(self, direction: Direction) -> int:
+        """Bytes of ``direction`` received and not yet decided about."""
+        return len(self._flows[direction].pending)
+
+    def own_spans(self, direction: Direction) -> list[tuple[int, int]]:
+        """Spans (start, end) of ``direction``'s stream that popproxy sent itself."""
+        return list(self._flows[direction].own)
+
+    # ----------------------------------------------------------------- data
+
+    def _data(self, event: DataReceived) -> None:
+        direction, data = event.direction, event.data
+        self._last = event.t
+        flow = self._flows[direction]
+        flow.received += len(data)
+        if not flow.pending and self._forward_now(direction, flow, data):
+            # The common case: no decision is pending, the bytes go on before parsing.
+            flow.decided = flow.received
+            self._out.append(Forward(direction, data))
+            return
+        flow.pending += data
+        if self._transparent:
+            self._settle()
+        # The rest waits for the observer's events (the next ``Parsed``).
+
+    def _forward_now(self, direction: Direction, flow: _Flow, data: bytes) -> bool:
+        """Whether bytes may be forwarded before the observer has seen them."""
+        if self._transparent:
+            return True
+        if self._blocked(direction):
+            return False
+        if direction is C:
+            # Only a chunk that may hold an STLS line waits for its events; an unfinished
+            # line that may become STLS ("ST", then "LS\r\n") is never forwarded early.
+            if self._gated() or b"STLS" in data.upper():
+                return False
+            head = _line_head(flow.head, data)
+            if head is not None and not data.endswith(b"\n"):
+                return False
+            flow.head = head
+            return True
+        return not self._awaiting_server() and not (self._hiding() and self._capa_open())
+
+    def _gated(self) -> bool:
+        """Whether popproxy answers STLS itself: client lines wait until classified."""
+        return self.stls is StlsMode.STRIP or self.tls[Leg.CLIENT] or self.tls[Leg.UPSTREAM]
+
+    def _hiding(self) -> bool:
+        """Whether STLS is hidden from CAPA: the client must not (or cannot) use it here."""
+        return self.stls is StlsMode.STRIP or (self.tls[Leg.CLIENT] and not self.tls[Leg.UPSTREAM])
+
+    def _awaiting_server(self) -> bool:
+        """Whether a server reply under way decides the bytes after it (an STLS reply)."""
+        upgrade = self._upgrade
+        return upgrade is not None and upgrade.phase in (
+            Phase.GREETING,
+            Phase.OWN_REPLY,
+            Phase.AWAIT_REPLY,
+        )
+
+    def _capa_open(self) -> bool:
+        return bool(self._capa) or self._open_verbs.get("CAPA", 0) > 0
+
+    def _blocked(self, direction: Direction) -> bool:
+        upgrade = self._upgrade
+        if upgrade is None:
+            return False
+        if direction is C:
+            return True  # after STLS the client's next bytes are a ClientHello, or injected
+        return upgrade.phase in (Phase.UPSTREAM_HANDSHAKE, Phase.CLIENT_HANDSHAKE)
+
+    def _limit(self, direction: Direction) -> int:
+        """How far ``direction``'s pending bytes may be forwarded now."""
+        flow = self._flows[direction]
+        if self._blocked(direction):
+            return flow.decided
+        if self._transparent or flow.eof:
+            return flow.received
+        if direction is C:
+            if self._gated() and not self._open_verbs.get("AUTH", 0):
+                return max(flow.decided, flow.covered)
+            # SASL responses are held by the observer until the server answers: they cannot
+            # be STLS commands and must go on for the server to answer.
+            if _line_head(flow.head, flow.pending) is None or flow.pending.endswith(b"\n"):
+                return flow.received
+            return flow.decided + flow.pending.rfind(b"\n") + 1
+        limit = flow.received
+        if self._awaiting_server():
+            limit = flow.covered
+        elif self._capa_line is not None:
+            limit = self._capa_line
+        elif self._hiding() and self._capa_open():
+            limit = flow.covered
+        return max(flow.decided, min(limit, flow.received))
+
+    def _settle(self) -> None:
+        for direction in (S, C):
+            flow = self._flows[direction]
+            if flow.pending:
+                self._forward_to(direction, self._limit(direction))
+            if (
+                flow.eof
+                and not flow.pending
+                and not flow.eof_forwarded
+                and not self._blocked(direction)
+            ):
+                flow.eof_forwarded = True
+                self._out.append(ForwardEof(direction))
+
+    def _forward_to(self, direction: Direction, offset: int) -> None:
+        flow = self._flows[direction]
+        n = offset - flow.decided
+        if n <= 0:
+            return
+        data = bytes(flow.pending[:n])
+        del flow.pending[:n]
+        flow.decided = offset
+        if direction is C:
+            flow.head = _line_head(flow.head, data)
+        self._out.append(Forward(direction, data))
+
+    def _drop_to(self, direction: Direction, offset: int, why: str) -> None:
+        flow = self._flows[direction]
+        n = offset - flow.decided
+        if n <= 0:
+            return
+        del flow.pending[:n]
+        self._out.append(Drop(direction, flow.decided, n, why))
+        flow.decided = offset
+        flow.head = b""
+
+    def _send(self, leg: Leg, data: bytes, why: str) -> None:
+        """popproxy's own bytes to ``leg``: they join the stream its peer receives."""
+        direction = S if leg is Leg.CLIENT else C
+        flow = self._flows[direction]
+        # What may go on goes first, so the record's order is the wire's (held bytes are
+        # never pending here: their leg's reads were held before they could arrive).
+        self._forward_to(direction, self._limit(direction))
+        flow.own.append((flow.received, flow.received + len(data)))
+        flow.received += len(data)
+        flow.decided = flow.received
+        self._out.append(Send(leg, data, why))
+
+    def _is_own(self, direction: Direction, offset: int) -> bool:
+        return any(lo <= offset < hi for lo, hi in self._flows[direction].own)
+
+    # ----------------------------------------------------------------- events
+
+    def _parsed(self, events: tuple[Event, ...]) -> None:
+        flows = self._flows
+        for event in events:
+            if isinstance(event, RawEvent):
+                end = event.offset + len(event.raw)
+                flow = flows[event.direction]
+                if end > flow.covered:
+                    flow.covered = end
+            if isinstance(event, PopCommand):
+                self._command(event)
+            elif isinstance(event, Reply):
+                self._reply(event)
+            elif isinstance(event, BodyChunk):
+                if event.seq in self._capa:
+                    self._capa_chunk(event)
+            elif isinstance(event, BodyEnd):
+                self._finished(event.seq)
+                if event.seq in self._capa:
+                    self._capa.discard(event.seq)
+                    self._capa_line = None
+            elif isinstance(event, Greeting):
+                self._greeting(event)
+        upgrade = self._upgrade
+        if (
+            upgrade is not None
+            and upgrade.phase is Phase.LOCAL
+            and not any(seq < upgrade.seq for seq in self._open)
+        ):
+            self._settle()  # the replies before go first
+            self._answer_locally()
+        self._settle()
+
+    def _finished(self, seq: int) -> None:
+        verb = self._open.pop(seq, None)
+        if verb is not None:
+            self._open_verbs[verb] -= 1
+
+    def _command(self, command: PopCommand) -> None:
+        self._open[command.seq] = command.verb
+        self._open_verbs[command.verb] = self._open_verbs.get(command.verb, 0) + 1
+        if command.verb != "STLS" or self._is_own(C, command.offset):
+            return
+        end = command.offset + len(command.raw)
+        flow = self._flows[C]
+        if self._upgrade is not None:
+            return  # a second STLS while one is under way: its bytes are held anyway
+        self._forward_to(C, command.offset)
+        if self._gated() and end > flow.decided:
+            self._drop_to(C, end, "STLS answered by popproxy")
+            self._upgrade = _Upgrade(command.seq, Phase.LOCAL)
+        else:
+            self._forward_to(C, end)
+            self._upgrade = _Upgrade(command.seq, Phase.AWAIT_REPLY)
+        self._out.append(HoldReads(Leg.CLIENT))
+
+    def _reply(self, reply: Reply) -> None:
+        if not reply.multiline:
+            self._finished(reply.seq)
+        upgrade = self._upgrade
+        if upgrade is not None and reply.verb == "STLS":
+            if upgrade.phase is Phase.AWAIT_REPLY and reply.seq == upgrade.seq:
+                self._stls_reply(reply, upgrade)
+            elif upgrade.phase is Phase.OWN_REPLY:
+                self._own_stls_reply(reply, upgrade)
+            return
+        if reply.verb == "CAPA" and reply.multiline and self._hiding():
+            self._capa.add(reply.seq)
+            self._capa_line = reply.offset + len(reply.raw)
+
+    def _capa_chunk(self, chunk: BodyChunk) -> None:
+        """Drop each ``STLS`` capability line; an unfinished line waits for its end."""
+        flow = self._flows[S]
+        line = self._capa_line if self._capa_line is not None else chunk.offset
+        end = chunk.offset + len(chunk.raw)
+        while True:
+            lo = line - flow.decided
+            newline = flow.pending.find(b"\n", lo, end - flow.decided)
+            if newline < 0:
+                break
+            stop = flow.decided + newline + 1
+            if _STLS_CAPABILITY.fullmatch(flow.pending, lo, newline + 1):
+                self._forward_to(S, line)
+                self._drop_to(S, stop, "STLS capability hidden by popproxy")
+                self._out.append(Note("strip", "STLS hidden from CAPA"))
+            line = stop
+        self._capa_line = line
+
+    def _greeting(self, greeting: Greeting) -> None:
+        upgrade = self._upgrade
+        if upgrade is None or upgrade.phase is not Phase.GREETING:
+            return
+        self._forward_to(S, greeting.offset + len(greeting.raw))
+        upgrade.phase = Phase.OWN_REPLY
+        self._send(Leg.UPSTREAM, OWN_STLS, "popproxy upgrades the upstream leg (--upstream-stls)")
+
+    # ----------------------------------------------------------------- STLS
+
+    def _stls_reply(self, reply: Reply, upgrade: _Upgrade) -> None:
+        server, client = self._flows[S], self._flows[C]
+        self._forward_to(S, reply.offset)
+        end = reply.offset + len(reply.raw)
+        if reply.status != "+OK":
+            self._upgrade = None  # the session goes on in plaintext
+            self._out.append(ResumeReads(Leg.CLIENT))
+            return
+        if self.stls is not StlsMode.INTERCEPT and self.stls is not StlsMode.PASSTHROUGH:
+            self._end("proxy-error", "an STLS reached the server unanswered by popproxy")
+            return
+        if self.stls is StlsMode.PASSTHROUGH:
+            self._forward_to(S, end)
+        else:
+            upgrade.ok_offset, upgrade.ok_line = reply.offset, bytes(reply.raw)
+            del server.pending[: len(reply.raw)]
+            server.decided = end
+        if self.stls is StlsMode.INTERCEPT:
+            upgrade.phase = Phase.UPSTREAM_HANDSHAKE
+            self._out.append(HoldReads(Leg.UPSTREAM))
+            self._out.append(StartTls(Leg.UPSTREAM, "stls"))
+        # RFC 2595 §4: nothing sent after STLS (client) or its +OK (server) before the
+        # handshake belongs to the TLS session: such bytes are injected, never forwarded.
+        self._drop_to(S, server.received, "plaintext after STLS +OK")
+        self._drop_to(C, client.received, "plaintext after STLS")
+        if self.stls is StlsMode.PASSTHROUGH:
+            self._out.append(TlsFact(S, decrypted=False, mode="passthrough"))
+            self._out.append(TlsFact(C, decrypted=False, mode="passthrough"))
+            self._transparent = True
+            self._upgrade = None
+            self._out.append(ResumeReads(Leg.CLIENT))
+
+    def _own_stls_reply(self, reply: Reply, upgrade: _Upgrade) -> None:
+        self._forward_to(S, reply.offset)
+        end = reply.offset + len(reply.raw)
+        self._drop_to(S, end, "reply to popproxy's own STLS")
+        if reply.status != "+OK":
+            self._refuse("upstream-tls-error", "upstream refused STLS")
+            return
+        upgrade.phase = Phase.UPSTREAM_HANDSHAKE
+        self._out.append(HoldReads(Leg.UPSTREAM))
+        self._out.append(StartTls(Leg.UPSTREAM, "stls"))
+        self._drop_to(S, self._flows[S].received, "plaintext after STLS +OK")
+
+    def _answer_locally(self) -> None:
+        """Answer the client's STLS: RFC 2449 §6.6, only after every earlier reply."""
+        upgrade = self._upgrade
+        assert upgrade is not None
+        if self.tls[Leg.CLIENT]:
+            self._send(Leg.CLIENT, ACTIVE_ERR, "TLS is already active on the client leg")
+        elif self.stls is StlsMode.STRIP:
+            self._out.append(Note("strip", "STLS refused by popproxy (strip mode)"))
+            self._send(Leg.CLIENT, STRIP_ERR, "strip mode: popproxy refuses STLS")
+        else:
+            # The upstream leg is TLS already: upgrade only the client leg.
+            self._send(Leg.CLIENT, STLS_OK, "the upstream leg is TLS already")
+            upgrade.phase = Phase.CLIENT_HANDSHAKE
+            self._out.append(StartTls(Leg.CLIENT, "stls"))
+            self._drop_to(C, self._flows[C].received, "plaintext after STLS")
+            return
+        self._upgrade = None
+        self._out.append(ResumeReads(Leg.CLIENT))
+
+    def _tls_established(self, leg: Leg) -> None:
+        self.tls[leg] = True
+        upgrade = self._upgrade
+        if upgrade is None:
+            return
+        # Plaintext read from the leg before its handshake began is injected (RFC 2595 §4).
+        why = "plaintext after STLS" if leg is Leg.CLIENT else "plaintext after STLS +OK"
+        self._drop_to(leg.sender, self._flows[leg.sender].received, why)
+        if leg is Leg.UPSTREAM and upgrade.phase is Phase.UPSTREAM_HANDSHAKE:
+            if upgrade.seq < 0:  # --upstream-stls: the client leg stays as it is
+                self._out.append(TlsFact(C, decrypted=True, mode="unchanged"))
+                self._upgrade = None
+                self._out.append(ResumeReads(Leg.UPSTREAM))
+                self._out.append(ResumeReads(Leg.CLIENT))
+                self._settle()
+                return
+            self._out.append(Forward(S, upgrade.ok_line))
+            upgrade.phase = Phase.CLIENT_HANDSHAKE
+            self._out.append(StartTls(Leg.CLIENT, "stls"))
+        elif leg is Leg.CLIENT and upgrade.phase is Phase.CLIENT_HANDSHAKE:
+            self._upgrade = None
+            self._out.append(ResumeReads(Leg.UPSTREAM))
+            self._out.append(ResumeReads(Leg.CLIENT))
+            self._settle()
+
+    def _tls_failed(self, leg: Leg, reason: str) -> None:
+        if leg is Leg.CLIENT:
+            self._end("client-tls-error", f"TLS handshake with the client failed: {reason}")
+            return
+        upgrade = self._upgrade
+        if upgrade is not None and upgrade.ok_line:
+            # The client never saw the server's +OK: it gets popproxy's answer instead.
+            self._out.append(
+                Drop(S, upgrade.ok_offset, len(upgrade.ok_line), "upstream TLS failed")
+            )
+        # Never relay mail from an upstream whose certificate failed verification.
+        self._refuse("upstream-tls-error", f"TLS with upstream failed: {reason}")
+
+    def _refuse(self, how: str, reason: str) -> None:
+        line = f"-ERR [SYS/TEMP] popproxy: {reason}\r\n".encode()
+        self._send(Leg.CLIENT, line, reason)
+        self._end(how, reason)
+
+    def _end(self, how: str, error: str | None, cut: Cut = Cut.FIN) -> None:
+        self.ended = EndSession(how, error, cut)
+        self._out.append(self.ended)
+
+    def _observer_failed(self, reason: str) -> None:
+        """No more events: relay the rest unchanged rather than stall (never alter bytes)."""
+        self._out.append(Note("observer-error", f"relay control off: {reason}"))
+        self._transparent = True
+        upgrade = self._upgrade
+        if upgrade is not None and upgrade.phase is Phase.LOCAL:
+            self._answer_locally()
+        elif upgrade is not None and upgrade.phase in (
+            Phase.AWAIT_REPLY,
+            Phase.GREETING,
+            Phase.OWN_REPLY,
+        ):
+            self._upgrade = None
+            self._out.append(ResumeReads(Leg.CLIENT))
+        self._settle()
+
+    def _tick(self, t: float) -> None:
+        if t < self.deadline:
+            return
+        flows = self._flows
+        if flows[S].eof:
+            self._end("server-closed", None)
+        elif flows[C].eof:
+            self._end("client-closed", None)
+        else:
+            limit = self.idle_timeout
+            self._end("idle-timeout", f"no traffic for {limit:g} s")
