@@ -20,6 +20,7 @@ from popproxy.cli.stats import fmt_size
 from popproxy.core.transcript import TranscriptBuilder
 from popproxy.errors import report
 from popproxy.inspect import metered_events
+from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
 from popproxy.views.progress import ScanProgress
 from popproxy.views.render import fmt_ms
 from popproxy.views.theme import make_console
@@ -44,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="folder of captures (default: captures/)",
     )
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    p.add_argument("--filter", type=filter_arg, metavar="EXPR", help=FILTER_HELP)
     p.set_defaults(run=run)
 
 
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             with CaptureReader(path) as reader:
                 end = reader.end()
+                if args.filter is not None and not capture_matches(args.filter, reader):
+                    continue
                 if end is None:
                     unfinished.append(path)
                 else:

@@ -16,6 +16,7 @@ from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
+from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
 from popproxy.views import render
 from popproxy.views.theme import make_console
 
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--command", dest="verb", metavar="VERB", help="only exchanges of this command")
     p.add_argument("--errors", action="store_true", help="only -ERR replies and anomalies")
     p.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
+    p.add_argument("--filter", type=filter_arg, metavar="EXPR", help=FILTER_HELP)
     p.add_argument(
         "--follow",
         "-f",
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         try:
             with CaptureReader(path) as reader:
+                if args.filter is not None and not capture_matches(args.filter, reader):
+                    continue
                 if args.json:
                     doc = capture_json(reader, reveal=args.show_secrets)
                     sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")

@@ -18,6 +18,7 @@ from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.core.transcript import TranscriptBuilder
 from popproxy.errors import report
 from popproxy.inspect import metered_events
+from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
 from popproxy.inspect.stats import StatsCollector
 from popproxy.views.progress import ScanProgress
 from popproxy.views.render import fmt_ms
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "captures", nargs="+", metavar="CAPTURE|DIR", help="capture files, or folders of them"
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--filter", type=filter_arg, metavar="EXPR", help=FILTER_HELP)
     p.set_defaults(run=run)
 
 
@@ -56,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         for path in paths:
             try:
                 with CaptureReader(path) as reader:
+                    if args.filter is not None and not capture_matches(args.filter, reader):
+                        continue
                     collect(reader, stats, progress.capture(path, reader.size))
                     for warning in reader.warnings:
                         report("stats", f"{warning}", level="warning")

@@ -123,6 +123,8 @@ class SessionSummary:
     state: str = "AUTHORIZATION"
     quit: bool = False
     commands: int = 0
+    errors: int = 0  # -ERR replies
+    verbs: dict[str, int] = field(default_factory=dict)  # commands sent, per verb
     tls: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
@@ -172,6 +174,7 @@ class TranscriptBuilder:
         session = self.session
         if isinstance(event, Command):
             session.commands += 1
+            session.verbs[event.verb] = session.verbs.get(event.verb, 0) + 1
             args = event.args
             if self.reveal_secrets and args is not None:
                 line = decode_text(event.raw.rstrip(b"\r\n")).lstrip(" \t")
@@ -194,6 +197,8 @@ class TranscriptBuilder:
         if isinstance(event, Reply):
             ex = self._open.get(event.seq) or Exchange("command", event.seq, event.verb)
             ex.status, ex.code, ex.text = event.status, event.code, event.text
+            if event.status == "-ERR":
+                session.errors += 1
             if event.verb == "QUIT" and event.status == "+OK":
                 session.quit = True  # RFC 1939 §6: the server acknowledged QUIT
             ex.multiline, ex.value, ex.t_reply = event.multiline, event.value, t

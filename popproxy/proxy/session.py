@@ -193,6 +193,10 @@ class Session:
             "user": session.user,
             "mechanism": session.mechanism,
             "anomalies": len(session.anomalies),
+            "anomaly_kinds": _kinds(session.anomalies),
+            "errors": session.errors,
+            "verbs": session.verbs,
+            "tls": tap.tls_legs,
             "redactions": stats.redactions,
             "observer_error": tap.broken,
         }
@@ -602,6 +606,13 @@ class Session:
             prev = offset - start + length
         out.append(data[prev:])
         return b"".join(out)
+
+
+def _kinds(anomalies: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for anomaly in anomalies:
+        counts[anomaly["kind"]] = counts.get(anomaly["kind"], 0) + 1
+    return counts
 
 
 def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:

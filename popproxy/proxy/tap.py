@@ -44,6 +44,7 @@ class Tap:
         )
         self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
         self.broken: str | None = None
+        self.tls_legs: list[str] = []  # legs that went TLS, for the end record
 
     def data(
         self, direction: Direction, t: float, data: bytes, *, proxy: bool = False
@@ -63,6 +64,9 @@ class Tap:
     def start_tls(
         self, direction: Direction, t: float, info: dict[str, Any], *, decrypted: bool = True
     ) -> None:
+        leg = str(info.get("leg", ""))
+        if leg and leg not in self.tls_legs:
+            self.tls_legs.append(leg)
         self.writer.meta(
             {
                 "r": fmt.TLS,

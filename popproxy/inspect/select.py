@@ -1,0 +1,40 @@
+"""Applies a filter expression (inspect/filter.py) to capture files: end record first."""
+
+from __future__ import annotations
+
+import argparse
+
+from popproxy.capture.events import replay_events
+from popproxy.capture.reader import CaptureReader
+from popproxy.inspect.filter import Expr, FilterError, Scan, SessionFacts, facts_from_end, parse
+from popproxy.inspect.filter import quick as quick_verdict
+
+FILTER_HELP = (
+    "only sessions matching EXPR, e.g. '~c RETR & ~e', '~u alice | ~h example.net' "
+    "(the language: docs/browse.md)"
+)
+
+
+def filter_arg(text: str) -> Expr:
+    """``argparse`` type for ``--filter``: a parse error is one line and exit status 2."""
+    try:
+        return parse(text)
+    except FilterError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def reader_facts(reader: CaptureReader) -> SessionFacts:
+    """The cheap facts of a capture: its header and end record (the file's last bytes)."""
+    return facts_from_end(str(reader.path), reader.header, reader.end())
+
+
+def capture_matches(expr: Expr, reader: CaptureReader, facts: SessionFacts | None = None) -> bool:
+    """Decide from the end record when it can; otherwise read the capture, streaming."""
+    facts = facts if facts is not None else reader_facts(reader)
+    verdict = quick_verdict(expr, facts)
+    if verdict is not None:
+        return verdict
+    scan = Scan(expr, facts)
+    for record, t, events in replay_events(reader):
+        scan.feed(record, t, events)
+    return scan.result()
