@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
 import sys
 
 import trio
 
 from popproxy.errors import UsageError
+from popproxy.hints import Leg, tls_hint
 
 BACKLOG = 4096  # room for 1,000 simultaneous connects and more
 # What a send, receive or close on a peer's stream may raise when the peer misbehaves or goes.
@@ -46,16 +48,24 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def describe_error(exc: BaseException) -> str:
-    """One human line for a network or TLS failure (the cause, not trio's wrapper)."""
+def describe_error(
+    exc: BaseException, leg: Leg | None = None, *, ca_flag: str = "--upstream-ca"
+) -> str:
+    """One human line for a network or TLS failure (the cause, not trio's wrapper), with a
+    hint naming the likely fix when the failing ``leg`` is known (popproxy/hints.py)."""
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, trio.BrokenResourceError) and cause is not None:
         exc = cause
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+        text = f"certificate verification failed: {exc.verify_message}"
+    elif isinstance(exc, ssl.SSLError) and len(exc.args) > 1:
+        text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(exc.args[1]))  # OpenSSL's source line
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    hint = tls_hint(exc, leg, ca_flag=ca_flag) if leg is not None else None
+    return f"{text} (hint: {hint})" if hint else text
 
 
 def is_ip(host: str) -> bool:

@@ -18,6 +18,7 @@ from popproxy.proxy.config import (
     capture_dir,
     parse_hostport,
 )
+from popproxy.proxy.probe import exposed, probe_upstream
 from popproxy.proxy.server import serve_record
 from popproxy.tls.ca import default_ca_dir
 from popproxy.tls.contexts import client_context
@@ -104,6 +105,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="DIR",
         help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)",
     )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the start-up check of the upstream (one connection: greeting, then QUIT)",
+    )
     p.set_defaults(run=run)
 
 
@@ -134,6 +140,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         insecure=args.insecure,
         upstream_ca=args.upstream_ca,
         verbose=args.verbose,
+        check_upstream=not args.no_check,
     )
     try:
         config.upstream_context = client_context(cafile=args.upstream_ca, insecure=args.insecure)
@@ -151,6 +158,13 @@ def run(args: argparse.Namespace) -> int:
     view = LiveView.in_subprocess(mode)
     if config.insecure:
         view.notice("WARNING: --insecure: the upstream certificate is NOT verified", "pop.error")
+    if exposed(config.listen[0]):
+        view.notice(
+            f"WARNING: listening on {args.listen} accepts clients from other machines: "
+            "anyone who reaches it relays through popproxy and lands in your captures "
+            "(--listen 127.0.0.1:PORT keeps it on this machine)",
+            "pop.error",
+        )
     try:
         run_listening(_main, config, view, listen=args.listen)
     finally:
@@ -158,9 +172,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _check_upstream(config: ProxyConfig, view: LiveView) -> None:
+    problem = await probe_upstream(config)
+    if problem is not None:
+        view.notice(f"WARNING: {problem}", "pop.warning")
+
+
 async def _main(config: ProxyConfig, view: LiveView) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_record, config, view)
+        if config.check_upstream:
+            nursery.start_soon(_check_upstream, config, view)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 view.notice("stopping: finishing open captures…", "pop.muted")

@@ -56,6 +56,7 @@ from popproxy.core.events import (
     TlsStarted,
     Unsolicited,
 )
+from popproxy.hints import first_bytes_hint
 
 # docs/protocol-notes.md §2: multi-line on +OK, always or only without an argument.
 ML_ON_OK = frozenset({"CAPA", "RETR", "TOP", "XTND", "*ENV"})
@@ -128,6 +129,7 @@ class _Side:
     scan_tail: bool | None = None  # SCAN: inside an over-long line (True: a credential)
     bare_lf_seen: bool = False
     reported: set[str] = field(default_factory=set)  # anomalies reported once per side
+    head: bytes | None = b""  # the stream's first bytes, until sniffed for TLS (then None)
 
 
 class Observer:
@@ -184,11 +186,29 @@ class Observer:
                 self._anomaly_once(side, "data-after-close", None, "bytes after EOF")
                 self._emit_raw(Opaque, side, data)
             return out
+        if side.head is not None:
+            self._sniff(side, data)
         if not data:
             self._close(side)
         else:
             self._feed(side, side.buf + data if side.buf else data)
         return out
+
+    def _sniff(self, side: _Side, data: bytes) -> None:
+        """A TLS record where POP3 lines were due: a client or server on the wrong kind of port.
+
+        Decided on the stream's first three bytes whatever the segmentation (none of them
+        can end a line when they are a TLS record header).
+        """
+        head = (side.head or b"") + data[:3]
+        if len(head) < 3 and data:
+            side.head = head
+            return
+        side.head = None
+        client = side.direction is Direction.CLIENT
+        hint = first_bytes_hint(head, from_client=client, leg_tls=False)
+        if hint is not None:
+            self._anomaly("tls-on-plaintext", side.direction, None, hint)
 
     def start_tls(self, direction: Direction, *, decrypted: bool = True) -> list[Event]:
         """TLS starts on ``direction`` at its current offset (implicit TLS or after STLS).
@@ -199,6 +219,7 @@ class Observer:
         side = self._side(direction)
         out: list[Event] = []
         self._out = out
+        side.head = None  # TLS from here on: what follows is not sniffed
         if side.buf:
             # RFC 2595 §4: bytes before the handshake that were not a whole line.
             self._anomaly_once(

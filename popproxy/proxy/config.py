@@ -56,6 +56,7 @@ class ProxyConfig:
     verbose: bool = False
     upstream_context: ssl.SSLContext | None = None
     extra_header: dict[str, object] = field(default_factory=dict)
+    check_upstream: bool = False  # record's start-up probe (popproxy/proxy/probe.py)
 
     def certificate_authority(self) -> CertificateAuthority:
         """popproxy's CA, loaded (or created) on first use: plaintext runs never touch it."""

@@ -21,6 +21,7 @@ from popproxy import __version__
 from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Command, Direction, Event
+from popproxy.hints import CLIENT_SILENT_HINT, Leg
 from popproxy.netutil import STREAM_ERRORS, describe_error, is_ip, stream_address
 from popproxy.proxy import control
 from popproxy.proxy.config import ProxyConfig, StlsMode
@@ -242,7 +243,8 @@ class Session:
                 await self._upstream_stls()
             except STREAM_ERRORS as exc:
                 await self._refuse(
-                    "upstream-error", f"STLS with upstream failed: {describe_error(exc)}"
+                    "upstream-error",
+                    f"STLS with upstream failed: {describe_error(exc, Leg.UPSTREAM)}",
                 )
         async with trio.open_nursery() as pumps:
             pumps.start_soon(self._pump, C)
@@ -269,7 +271,11 @@ class Session:
             with trio.fail_after(self.config.connect_timeout):
                 await tls.do_handshake()
         except (*STREAM_ERRORS, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
+            reason = (
+                f"timed out (hint: {CLIENT_SILENT_HINT})"
+                if isinstance(exc, trio.TooSlowError)
+                else describe_error(exc, Leg.CLIENT)
+            )
             self.end("client-tls-error", f"TLS handshake with the client failed: {reason}")
             raise _Abort from None
         self._tls[C] = True
@@ -288,7 +294,11 @@ class Session:
             with trio.fail_after(cfg.connect_timeout):
                 await tls.do_handshake()
         except (*STREAM_ERRORS, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe_error(exc)
+            reason = (
+                "timed out"
+                if isinstance(exc, trio.TooSlowError)
+                else describe_error(exc, Leg.UPSTREAM)
+            )
             # Never relay mail from an upstream whose certificate failed verification.
             await self._refuse("upstream-tls-error", f"TLS with upstream failed: {reason}")
         self._tls[S] = True

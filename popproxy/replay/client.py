@@ -21,6 +21,7 @@ from popproxy.core import (
     SaslChallenge,
 )
 from popproxy.core.transcript import Exchange, TranscriptBuilder
+from popproxy.hints import Leg
 from popproxy.netutil import STREAM_ERRORS, describe_error, format_hostport, is_ip
 from popproxy.replay import auth
 from popproxy.replay.auth import AuthError, Credentials
@@ -175,7 +176,8 @@ class _Live:
         except trio.TooSlowError:
             raise ReplayError(f"TLS handshake timed out after {self.timeout:g} s") from None
         except STREAM_ERRORS as exc:
-            raise ReplayError(f"TLS handshake failed: {describe_error(exc)}") from None
+            reason = describe_error(exc, Leg.UPSTREAM, ca_flag="--ca")
+            raise ReplayError(f"TLS handshake failed: {reason}") from None
         self.stream = tls
         self._take(self.observer.start_tls(S))
         self._take(self.observer.start_tls(C))

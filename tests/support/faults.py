@@ -515,6 +515,7 @@ async def recorder_process(
         str(out),
         "--quiet",
         "--keep-secrets",
+        "--no-check",  # scripted upstreams count their connections
     ]
     proc = await trio.lowlevel.open_process(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, preexec_fn=limits
