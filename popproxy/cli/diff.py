@@ -18,8 +18,8 @@ from popproxy.capture.reader import CaptureReader
 from popproxy.errors import report
 from popproxy.replay.compare import (
     Difference,
+    align_sessions,
     capture_exchanges,
-    compare_sessions,
     first_body_differences,
 )
 from popproxy.views.progress import ScanProgress
@@ -73,7 +73,7 @@ def diff_captures(expected: Path, actual: Path, *, strict: bool = False) -> list
         ScanProgress("diff", [expected, actual]) as progress,
     ):
         differences = list(
-            compare_sessions(
+            align_sessions(
                 capture_exchanges(ra, progress.capture(expected, ra.size)),
                 capture_exchanges(rb, progress.capture(actual, rb.size)),
                 strict=strict,

@@ -153,6 +153,7 @@ def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
         table.add_column("client → upstream", overflow="fold", min_width=12)
     for name in ("cmds", "C→S", "S→C", "duration"):
         table.add_column(name, justify="right")
+    table.add_column("capture", overflow="fold", min_width=8)  # which file: rows can look alike
     for r in rows:
         how = str(r.get("how") or "?")
         ended = Text(
@@ -180,6 +181,7 @@ def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
             _size(r.get("client_octets")),
             _size(r.get("server_octets")),
             fmt_ms(float(r["duration"])) if r.get("duration") is not None else "?",
+            Text(str(r["path"]), style="pop.muted"),
         ]
         table.add_row(*cells)
     console.print(table)

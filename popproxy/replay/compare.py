@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from itertools import zip_longest
 from typing import Any
 
@@ -405,3 +406,53 @@ def _first_difference(a: Iterator[bytes], b: Iterator[bytes]) -> int | None:
             return offset + next(i for i in range(n) if buf_a[i] != buf_b[i])
         offset += n
         buf_a, buf_b = buf_a[n:], buf_b[n:]
+
+
+# ----------------------------------------------------------------- aligned comparison
+
+MAX_ALIGNED = 50_000  # commands per side compared by alignment; beyond, by position
+_UNKEYED_ARGS = frozenset({"PASS", "APOP", "AUTH", "RPOP"})  # credentials: the verb is the key
+
+
+def align_key(ex: Exchange) -> str:
+    """What must be equal for two command exchanges to be "the same step" of a session."""
+    verb = (ex.command or "?").upper()
+    if verb in _UNKEYED_ARGS:
+        return verb
+    return f"{verb} {ex.args}" if ex.args else verb
+
+
+def align_sessions(
+    expected: Iterable[Exchange], actual: Iterable[Exchange], *, strict: bool = False
+) -> Iterator[Difference]:
+    """Compare two recorded sessions of possibly different clients (``popproxy diff``).
+
+    Command exchanges are aligned as sequences (the longest matching blocks, as ``diff``
+    aligns lines), so one extra or missing command is one difference, not a shift of
+    every later one. Aligned pairs are compared field by field; commands only one side has
+    are reported as missing or extra; a run replaced by another is paired in order.
+    """
+    e_other: list[Exchange] = []
+    a_other: list[Exchange] = []
+    e_cmds = list(_commands(expected, e_other))
+    a_cmds = list(_commands(actual, a_other))
+    if len(e_cmds) > MAX_ALIGNED or len(a_cmds) > MAX_ALIGNED:
+        yield from compare_sessions(e_cmds + e_other, a_cmds + a_other, strict=strict)
+        return
+    matcher = SequenceMatcher(
+        None, [align_key(x) for x in e_cmds], [align_key(x) for x in a_cmds], autojunk=False
+    )
+    for op, e0, e1, a0, a1 in matcher.get_opcodes():
+        if op == "equal":
+            for e, a in zip(e_cmds[e0:e1], a_cmds[a0:a1], strict=True):
+                yield from compare_exchanges(e, a, strict=strict)
+            continue
+        for e, a in zip_longest(e_cmds[e0:e1], a_cmds[a0:a1]):
+            if e is None:
+                assert a is not None
+                yield Difference(a.seq, "exchange", None, label(a), "only in actual (inserted)")
+            elif a is None:
+                yield Difference(e.seq, "exchange", label(e), None, "only in expected (deleted)")
+            else:
+                yield Difference(e.seq, "command", label(e), label(a), "changed")
+    yield from _compare_others(e_other, a_other, strict)
