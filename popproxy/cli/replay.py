@@ -79,7 +79,9 @@ def add_password_options(p: argparse.ArgumentParser) -> None:
 
 
 def client_tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not (args.tls or args.stls):
+    """The context for TLS towards the server: needed for --tls and --stls, and for a
+    recorded STLS, so --ca and --insecure count whenever they are given."""
+    if not (args.tls or args.stls or args.ca or args.insecure):
         return None
     from popproxy.tls.contexts import client_context
 

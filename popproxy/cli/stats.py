@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             except CaptureError as exc:
                 report("stats", f"{exc}")
                 status = 2
+    if status and not read:
+        return status  # nothing was readable: the errors above say why, no empty table
     if args.json:
         sys.stdout.write(json.dumps({"captures": read, **stats.to_json()}) + "\n")
     else:

@@ -279,8 +279,16 @@ class _Replayer:
         steps = list(session.steps)
         if options.stls:
             await self._own_stls(host)
-            if steps and steps[0].verb == "STLS":
-                steps = steps[1:]
+        if options.stls or options.tls:
+            # TLS is up already: the server would answer a recorded STLS "-ERR TLS is
+            # already active" (RFC 2595 §4 allows one upgrade per connection).
+            skipped = [s for s in steps if s.verb == "STLS"]
+            steps = [s for s in steps if s.verb != "STLS"]
+            if skipped:
+                self.report.notes.append(
+                    f"the recorded STLS (exchange {skipped[0].seq}) was not sent: TLS was "
+                    f"already up ({'--stls' if options.stls else '--tls'})"
+                )
         groups = batches(steps)
         for index, group in enumerate(groups):
             try:
