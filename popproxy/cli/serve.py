@@ -12,6 +12,7 @@ from rich.text import Text
 
 from popproxy.cli.common import run_listening
 from popproxy.cli.replay import add_password_options, add_tls_options
+from popproxy.faults.options import add_fault_options, faults_from_args
 from popproxy.proxy.config import UsageError, parse_hostport
 from popproxy.replay.auth import read_password
 from popproxy.replay.fake import FakeServer, ServeConfig, serve_replay
@@ -88,6 +89,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_password_options(p)
     add_tls_options(p, listening=True)
+    add_fault_options(p)
     p.set_defaults(run=run)
 
 
@@ -127,6 +129,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         mailbox_user=args.user,
         offer_stls=args.stls,
         match=args.match,
+        faults=faults_from_args(args),
     )
     uses_tls = (
         args.tls
@@ -163,6 +166,13 @@ def run(args: argparse.Namespace) -> int:
             )
         for warning in session.warnings:
             notes.print(Text(f"warning: {warning}", style="pop.warning"))
+    if config.faults:
+        notes.print(
+            Text(
+                f"fault injection: {len(config.faults)} rule(s), seed {config.faults.seed}",
+                style="pop.warning",
+            )
+        )
     server = FakeServer(config, console.print)
     run_listening(_main, config, server, listen=args.listen)
     unplayed = server.report.unplayed()

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 import trio
 from rich.text import Text
 
+from popproxy.faults.fake import FakeFaults, FaultEnded
+from popproxy.faults.matcher import FaultSet, Injection
+from popproxy.faults.rules import Answer
 from popproxy.netutil import STREAM_ERRORS, open_listeners, stream_address
 from popproxy.replay import auth
 from popproxy.replay.matching import closest, find_any
@@ -48,6 +51,7 @@ class ServeConfig:
     mailbox_user: str | None = None  # mailbox: the only user name that may log in
     offer_stls: bool = False
     match: str = "ordered"  # recorded replay: "ordered" or "any" (order-free)
+    faults: FaultSet | None = None  # docs/faults.md
 
     def certificate_authority(self) -> CertificateAuthority:
         if self.ca is None:
@@ -82,6 +86,8 @@ class ConnectionReport:
     unplayed: list[str] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
     ended: str = "open"
+    faults: list[str] = field(default_factory=list)  # each injected fault, what it did
+    fault_ended: bool = False  # a fault cut or closed it: what is unplayed is expected
 
 
 @dataclass
@@ -97,9 +103,22 @@ class ServeReport:
     def near_misses(self) -> list[NearMiss]:
         return [m for c in self.connections for m in c.near_misses]
 
+    @property
+    def faults(self) -> list[str]:
+        """Every injected fault, ``#N`` naming its connection."""
+        return [f"#{c.number} {line}" for c in self.connections for line in c.faults]
+
     def unplayed(self) -> list[str]:
-        """Recorded exchanges no client asked for, and captures no client connected for."""
-        out = [f"{c.capture}: {cmd}" for c in self.connections for cmd in c.unplayed]
+        """Recorded exchanges no client asked for, and captures no client connected for.
+
+        A connection a fault ended is left out: its unplayed rest is the fault's doing.
+        """
+        out = [
+            f"{c.capture}: {cmd}"
+            for c in self.connections
+            if not c.fault_ended
+            for cmd in c.unplayed
+        ]
         out.extend(
             f"{path}: the whole session (no client connected for it)" for path in self.unserved
         )
@@ -144,6 +163,14 @@ class FakeSession:
         self.skipped: set[int] = set()
         self.last_capa: bytes | None = None
         self._buf = b""
+        self.faults: FakeFaults | None = None
+        if config.faults is not None:
+            self.faults = FakeFaults(
+                config.faults.session(report.number),
+                lambda line: self._say(line, "pop.warning"),
+                session.identity,
+            )
+            self.faults.log = report.faults
 
     # ------------------------------------------------------------------ IO
 
@@ -156,11 +183,15 @@ class FakeSession:
 
     async def _line(self) -> bytes:
         """The next client line (with its LF), b"" at EOF; a silent client ends the session."""
+        watching = self.faults.watching if self.faults else None
+        timeout = min(self.config.timeout, watching.seconds) if watching else self.config.timeout
         while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
             try:
-                with trio.fail_after(self.config.timeout):
+                with trio.fail_after(timeout):
                     data = bytes(await self.stream.receive_some(65536))
             except trio.TooSlowError:
+                if watching is not None and watching.seconds <= self.config.timeout:
+                    await self._watched(watching.reply, watching.why)
                 self.report.ended = f"idle for {self.config.timeout:g} s"
                 raise _Closed from None
             except STREAM_ERRORS:
@@ -169,6 +200,9 @@ class FakeSession:
                 rest, self._buf = self._buf, b""
                 return rest
             self._buf += data
+        if watching is not None:
+            assert self.faults is not None
+            self.faults.watching = None  # one wait only
         end = self._buf.find(b"\n")
         end = MAX_LINE if end < 0 else end + 1
         line, self._buf = self._buf[:end], self._buf[end:]
@@ -186,7 +220,9 @@ class FakeSession:
         try:
             if self.config.tls:
                 await self._handshake()
-            await self._send(self.session.greeting or b"+OK popproxy fake server ready\r\n")
+            greeting = self.session.greeting or b"+OK popproxy fake server ready\r\n"
+            fault = self.faults.greeting() if self.faults else None
+            await self._reply(None, None, greeting, fault)
             while True:
                 line = await self._line()
                 if not line:
@@ -199,6 +235,8 @@ class FakeSession:
         except _Closed:
             if self.report.ended == "open":
                 self.report.ended = "connection lost"
+        except FaultEnded as end:
+            self.report.ended, self.report.fault_ended = end.how, True
         finally:
             self.report.unplayed = [
                 s.command_text
@@ -217,17 +255,21 @@ class FakeSession:
             index = find_any(self.steps, self.report.played, verb, args, _matches)
         else:
             index = self._find(verb, args)
+        fault = self.faults.command(verb, args) if self.faults else None
+        if fault is not None and isinstance(fault.action, Answer):
+            return await self._answered(fault, index, verb)
         if index is None:
             if not self.config.strict and verb == "CAPA" and self._capa() is not None:
                 capa = self._capa()
                 assert capa is not None
                 self._say(f"{shown} → recorded CAPA reply again (lenient)")
-                await self._send(capa)
+                await self._reply(verb, args, capa, fault)
                 return True
             if not self.config.strict and verb == "NOOP":
-                await self._send(b"+OK\r\n")  # RFC 1939 §5: NOOP just answers +OK
+                # RFC 1939 §5: NOOP just answers +OK
+                await self._reply(verb, args, b"+OK\r\n", fault)
                 return True
-            return await self._mismatch(shown, verb, args)
+            return await self._mismatch(shown, verb, args, fault)
         for skipped in range(self.cursor, index):
             if self.steps[skipped].verb in SKIPPABLE:
                 self.skipped.add(skipped)
@@ -239,12 +281,12 @@ class FakeSession:
             await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
             return not self.config.strict
         if verb == "AUTH":
-            return await self._auth(step, index, args, shown)
+            return await self._auth(step, index, args, shown, fault)
         self.report.played.add(index)
         self._say(f"{shown} → {_first_line(step.reply)}")
         if verb == "CAPA":
             self.last_capa = step.reply
-        await self._send(step.reply)
+        await self._reply(verb, args, step.reply, fault)
         if verb == "STLS" and step.reply.startswith(b"+OK"):
             if self._buf:
                 self._say("plaintext after STLS discarded (RFC 2595 §4)", "pop.warning")
@@ -286,9 +328,11 @@ class FakeSession:
             return self.last_capa
         return next((s.reply for s in self.steps if s.verb == "CAPA"), None)
 
-    async def _mismatch(self, shown: str, verb: str, args: str | None) -> bool:
+    async def _mismatch(
+        self, shown: str, verb: str, args: str | None, fault: Injection | None = None
+    ) -> bool:
         if self.config.match == "any":
-            return await self._mismatch_any(shown, verb, args)
+            return await self._mismatch_any(shown, verb, args, fault)
         remaining = list(enumerate(self.steps))[self.cursor :]
         same = next((s for _, s in remaining if s.verb == verb), None)
         nxt = remaining[0][1] if remaining else None
@@ -310,13 +354,16 @@ class FakeSession:
         self.report.near_misses.append(miss)
         self._say(f"near miss: {miss.describe()}", "pop.warning")
         expected = f" (next recorded: {nxt.command_text})" if nxt else ""
-        await self._send(f"-ERR popproxy serve: not in the recording{expected}\r\n".encode())
+        line = f"-ERR popproxy serve: not in the recording{expected}\r\n".encode()
+        await self._reply(verb, args, line, fault)
         if self.config.strict:
             self.report.ended = "mismatch (strict)"
             return False
         return True
 
-    async def _mismatch_any(self, shown: str, verb: str, args: str | None) -> bool:
+    async def _mismatch_any(
+        self, shown: str, verb: str, args: str | None, fault: Injection | None = None
+    ) -> bool:
         """Order-free: no unplayed recorded exchange matches; report the closest, scored."""
         near = closest(self.steps, self.report.played, verb, args)
         again = any(_matches(s, verb, args) for s in self.steps)
@@ -335,7 +382,8 @@ class FakeSession:
         )
         self.report.near_misses.append(miss)
         self._say(f"near miss: {miss.describe()}", "pop.warning")
-        await self._send(b"-ERR popproxy serve: not in the recording (or played already)\r\n")
+        line = b"-ERR popproxy serve: not in the recording (or played already)\r\n"
+        await self._reply(verb, args, line, fault)
         if self.config.strict:
             self.report.ended = "mismatch (strict)"
             return False
@@ -350,7 +398,9 @@ class FakeSession:
         digest = (args or "").split(" ")[-1]
         return auth.check_apop(_timestamp(self.session.greeting), password, digest)
 
-    async def _auth(self, step: Step, index: int, args: str | None, shown: str) -> bool:
+    async def _auth(
+        self, step: Step, index: int, args: str | None, shown: str, fault: Injection | None
+    ) -> bool:
         """Replay the recorded SASL exchange (RFC 5034 §4), checking the password if given."""
         mech = step.mechanism or ""
         parts = (args or "").split(" ", 1)
@@ -376,8 +426,49 @@ class FakeSession:
             return not self.config.strict
         self.report.played.add(index)
         self._say(f"{shown} → {_first_line(step.reply)}")
-        await self._send(step.reply)
+        await self._reply("AUTH", args, step.reply, fault)
         return self._more(index)
+
+    # ------------------------------------------------------------------ faults (docs/faults.md)
+
+    async def _reply(
+        self, verb: str | None, args: str | None, reply: bytes, fault: Injection | None
+    ) -> None:
+        """Send a reply (or the greeting), shaped by ``fault`` when one applies."""
+        if self.faults is None:
+            await self._send(reply)
+            return
+        try:
+            sent = await self.faults.send(
+                fault, reply, self._send, lambda: self.stream, verb=verb, args=args
+            )
+        except FaultEnded:
+            self._buf = b""
+            raise
+        if verb is not None:
+            self.faults.replied(verb, sent)
+
+    async def _answered(self, fault: Injection, index: int | None, verb: str) -> bool:
+        """A fault answers instead of the recording; the recorded step counts as used."""
+        assert self.faults is not None
+        if index is not None:
+            self.cursor = index + 1
+            self.skipped.add(index)
+        await self._reply(verb, None, b"", fault)
+        if verb == "QUIT":
+            self.report.ended = "QUIT answered by a fault"
+            return False
+        return True
+
+    async def _watched(self, reply: bytes | None, why: str) -> None:
+        """The client stayed silent past a fault's idle limit: say so (maybe), close."""
+        assert self.faults is not None
+        if reply:
+            with contextlib.suppress(_Closed):
+                await self._send(reply)
+        self.faults.log.append(why)
+        self.faults.note(why)
+        raise FaultEnded(why)
 
     async def _handshake(self) -> None:
         from popproxy.tls.contexts import server_context

@@ -8,7 +8,10 @@ Successive connections get successive recorded sessions.  After the test, record
 exchanges that no client asked for fail the test, unless the marker says
 ``allow_unplayed=True``.  Other marker keywords: ``password="..."`` (check credentials, as
 ``popproxy serve --password``), ``strict=True``, ``tls=True`` (implicit TLS with popproxy's
-CA; trust ``pop3_server.cafile``).
+CA; trust ``pop3_server.cafile``), ``faults=["RETR 1: cut after 500", ...]`` (fault rules,
+docs/faults.md, replaying and recording alike); ``pop3_server.add_fault(RULE)`` adds one
+mid-test, for the commands that follow.  ``pop3_server.report.faults`` lists what was
+injected; a connection a fault ended is not failed for its unplayed exchanges.
 
 Record modes (``--pop3-record-mode`` or ini ``pop3_record_mode``), as in VCR.py:
 
@@ -43,6 +46,7 @@ import trio
 from popproxy import fsutil
 from popproxy.capture.format import SUFFIX, CaptureError
 from popproxy.capture.reader import CaptureReader
+from popproxy.faults import FaultSet, FaultSyntaxError, parse_rule
 from popproxy.proxy.config import ProxyConfig, UsageError, parse_hostport
 from popproxy.replay.fake import FakeServer, ServeConfig, ServeReport, serve_replay
 from popproxy.replay.script import load_sessions
@@ -73,8 +77,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "pop3_capture(path, allow_unplayed=False, password=None, strict=False, "
-        "tls=False): the POP3 capture (file or folder, relative to the test file) "
-        "the pop3_server fixture plays or records",
+        "tls=False, faults=[]): the POP3 capture (file or folder, relative to the test "
+        "file) the pop3_server fixture plays or records, and fault rules to inject",
     )
 
 
@@ -90,6 +94,7 @@ class Pop3Server:
         recording: bool,
         report: ServeReport | None,
         ca: Callable[[], CertificateAuthority],
+        faults: FaultSet | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -98,6 +103,14 @@ class Pop3Server:
         self.recording = recording
         self.report = report if report is not None else ServeReport()
         self._ca = ca
+        self.faults = faults if faults is not None else FaultSet()
+
+    def add_fault(self, rule: str) -> None:
+        """Inject a fault (docs/faults.md) from now on, e.g. ``"RETR 1: cut after 500"``."""
+        try:
+            self.faults.add(parse_rule(rule))
+        except FaultSyntaxError as exc:
+            raise ValueError(f"fault rule {rule!r}: {exc}") from None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -178,15 +191,35 @@ def pop3_server(
             ca_box.append(CertificateAuthority.load_or_create(ca_dir))
         return ca_box[0]
 
+    faults = _faults(kwargs.get("faults", ()))
     record = mode in ("all", "rewrite") or (mode == "once" and not _exists(path))
     if record:
-        yield from _recording(request, path, mode, ca)
+        yield from _recording(request, path, mode, ca, faults)
     else:
-        yield from _replaying(path, mode, kwargs, ca)
+        yield from _replaying(path, mode, kwargs, ca, faults)
+
+
+def _faults(rules: object) -> FaultSet:
+    """The marker's ``faults=[...]``, parsed; a bad rule fails the test in one line."""
+    if isinstance(rules, str):
+        rules = [rules]
+    if not isinstance(rules, list | tuple):
+        pytest.fail("pop3_capture(faults=...) takes a list of fault rules", pytrace=False)
+    parsed = FaultSet()
+    for text in rules:
+        try:
+            parsed.add(parse_rule(str(text)))
+        except FaultSyntaxError as exc:
+            pytest.fail(f"pop3_capture(faults=...): {str(text)!r}, {exc}", pytrace=False)
+    return parsed
 
 
 def _replaying(
-    path: Path, mode: str, kwargs: dict[str, Any], ca: Callable[[], CertificateAuthority]
+    path: Path,
+    mode: str,
+    kwargs: dict[str, Any],
+    ca: Callable[[], CertificateAuthority],
+    faults: FaultSet,
 ) -> Iterator[Pop3Server]:
     if not _exists(path):
         pytest.fail(
@@ -204,6 +237,7 @@ def _replaying(
         password=kwargs.get("password"),
         strict=bool(kwargs.get("strict")),
         tls=bool(kwargs.get("tls")),
+        faults=faults,
     )
     if config.tls or any(s.verb == "STLS" for x in sessions for s in x.steps):
         config.ca = ca()
@@ -215,7 +249,7 @@ def _replaying(
     thread = _TrioThread(serve)
     host, port = thread.start()[0]
     try:
-        yield Pop3Server(host, port, mode, path, False, server.report, ca)
+        yield Pop3Server(host, port, mode, path, False, server.report, ca, faults)
     finally:
         thread.stop()
     unplayed = server.report.unplayed()
@@ -230,7 +264,11 @@ def _replaying(
 
 
 def _recording(
-    request: pytest.FixtureRequest, path: Path, mode: str, ca: Callable[[], CertificateAuthority]
+    request: pytest.FixtureRequest,
+    path: Path,
+    mode: str,
+    ca: Callable[[], CertificateAuthority],
+    faults: FaultSet,
 ) -> Iterator[Pop3Server]:
     from popproxy.proxy.server import serve_record
 
@@ -260,7 +298,7 @@ def _recording(
     thread = _TrioThread(serve)
     host, port = thread.start()[0]
     try:
-        yield Pop3Server(host, port, mode, path, True, None, ca)
+        yield Pop3Server(host, port, mode, path, True, None, ca, faults)
     finally:
         _settle(out_dir, before)
         thread.stop()
