@@ -162,7 +162,8 @@ class _Parser:
         if not tokens:
             raise self.fail("expected an action after ':'", colon + 2)
         tokens, options = self.options(tokens)
-        action = self.action(tokens, colon + 2)
+        first_option = min((t.column for t in options.values()), default=colon + 2)
+        action = self.action(tokens, first_option)
         return self.finish(match, action, options)
 
     # ----------------------------------------------------------------- the match
@@ -238,7 +239,7 @@ class _Parser:
             if key not in OPTIONS:
                 break  # text of a reply, or a mistake the action's parser names
             if key in options:
-                raise self.fail(f"option {key!r} given twice", tok.column)
+                raise self.fail(f"option {key!r} given twice", options[key].column)
             options[key] = tok
             tokens = tokens[:-1]
         return tokens, options

@@ -87,7 +87,7 @@ class ConnectionReport:
     near_misses: list[NearMiss] = field(default_factory=list)
     ended: str = "open"
     faults: list[str] = field(default_factory=list)  # each injected fault, what it did
-    fault_ended: bool = False  # a fault cut or closed it: what is unplayed is expected
+    fault_ended: bool = False  # a fault cut or closed it
 
 
 @dataclass
@@ -111,14 +111,10 @@ class ServeReport:
     def unplayed(self) -> list[str]:
         """Recorded exchanges no client asked for, and captures no client connected for.
 
-        A connection a fault ended is left out: its unplayed rest is the fault's doing.
+        What follows a connection's first injected fault is left out: the client's reaction
+        to the fault, not the recording, decides what it asks next.
         """
-        out = [
-            f"{c.capture}: {cmd}"
-            for c in self.connections
-            if not c.fault_ended
-            for cmd in c.unplayed
-        ]
+        out = [f"{c.capture}: {cmd}" for c in self.connections for cmd in c.unplayed]
         out.extend(
             f"{path}: the whole session (no client connected for it)" for path in self.unserved
         )
@@ -164,6 +160,7 @@ class FakeSession:
         self.last_capa: bytes | None = None
         self._buf = b""
         self.faults: FakeFaults | None = None
+        self._fault_cursor: int | None = None  # where the first fault struck
         if config.faults is not None:
             self.faults = FakeFaults(
                 config.faults.session(report.number),
@@ -238,9 +235,10 @@ class FakeSession:
         except FaultEnded as end:
             self.report.ended, self.report.fault_ended = end.how, True
         finally:
+            limit = len(self.steps) if self._fault_cursor is None else self._fault_cursor
             self.report.unplayed = [
                 s.command_text
-                for i, s in enumerate(self.steps)
+                for i, s in enumerate(self.steps[:limit])
                 if i not in self.report.played and i not in self.skipped and s.verb not in SKIPPABLE
             ]
 
@@ -438,6 +436,8 @@ class FakeSession:
         if self.faults is None:
             await self._send(reply)
             return
+        if fault is not None and self._fault_cursor is None:
+            self._fault_cursor = self.cursor
         try:
             sent = await self.faults.send(
                 fault, reply, self._send, lambda: self.stream, verb=verb, args=args

@@ -177,9 +177,12 @@ def fetchmail_fetch(
     cafile: str | None = None,
     workdir: str | os.PathLike[str],
     auth: str | None = None,
+    keep: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> bytes:
     """fetchmail (keep, fetchall) delivering each message with ``cat >> OUT``.
+
+    ``keep=False``: fetchmail deletes each message it delivered (``nokeep``).
 
     Returns OUT's bytes: the messages one after another, as fetchmail hands
     them to an MDA (LF line ends; ``set invisible`` keeps it from adding a
@@ -193,7 +196,7 @@ def fetchmail_fetch(
     out = work / "fetchmail.out"
     out.write_bytes(b"")
     mda = f"/bin/sh -c 'cat >> {shlex.quote(str(out))}'"
-    options = ["keep", "fetchall"]
+    options = ["keep" if keep else "nokeep", "fetchall"]
     if tls is None:
         options.append("sslproto ''")
     else:
