@@ -604,7 +604,10 @@ _SCRAM_FINAL = base64.b64encode(b"c=biws,r=abcdef,p=proofproof")
 def _final(ev: list[Event], obs: Observer, raw: dict[Direction, bytes]) -> None:
     assert [r.raw for r in of(ev, SaslResponse)] == [_SCRAM_FINAL + b"\r\n", b"\r\n"]
     assert of(ev, SaslChallenge)[1].data == b"v=sig"
-    assert covered(ev, C) == span_of(raw[C], _SCRAM_FIRST) | span_of(raw[C], _SCRAM_FINAL)
+    # RFC 5802 §5.1: the client-first carries no credential; the proof and the server's
+    # signature (a password verifier) do.
+    assert covered(ev, C) == span_of(raw[C], _SCRAM_FINAL)
+    assert covered(ev, S) == span_of(raw[S], base64.b64encode(b"v=sig"))
     assert obs.state is State.TRANSACTION and anomaly_kinds(ev) == []
 
 

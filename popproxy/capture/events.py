@@ -36,9 +36,15 @@ def replay_events(
                 closed.add(direction)
                 events = obs.receive_data(direction, b"")
             elif kind == fmt.IDENTITY:
+                details = f.get("details")
                 events = [
                     AuthIdentity(
-                        int(f.get("seq", 0)), str(f.get("mech", "")), str(f.get("identity", ""))
+                        int(f.get("seq", 0)),
+                        str(f.get("mech", "")),
+                        str(f.get("identity", "")),
+                        tuple((str(k), str(v)) for k, v in details.items())
+                        if isinstance(details, dict)
+                        else (),
                     )
                 ]
         except (KeyError, ValueError, TypeError):

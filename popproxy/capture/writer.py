@@ -84,6 +84,7 @@ class CaptureWriter:
                         "seq": event.seq,
                         "mech": event.mechanism,
                         "identity": event.identity,
+                        **({"details": dict(event.details)} if event.details else {}),
                     }
                 )
 

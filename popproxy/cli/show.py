@@ -193,6 +193,8 @@ def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
         return render.sasl_line(item.detail, item.t)
     if item.what == "anomaly":
         return render.anomaly_line(item.detail, item.t)
+    if item.what == "identity":
+        return render.identity_line(item.detail, item.t)
     if item.what == "state":
         return render.state_line(item.detail, item.t)
     if item.what == "closed":

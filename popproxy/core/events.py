@@ -149,11 +149,13 @@ class Opaque(RawEvent):
 
 @dataclass(frozen=True, slots=True)
 class AuthIdentity(Event):
-    """The authentication identity decoded from PLAIN, LOGIN or CRAM-MD5: not a secret."""
+    """The authentication identity decoded from SASL client data (docs/observer.md): not a
+    secret.  ``details`` adds what else names the account: OAuth's host and port, an authzid."""
 
     seq: int
     mechanism: str
     identity: str
+    details: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

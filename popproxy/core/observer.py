@@ -31,7 +31,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from popproxy.core import credentials, values
+from popproxy.core import credentials, sasl, values
 from popproxy.core.body import Body
 from popproxy.core.events import (
     Anomaly,
@@ -86,7 +86,7 @@ KNOWN_VERBS = frozenset(
         "XTND",
     }
 )
-SASL_IDENTITY_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
+SASL_IDENTITY_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"}) | sasl.OAUTH_MECHANISMS
 MAX_COMMAND = 255  # RFC 2449 §4, including CRLF
 MAX_STATUS = 512  # RFC 1939 §3 / RFC 2449 §4, first line of a response incl. CRLF
 FILLER = ord("#")
@@ -269,7 +269,7 @@ class Observer:
         if side.mode is not _Mode.LINES:
             return False
         if side.direction is Direction.SERVER:
-            return not self._secrets
+            return not self._secrets and not self._auth_open
         if self._auth_open or self._stls_open or self._awaiting_response:
             return False
         return not credentials.could_carry_credential(side.buf)
@@ -516,6 +516,10 @@ class Observer:
         # RFC 1939 §7: a password is the rest of the line and may hold blanks
         # (docs/protocol-notes.md §7).
         span = credentials.credential_span(cmd, body)
+        if span is not None and span[2] is SecretKind.AUTH_IR:
+            mech, ir = credentials.mechanism_and_response(cmd)
+            if not sasl.client_data_is_secret(mech, 0, ir or b""):
+                span = None  # a SCRAM client-first: user name and nonce, no credential
         masked = body
         if span is not None:
             start, stop, kind = span
@@ -530,6 +534,9 @@ class Observer:
         pending = _Pending(seq, verb, has_arg)
         if verb == "AUTH" and has_arg:
             pending.mechanism, ir = credentials.mechanism_and_response(cmd)
+            if sasl.is_plus(pending.mechanism):
+                binding = sasl.channel_binding(pending.mechanism) or ""
+                self._anomaly("channel-binding", Direction.CLIENT, seq, binding)
             if ir is not None:
                 pending.responses.append(ir)
                 self._maybe_identity(pending)
@@ -556,7 +563,7 @@ class Observer:
         head = self._pending[0]
         body = values.strip_eol(line)
         cancel = body == b"*"
-        if not cancel:
+        if not cancel and sasl.client_data_is_secret(head.mechanism, len(head.responses), body):
             self._secret(Direction.CLIENT, offset, len(body), SecretKind.SASL)
             self._remember_secret(body)
         head.responses.append(body)
@@ -567,12 +574,17 @@ class Observer:
 
     def _maybe_identity(self, pending: _Pending) -> None:
         mech = pending.mechanism
-        if pending.identity_done or mech not in SASL_IDENTITY_MECHANISMS or mech is None:
+        if pending.identity_done or mech is None:
             return
-        identity = values.sasl_identity(mech, pending.responses)
-        if identity is not None:
+        if mech not in SASL_IDENTITY_MECHANISMS and not sasl.is_scram(mech):
+            return
+        found = sasl.identity(mech, pending.responses)
+        if found is not None:
             pending.identity_done = True
-            self._out.append(AuthIdentity(pending.seq, mech, identity))
+            self._out.append(AuthIdentity(pending.seq, mech, found[0], found[1]))
+            binding = sasl.channel_binding(None, values.b64decode(pending.responses[0]))
+            if binding is not None and not sasl.is_plus(mech):
+                self._anomaly("channel-binding", Direction.CLIENT, pending.seq, binding)
 
     def _remember_secret(self, token: bytes) -> None:
         """Keep the forms in which the server may echo a credential (the latest 64)."""
@@ -715,6 +727,10 @@ class Observer:
 
     def _challenge(self, side: _Side, line: bytes, rest: bytes, head: _Pending) -> None:
         data = values.b64decode(rest.strip()) if rest.strip() else b""
+        if sasl.server_data_is_secret(head.mechanism, data):
+            # RFC 5802 §9: the server signature lets a dictionary attack test passwords.
+            start = 2 + len(rest) - len(rest.lstrip())
+            self._secret(Direction.SERVER, side.offset + start, len(rest.strip()), SecretKind.SASL)
         self._out.append(SaslChallenge(Direction.SERVER, side.offset, line, head.seq, data))
         side.offset += len(line)
         if self._awaiting_response:

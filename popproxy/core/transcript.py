@@ -9,6 +9,7 @@ from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 from typing import Any
 
+from popproxy.core import sasl
 from popproxy.core.events import (
     Anomaly,
     AuthIdentity,
@@ -161,6 +162,7 @@ class TranscriptBuilder:
         self.body_items = body_items  # bytes of each body to pass on as "body" items
         self.session = SessionSummary()
         self._open: dict[int, Exchange] = {}
+        self._identities: set[int] = set()  # a re-read capture may name one twice
 
     def feed(self, t: float, events: list[Event]) -> list[Item]:
         items: list[Item] = []
@@ -260,10 +262,7 @@ class TranscriptBuilder:
             sasl_ex = self._open.get(event.seq)
             if sasl_ex is not None:
                 sasl_ex.server_octets += len(event.raw)
-                line = decode_text(event.raw.rstrip(b"\r\n"))
-                entry: dict[str, Any] = {"from": "server", "line": line}
-                if event.data:
-                    entry["decoded"] = decode_text(event.data)
+                entry = sasl.server_entry(sasl_ex.args, event.raw, event.data)
                 sasl_ex.sasl.append(entry)
                 return Item("sasl", t, sasl_ex, entry)
             return None
@@ -271,9 +270,7 @@ class TranscriptBuilder:
             sasl_ex = self._open.get(event.seq)
             if sasl_ex is not None:
                 sasl_ex.client_octets += len(event.raw)
-                body = event.raw.rstrip(b"\r\n")
-                shown = "*" if event.cancel else "#" * len(body)
-                entry = {"from": "client", "line": shown, "cancel": event.cancel}
+                entry = sasl.client_entry(sasl_ex.args, sasl_ex.sasl, event.raw)
                 sasl_ex.sasl.append(entry)
                 return Item("sasl", t, sasl_ex, entry)
             return None
@@ -304,8 +301,16 @@ class TranscriptBuilder:
             )
             return Item("done", t, ex)
         if isinstance(event, AuthIdentity):
+            if event.seq in self._identities:
+                return None
+            self._identities.add(event.seq)
             session.user, session.mechanism = event.identity, event.mechanism
-            return None
+            detail = {
+                "mechanism": event.mechanism,
+                "identity": event.identity,
+                "details": dict(event.details),
+            }
+            return Item("identity", t, self._open.get(event.seq), detail)
         if isinstance(event, Anomaly):
             record = {
                 "kind": event.kind,

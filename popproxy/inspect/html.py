@@ -147,7 +147,10 @@ def _sasl_text(entry: dict[str, Any]) -> str:
         return f"S: {entry.get('line', '')}{decoded}"
     if entry.get("cancel"):
         return "C: * (cancel)"
-    return f"C: [SASL response, {len(entry.get('line', ''))} octets]"
+    decoded = f"  ({entry['decoded']})" if entry.get("decoded") else ""
+    if entry.get("secret", True) and entry.get("line"):
+        return f"C: [SASL response, {len(entry.get('line', ''))} octets]{decoded}"
+    return f"C: {entry.get('line', '')}{decoded}"
 
 
 def _details(ex: Exchange, preview: bytearray | None) -> str:

@@ -211,7 +211,15 @@ class Linter:
     def feed(self, record: Record | None, t: float, events: list[Event]) -> None:
         if record is not None:
             self._record(record)
+        # An over-long AUTH with an initial response has its own, more precise rule.
+        long_ir = {e.seq for e in events if isinstance(e, Command) and _long_initial_response(e)}
         for event in events:
+            if (
+                isinstance(event, Anomaly)
+                and event.kind == "command-too-long"
+                and event.seq in long_ir
+            ):
+                continue
             self._event(event)
         for item in self._builder.feed(t, events):
             if item.what == "done" and item.exchange is not None:
@@ -261,6 +269,18 @@ class Linter:
                 "c",
             )
         self._outstanding.add(event.seq)
+        if _long_initial_response(event):
+            mech = (event.args or "").split(" ")[0]
+            self.add(
+                "auth-initial-response-too-long",
+                WARNING,
+                "RFC 5034 §4",
+                f"AUTH {mech} with an initial response is {len(event.raw)} octets: over 255 "
+                "the client must send AUTH alone and the response after the '+' challenge",
+                event.seq,
+                event.verb,
+                "c",
+            )
         if event.verb != "AUTH" and event.args:
             longest = max(len(a) for a in event.args.split(" "))
             if longest > MAX_ARG:
@@ -580,6 +600,12 @@ class Linter:
                 Finding(rule, ADVICE, "-", f"{n} more '{rule}' findings not shown")
             )
         return sorted(self.findings, key=lambda f: (f.seq is None, f.seq or 0))
+
+
+def _long_initial_response(event: Command) -> bool:
+    """RFC 5034 §4: an AUTH line with its initial response may not exceed 255 octets."""
+    words = (event.args or "").split(" ")
+    return event.verb == "AUTH" and len(words) > 1 and len(event.raw) > 255
 
 
 def _valid_uid(uid: str) -> bool:

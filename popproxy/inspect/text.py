@@ -229,6 +229,8 @@ def render_item(item: Item) -> str | None:
         return render.sasl_line(item.detail, t).plain
     if item.what == "anomaly":
         return render.anomaly_line(item.detail, t).plain
+    if item.what == "identity":
+        return render.identity_line(item.detail, t).plain
     if item.what == "state":
         return render.state_line(item.detail, t).plain
     if item.what == "closed":

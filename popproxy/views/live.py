@@ -237,6 +237,8 @@ class LineRenderer:
             return render.sasl_line(item.detail, item.t, tag)
         if item.what == "anomaly":
             return render.anomaly_line(item.detail, item.t, tag)
+        if item.what == "identity":
+            return render.identity_line(item.detail, item.t, tag)
         if item.what == "state":
             return render.state_line(item.detail, item.t, tag)
         if item.what == "tls":

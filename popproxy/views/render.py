@@ -133,8 +133,23 @@ def sasl_line(entry: dict[str, Any], t: float, tag: Text | None = None) -> Text:
         text.append("C: ", style="pop.client")
         if entry.get("cancel"):
             text.append("* (cancel)", style="pop.client")
-        else:
+        elif entry.get("secret", True) and entry["line"]:
             text.append(f"[SASL response, {len(entry['line'])} octets]", style="pop.secret")
+        else:
+            text.append(entry["line"], style="pop.client")
+        if entry.get("decoded"):
+            text.append(f"  ({entry['decoded']})", style="pop.muted")
+    return text
+
+
+def identity_line(detail: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
+    """Who logged in, as the SASL client data named it (never the credential)."""
+    text = prefix(t, tag)
+    text.append("👤 identity ", style="pop.muted")
+    text.append(str(detail.get("identity", "")), style="pop.client")
+    extra = [str(detail.get("mechanism", ""))]
+    extra += [f"{k}={v}" for k, v in (detail.get("details") or {}).items()]
+    text.append(f" ({', '.join(x for x in extra if x)})", style="pop.muted")
     return text
 
 
