@@ -22,11 +22,18 @@ _PEER_REJECTED_US = {
 }
 
 
-def tls_hint(exc: BaseException, leg: Leg, *, ca_flag: str = "--upstream-ca") -> str | None:
+def tls_hint(
+    exc: BaseException,
+    leg: Leg,
+    *,
+    ca_flag: str = "--upstream-ca",
+    listen_flag: str = "--listen-tls",
+) -> str | None:
     """A hint for a failed TLS handshake on ``leg``; None when nothing better is known.
 
     ``ca_flag`` names the option that adds a trusted CA for the upstream (``record`` calls
-    it ``--upstream-ca``, ``replay`` ``--ca``).
+    it ``--upstream-ca``, ``replay`` ``--ca``); ``listen_flag`` the one that makes the
+    listener speak TLS (``record``: ``--listen-tls``, ``serve``: ``--tls``).
     """
     import ssl  # here, not at the top: the observer imports this module, and stays light
 
@@ -45,7 +52,7 @@ def tls_hint(exc: BaseException, leg: Leg, *, ca_flag: str = "--upstream-ca") ->
                 "drop --upstream-tls (add --upstream-stls if it offers STLS)"
             )
         return (
-            "the client spoke plaintext to a TLS listener: drop --listen-tls, or point the "
+            f"the client spoke plaintext to a TLS listener: drop {listen_flag}, or point the "
             "client at pop3s (implicit TLS)"
         )
     if reason in _PEER_REJECTED_US and leg is Leg.CLIENT:
@@ -73,7 +80,9 @@ def first_bytes_hint(data: bytes, *, from_client: bool, leg_tls: bool) -> str | 
     return "the server speaks TLS on this port: add --upstream-tls"
 
 
-CLIENT_SILENT_HINT = (
-    "the client sent no TLS handshake: a plaintext POP3 client waits for the greeting; "
-    "drop --listen-tls, or point the client at pop3s (implicit TLS)"
-)
+def client_silent_hint(listen_flag: str = "--listen-tls") -> str:
+    """The hint for a TLS listener whose client never started a handshake."""
+    return (
+        "the client sent no TLS handshake: a plaintext POP3 client waits for the greeting; "
+        f"drop {listen_flag}, or point the client at pop3s (implicit TLS)"
+    )

@@ -49,7 +49,11 @@ def format_hostport(host: str, port: int) -> str:
 
 
 def describe_error(
-    exc: BaseException, leg: Leg | None = None, *, ca_flag: str = "--upstream-ca"
+    exc: BaseException,
+    leg: Leg | None = None,
+    *,
+    ca_flag: str = "--upstream-ca",
+    listen_flag: str = "--listen-tls",
 ) -> str:
     """One human line for a network or TLS failure (the cause, not trio's wrapper), with a
     hint naming the likely fix when the failing ``leg`` is known (popproxy/hints.py)."""
@@ -64,7 +68,7 @@ def describe_error(
         text = exc.strerror
     else:
         text = str(exc) or type(exc).__name__
-    hint = tls_hint(exc, leg, ca_flag=ca_flag) if leg is not None else None
+    hint = tls_hint(exc, leg, ca_flag=ca_flag, listen_flag=listen_flag) if leg else None
     return f"{text} (hint: {hint})" if hint else text
 
 

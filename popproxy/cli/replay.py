@@ -50,10 +50,11 @@ def add_tls_options(p: argparse.ArgumentParser, *, listening: bool) -> None:
         tls.add_argument(
             "--stls", action="store_true", help="upgrade with STLS before replaying (RFC 2595 §4)"
         )
-    tls.add_argument("--ca", metavar="FILE", help="also trust this CA for the server")
-    tls.add_argument(
-        "--insecure", action="store_true", help="do NOT verify the server's certificate"
-    )
+    if not listening:  # a fake server verifies nobody: these mean something to replay only
+        tls.add_argument("--ca", metavar="FILE", help="also trust this CA for the server")
+        tls.add_argument(
+            "--insecure", action="store_true", help="do NOT verify the server's certificate"
+        )
     tls.add_argument(
         "--ca-dir",
         metavar="DIR",

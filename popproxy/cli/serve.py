@@ -107,6 +107,9 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         if args.persist or args.user:
             raise UsageError("--persist and --user need --mailbox")
         sessions = load_sessions(args.captures)
+        for session in sessions:
+            if session.greeting is None:  # replay refuses such a file too
+                raise UsageError(f"{session.path}: nothing to play (no recorded greeting)")
     password = None
     if args.password is not None or args.password_file is not None or args.check_password:
         password = read_password(password=args.password, password_file=args.password_file)

@@ -21,7 +21,7 @@ from popproxy import __version__
 from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Command, Direction, Event
-from popproxy.hints import CLIENT_SILENT_HINT, Leg
+from popproxy.hints import Leg, client_silent_hint
 from popproxy.netutil import STREAM_ERRORS, describe_error, is_ip, stream_address
 from popproxy.proxy import control
 from popproxy.proxy.config import ProxyConfig, StlsMode
@@ -272,7 +272,7 @@ class Session:
                 await tls.do_handshake()
         except (*STREAM_ERRORS, trio.TooSlowError) as exc:
             reason = (
-                f"timed out (hint: {CLIENT_SILENT_HINT})"
+                f"timed out (hint: {client_silent_hint()})"
                 if isinstance(exc, trio.TooSlowError)
                 else describe_error(exc, Leg.CLIENT)
             )

@@ -17,7 +17,8 @@ from rich.text import Text
 from popproxy.faults.fake import FakeFaults, FaultEnded
 from popproxy.faults.matcher import FaultSet, Injection
 from popproxy.faults.rules import Answer
-from popproxy.netutil import STREAM_ERRORS, open_listeners, stream_address
+from popproxy.hints import Leg, client_silent_hint
+from popproxy.netutil import STREAM_ERRORS, describe_error, open_listeners, stream_address
 from popproxy.replay import auth
 from popproxy.replay.matching import closest, find_any
 from popproxy.replay.script import RecordedSession, Step
@@ -482,8 +483,13 @@ class FakeSession:
         try:
             with trio.fail_after(self.config.timeout):
                 await tls.do_handshake()
-        except (*STREAM_ERRORS, trio.TooSlowError, ssl.SSLError) as exc:
-            self.report.ended = f"TLS handshake failed: {exc or type(exc).__name__}"
+        except trio.TooSlowError:
+            hint = client_silent_hint("--tls")
+            self.report.ended = f"TLS handshake failed: timed out (hint: {hint})"
+            raise _Closed from None
+        except (*STREAM_ERRORS, ssl.SSLError) as exc:
+            reason = describe_error(exc, Leg.CLIENT, listen_flag="--tls")
+            self.report.ended = f"TLS handshake failed: {reason}"
             raise _Closed from None
         self.stream = tls
 

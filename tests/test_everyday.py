@@ -1,0 +1,91 @@
+"""Everyday friction, each point as a user met it: serve's options and errors, list, stats."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import popproxy
+from popproxy.capture import format as fmt
+from popproxy.cli.main import main
+
+DEMO = Path(popproxy.__file__).parent / "data" / "demo.popcap"
+
+
+def test_serve_offers_no_client_side_tls_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--insecure" not in out and re.search(r"--ca\b(?!-)", out) is None
+    assert "--ca-dir" in out and "--tls" in out
+
+
+def test_serve_refuses_a_capture_with_nothing_to_play(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / f"empty{fmt.SUFFIX}"
+    empty.write_bytes(fmt.encode_meta({"r": fmt.HEADER, "v": fmt.VERSION, "client": "test"}))
+    assert main(["serve", str(empty), "--listen", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to play" in err and str(empty) in err
+
+
+def test_serve_tls_names_why_a_plaintext_client_failed(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "popproxy",
+            "serve",
+            str(DEMO),
+            "--tls",
+            "--timeout",
+            "1",
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = int(line.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.settimeout(10)
+            assert sock.recv(100) == b""  # a plaintext client waits; popproxy gives up
+        seen = ""
+        while "ended" not in seen:
+            seen += proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert "TLS handshake failed: timed out" in seen
+    assert "drop --tls" in seen
+
+
+def test_list_names_each_capture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("a", "b"):
+        shutil.copy(DEMO, tmp_path / f"{name}{fmt.SUFFIX}")
+    assert main(["list", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"a{fmt.SUFFIX}" in out and f"b{fmt.SUFFIX}" in out
+
+
+def test_stats_of_a_missing_folder_prints_no_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["stats", str(tmp_path / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "No such file" in captured.err or "no captures" in captured.err
