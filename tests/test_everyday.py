@@ -89,3 +89,32 @@ def test_stats_of_a_missing_folder_prints_no_table(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "No such file" in captured.err or "no captures" in captured.err
+
+
+def test_an_observer_bug_surfaces_instead_of_passing_for_a_damaged_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from popproxy.capture.events import replay_events
+    from popproxy.capture.reader import CaptureReader
+    from popproxy.core import Observer
+
+    def broken(self: Observer, direction: object, data: bytes) -> list[object]:
+        raise RuntimeError("observer bug")
+
+    monkeypatch.setattr(Observer, "receive_data", broken)
+    with CaptureReader(DEMO) as reader, pytest.raises(RuntimeError, match="observer bug"):
+        list(replay_events(reader))
+
+
+def test_a_record_with_an_unknown_direction_is_skipped(tmp_path: Path) -> None:
+    from popproxy.capture.events import replay_events
+    from popproxy.capture.reader import CaptureReader
+
+    path = tmp_path / f"x{fmt.SUFFIX}"
+    pieces = [fmt.encode_meta({"r": fmt.HEADER, "v": fmt.VERSION, "client": "test"})]
+    pieces += fmt.encode_data("s", 0.0, b"+OK hi\r\n")
+    pieces.append(fmt.encode_meta({"r": fmt.EOF, "d": "x", "t": 0.1}))
+    path.write_bytes(b"".join(pieces))
+    with CaptureReader(path) as reader:
+        events = [e for _r, _t, evs in replay_events(reader) for e in evs]
+    assert events  # the greeting was read; the damaged EOF record was skipped

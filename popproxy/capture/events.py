@@ -26,31 +26,43 @@ def replay_events(
         kind, f = record.kind, record.fields
         t = float(f.get("t", t))
         events: list[Event] = []
-        try:
+        # A record whose fields are damaged is skipped (the rest still reads); the observer
+        # is called outside that check, so a bug in it surfaces instead of passing for one.
+        direction = _direction(f) if kind in (fmt.DATA, fmt.TLS, fmt.EOF) else None
+        if direction is not None:
             if kind == fmt.DATA and record.data is not None:
-                events = obs.receive_data(Direction(f["d"]), record.data)
+                events = obs.receive_data(direction, record.data)
             elif kind == fmt.TLS:
-                events = obs.start_tls(Direction(f["d"]), decrypted=bool(f.get("decrypted", True)))
+                events = obs.start_tls(direction, decrypted=bool(f.get("decrypted", True)))
             elif kind == fmt.EOF:
-                direction = Direction(f["d"])
                 closed.add(direction)
                 events = obs.receive_data(direction, b"")
-            elif kind == fmt.IDENTITY:
-                details = f.get("details")
-                events = [
-                    AuthIdentity(
-                        int(f.get("seq", 0)),
-                        str(f.get("mech", "")),
-                        str(f.get("identity", "")),
-                        tuple((str(k), str(v)) for k, v in details.items())
-                        if isinstance(details, dict)
-                        else (),
-                    )
-                ]
-        except (KeyError, ValueError, TypeError):
-            events = []  # a damaged record: skip it, the rest still reads
+        elif kind == fmt.IDENTITY:
+            events = _identity(f)
         yield record, t, events
     if close:
         for direction in (Direction.SERVER, Direction.CLIENT):
             if direction not in closed:
                 yield None, t, obs.receive_data(direction, b"")
+
+
+def _direction(fields: dict[str, object]) -> Direction | None:
+    try:
+        return Direction(fields.get("d"))
+    except ValueError:
+        return None
+
+
+def _identity(fields: dict[str, object]) -> list[Event]:
+    details = fields.get("details")
+    seq = fields.get("seq", 0)
+    return [
+        AuthIdentity(
+            seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
+            str(fields.get("mech", "")),
+            str(fields.get("identity", "")),
+            tuple((str(k), str(v)) for k, v in details.items())
+            if isinstance(details, dict)
+            else (),
+        )
+    ]
