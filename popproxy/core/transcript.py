@@ -126,7 +126,6 @@ class SessionSummary:
     commands: int = 0
     errors: int = 0  # -ERR replies
     verbs: dict[str, int] = field(default_factory=dict)  # commands sent, per verb
-    tls: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
 
@@ -350,8 +349,8 @@ def _summarise(summary: MessageSummary, head: bytes) -> None:
         summary.sender = _header(headers, "From")
         summary.subject = _header(headers, "Subject")
         summary.date = _header(headers, "Date")
-    except Exception:  # a malformed header must not stop the transcript
-        summary.subject = summary.subject or None
+    except Exception:  # a malformed header must not stop the transcript: show none of it
+        summary.sender = summary.subject = summary.date = None
 
 
 def _header(headers: Any, name: str) -> str | None:

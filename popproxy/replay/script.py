@@ -24,8 +24,6 @@ from popproxy.core import (
 )
 from popproxy.core.transcript import Exchange, TranscriptBuilder
 
-CREDENTIAL_VERBS = frozenset({"PASS", "APOP", "AUTH", "RPOP"})
-
 
 @dataclass
 class Step:
@@ -93,9 +91,6 @@ class RecordedSession:
     @property
     def implicit_tls(self) -> bool:
         return bool(self.header.get("listen_tls"))
-
-    def by_seq(self) -> dict[int, Step]:
-        return {step.seq: step for step in self.steps}
 
 
 def load_session(path: str | Path) -> RecordedSession:
