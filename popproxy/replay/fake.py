@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -53,6 +53,8 @@ class ServeConfig:
     offer_stls: bool = False
     match: str = "ordered"  # recorded replay: "ordered" or "any" (order-free)
     faults: FaultSet | None = None  # docs/faults.md
+    # Connections beyond the recorded sessions go here instead of getting -ERR.
+    fallback: Callable[[trio.SocketStream], Awaitable[None]] | None = None
 
     def certificate_authority(self) -> CertificateAuthority:
         if self.ca is None:
@@ -558,6 +560,9 @@ class FakeServer:
             await self._serve_mailbox(number, peer, stream)
             return
         session = self._take()
+        if session is None and self.config.fallback is not None:
+            await self.config.fallback(stream)  # e.g. record a new episode upstream
+            return
         if session is None:
             self.report.refused += 1
             if self.log:

@@ -1,58 +1,46 @@
 """pytest plugin: a ``pop3_server`` fixture that plays (or records) POP3 sessions, VCR-style.
 
-Mark a test with ``@pytest.mark.pop3_capture("captures/login.popcap")`` (a capture file or a
-folder of captures, relative to the test file) and use the ``pop3_server`` fixture: it is
+Mark a test with ``@pytest.mark.pop3_capture("captures/login.popcap")`` (a capture file or
+a folder of captures, relative to the test file; without a path,
+``captures/<module>/<test>.popcap``) and use the ``pop3_server`` fixture: it is
 synchronous, runs its server in its own thread (its own ``trio.run``), so plain and async
 tests can both use it, and exposes ``.host``, ``.port``, ``.cafile`` and ``.report``.
-Successive connections get successive recorded sessions.  After the test, recorded
-exchanges that no client asked for fail the test, unless the marker says
-``allow_unplayed=True``.  Other marker keywords: ``password="..."`` (check credentials, as
-``popproxy serve --password``), ``strict=True``, ``tls=True`` (implicit TLS with popproxy's
-CA; trust ``pop3_server.cafile``), ``faults=["RETR 1: cut after 500", ...]`` (fault rules,
-docs/faults.md, replaying and recording alike); ``pop3_server.add_fault(RULE)`` adds one
-mid-test, for the commands that follow.  ``pop3_server.report.faults`` lists what was
-injected; a connection a fault ended is not failed for its unplayed exchanges.
-
-Record modes (``--pop3-record-mode`` or ini ``pop3_record_mode``), as in VCR.py:
-
-``none`` (default)
-    Only play captures; never touch the network.  A missing capture fails the test.
-``once``
-    Play the capture if it exists; otherwise record it: the fixture runs popproxy's
-    recording proxy in front of the upstream and writes what the test's client did.
-``all``
-    Always record against the upstream and never play.  A folder gets the new captures
-    beside the old ones; a file is replaced.
-``rewrite``
-    Delete the capture (a file, or a folder's ``*.popcap``) and record it anew.
-
-The upstream comes from ``--pop3-upstream HOST:PORT`` or ini ``pop3_upstream``.
+docs/replay.md documents the marker's keywords and the record modes (``none``, ``once``,
+``new_episodes``, ``all``, ``rewrite``) against VCR.py's.  A recording replaces a
+capture only when it is usable (it reached the server and ended cleanly); otherwise the
+old capture stays and the test fails with the reason.
+``faults=[...]`` and ``pop3_server.add_fault(RULE)`` inject faults (docs/faults.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from popproxy import fsutil
 from popproxy.capture.format import SUFFIX, CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.faults import FaultSet, FaultSyntaxError, parse_rule
 from popproxy.proxy.config import ProxyConfig, UsageError, parse_hostport
+from popproxy.replay import recording
 from popproxy.replay.fake import FakeServer, ServeConfig, ServeReport, serve_replay
+from popproxy.replay.netguard import NetworkGuard
 from popproxy.replay.script import load_sessions
+from popproxy.replay.scrub import Scrub, scrub_capture
 from popproxy.tls.ca import CertificateAuthority
 
-MODES = ("none", "once", "all", "rewrite")
+MODES = ("none", "once", "new_episodes", "all", "rewrite")
+DEFAULT_FOLDER = "captures"
+_GUARD = pytest.StashKey[NetworkGuard]()
 START_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 5.0  # recording: how long open sessions get to write their end record
 
@@ -63,23 +51,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--pop3-record-mode",
         choices=MODES,
         default=None,
-        help="none (default): only replay; once: record missing captures; "
-        "all: always record; rewrite: delete and record anew",
+        help="none (default): only replay; once: record missing captures; new_episodes: "
+        "play the recorded sessions, record further ones; all: always record (the replaced "
+        "captures kept as .previous); rewrite: always record, replacing the old captures",
+    )
+    group.addoption(
+        "--pop3-block-network",
+        action="store_true",
+        default=None,
+        help="refuse every connection a test makes except to popproxy's fake POP3 servers "
+        "on loopback (and, while recording, popproxy's own connection to the upstream)",
     )
     group.addoption(
         "--pop3-upstream", default=None, metavar="HOST:PORT", help="the POP3 server to record from"
     )
     parser.addini("pop3_record_mode", "default record mode for pop3_server", default="none")
     parser.addini("pop3_upstream", "the POP3 server pop3_server records from (HOST:PORT)")
+    parser.addini("pop3_block_network", "as --pop3-block-network", type="bool", default=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "pop3_capture(path, allow_unplayed=False, password=None, strict=False, "
-        "tls=False, faults=[]): the POP3 capture (file or folder, relative to the test "
-        "file) the pop3_server fixture plays or records, and fault rules to inject",
+        "pop3_capture(path=None, mode='replay', match='ordered', allow_unplayed=False, "
+        "allow_near_misses=False, password=None, user=None, persist=False, strict=False, "
+        "tls=False, before_record=None, faults=[]): the POP3 capture (file or folder, relative to "
+        "the test file; default captures/<module>/<test>.popcap) the pop3_server fixture "
+        "plays, serves as a mailbox (mode='mailbox') or records, with fault rules to inject",
     )
+    if _block_network(config):
+        config.stash[_GUARD] = NetworkGuard()
 
 
 class Pop3Server:
@@ -161,6 +162,25 @@ class _TrioThread:
             self._started.set()
 
 
+def _block_network(config: pytest.Config) -> bool:
+    option = config.getoption("--pop3-block-network")
+    return bool(option) if option is not None else bool(config.getini("pop3_block_network"))
+
+
+def _guard(config: pytest.Config) -> NetworkGuard | None:
+    return config.stash.get(_GUARD, None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """With --pop3-block-network, the test body runs with socket.connect guarded."""
+    guard = _guard(item.config)
+    if guard is None:
+        return (yield)
+    with guard.active():
+        return (yield)
+
+
 def _exists(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.glob(f"*{SUFFIX}")))
 
@@ -172,17 +192,34 @@ def _mode(config: pytest.Config) -> str:
     return str(mode)
 
 
+def default_capture(request: pytest.FixtureRequest) -> Path:
+    """``captures/<module>/<test>.popcap`` beside the test file (pytest-recording's layout)."""
+    test_file = Path(str(request.path))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_") or "test"
+    return test_file.parent / DEFAULT_FOLDER / test_file.stem / f"{name}{SUFFIX}"
+
+
+@pytest.fixture
+def pop3_before_record() -> list[Scrub]:
+    """Scrub rules applied to every new recording (override it in a conftest.py)."""
+    return []
+
+
 @pytest.fixture
 def pop3_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pop3_before_record: list[Scrub],
 ) -> Iterator[Pop3Server]:
     """A POP3 server for this test: recorded sessions played back, or recorded (see module)."""
     marker = request.node.get_closest_marker("pop3_capture")
-    if marker is None or not marker.args:
-        pytest.fail('pop3_server needs @pytest.mark.pop3_capture("path/to/capture")', pytrace=False)
-    path = (Path(str(request.path)).parent / str(marker.args[0])).resolve()
-    kwargs = dict(marker.kwargs)
+    kwargs = dict(marker.kwargs) if marker is not None else {}
+    given = kwargs.pop("path", None) or (marker.args[0] if marker and marker.args else None)
+    base = Path(str(request.path)).parent
+    path = (base / str(given)).resolve() if given else default_capture(request)
     mode = _mode(request.config)
+    if kwargs.get("mode", "replay") not in ("replay", "mailbox"):
+        pytest.fail(f"pop3_capture mode={kwargs['mode']!r}: 'replay' or 'mailbox'", pytrace=False)
     ca_dir = tmp_path_factory.getbasetemp() / "popproxy-ca"
     ca_box: list[CertificateAuthority] = []
 
@@ -192,11 +229,16 @@ def pop3_server(
         return ca_box[0]
 
     faults = _faults(kwargs.get("faults", ()))
-    record = mode in ("all", "rewrite") or (mode == "once" and not _exists(path))
+    rules = list(kwargs.get("before_record") or []) + list(pop3_before_record)
+    guard = _guard(request.config)
+    exists = _exists(path) or (kwargs.get("mode") == "mailbox" and path.exists())
+    record = mode in ("all", "rewrite") or (mode in ("once", "new_episodes") and not exists)
     if record:
-        yield from _recording(request, path, mode, ca, faults)
+        yield from _recording(request, path, mode, ca, rules, guard, faults)
+    elif mode == "new_episodes" and kwargs.get("mode") != "mailbox":
+        yield from _replaying(path, mode, kwargs, ca, ca_dir, guard, (request, rules), faults)
     else:
-        yield from _replaying(path, mode, kwargs, ca, faults)
+        yield from _replaying(path, mode, kwargs, ca, ca_dir, guard, None, faults)
 
 
 def _faults(rules: object) -> FaultSet:
@@ -214,64 +256,7 @@ def _faults(rules: object) -> FaultSet:
     return parsed
 
 
-def _replaying(
-    path: Path,
-    mode: str,
-    kwargs: dict[str, Any],
-    ca: Callable[[], CertificateAuthority],
-    faults: FaultSet,
-) -> Iterator[Pop3Server]:
-    if not _exists(path):
-        pytest.fail(
-            f"no POP3 capture at {path}: record mode {mode!r} never touches the "
-            "network; record it with --pop3-record-mode=once --pop3-upstream HOST:PORT",
-            pytrace=False,
-        )
-    try:
-        sessions = load_sessions([str(path)])
-    except CaptureError as exc:
-        pytest.fail(f"cannot play {path}: {exc}", pytrace=False)
-    config = ServeConfig(
-        sessions=sessions,
-        listen=("127.0.0.1", 0),
-        password=kwargs.get("password"),
-        strict=bool(kwargs.get("strict")),
-        tls=bool(kwargs.get("tls")),
-        faults=faults,
-    )
-    if config.tls or any(s.verb == "STLS" for x in sessions for s in x.steps):
-        config.ca = ca()
-    server = FakeServer(config)
-
-    async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
-        await serve_replay(config, None, announce=False, server=server, task_status=task_status)
-
-    thread = _TrioThread(serve)
-    host, port = thread.start()[0]
-    try:
-        yield Pop3Server(host, port, mode, path, False, server.report, ca, faults)
-    finally:
-        thread.stop()
-    unplayed = server.report.unplayed()
-    if unplayed and not kwargs.get("allow_unplayed"):
-        lines = "\n  ".join(unplayed[:30])
-        misses = "\n  ".join(m.describe() for m in server.report.near_misses[:10])
-        message = f"recorded POP3 exchanges were not played ({path}):\n  {lines}"
-        if misses:
-            message += f"\nnear misses:\n  {misses}"
-        message += "\n(mark the test pop3_capture(..., allow_unplayed=True) to allow this)"
-        pytest.fail(message, pytrace=False)
-
-
-def _recording(
-    request: pytest.FixtureRequest,
-    path: Path,
-    mode: str,
-    ca: Callable[[], CertificateAuthority],
-    faults: FaultSet,
-) -> Iterator[Pop3Server]:
-    from popproxy.proxy.server import serve_record
-
+def _upstream(request: pytest.FixtureRequest, mode: str) -> tuple[str, int]:
     text = request.config.getoption("--pop3-upstream") or request.config.getini("pop3_upstream")
     if not text:
         pytest.fail(
@@ -280,16 +265,116 @@ def _recording(
             pytrace=False,
         )
     try:
-        upstream = parse_hostport(str(text))
+        return parse_hostport(str(text))
     except UsageError as exc:
         pytest.fail(f"--pop3-upstream: {exc}", pytrace=False)
-    single = path.suffix == SUFFIX
-    if mode == "rewrite" and path.is_dir():
-        for old in path.glob(f"*{SUFFIX}"):
-            old.unlink()
-    out_dir = Path(tempfile.mkdtemp(prefix="popproxy-rec-")) if single else path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before = set(out_dir.glob(f"*{SUFFIX}"))
+
+
+def _replay_config(path: Path, mode: str, kwargs: dict[str, Any]) -> ServeConfig:
+    mailbox = None
+    sessions = []
+    try:
+        if kwargs.get("mode") == "mailbox":
+            from popproxy.replay.sources import load_mailbox
+
+            mailbox = load_mailbox([str(path)])
+        else:
+            sessions = load_sessions([str(path)])
+    except CaptureError as exc:
+        pytest.fail(f"cannot play {path}: {exc}", pytrace=False)
+    return ServeConfig(
+        sessions=sessions,
+        listen=("127.0.0.1", 0),
+        password=kwargs.get("password"),
+        strict=bool(kwargs.get("strict")),
+        tls=bool(kwargs.get("tls")),
+        mailbox=mailbox,
+        persist=bool(kwargs.get("persist")),
+        mailbox_user=kwargs.get("user"),
+        match=str(kwargs.get("match", "ordered")),
+    )
+
+
+def _replaying(
+    path: Path,
+    mode: str,
+    kwargs: dict[str, Any],
+    ca: Callable[[], CertificateAuthority],
+    ca_dir: Path,
+    guard: NetworkGuard | None,
+    episodes: tuple[pytest.FixtureRequest, list[Scrub]] | None,
+    faults: FaultSet,
+) -> Iterator[Pop3Server]:
+    if not path.exists() or (kwargs.get("mode") != "mailbox" and not _exists(path)):
+        pytest.fail(
+            f"no POP3 capture at {path}: record mode {mode!r} never touches the "
+            "network; record it with --pop3-record-mode=once --pop3-upstream HOST:PORT",
+            pytrace=False,
+        )
+    config = _replay_config(path, mode, kwargs)
+    config.ca_dir = ca_dir
+    config.faults = faults
+    if config.tls or any(s.verb == "STLS" for x in config.sessions for s in x.steps):
+        config.ca = ca()
+    recorder: _TrioThread | None = None
+    out_dir: Path | None = None
+    if episodes is not None:  # new_episodes: sessions beyond the recorded ones are recorded
+        out_dir = Path(tempfile.mkdtemp(prefix="popproxy-rec-"))
+        recorder, (rhost, rport) = _start_recorder(episodes[0], mode, out_dir, guard)
+
+        async def fallback(stream: trio.SocketStream) -> None:
+            from popproxy.replay.episodes import relay
+
+            await relay(stream, rhost, rport)
+
+        config.fallback = fallback
+    server = FakeServer(config)
+
+    async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+        await serve_replay(config, None, announce=False, server=server, task_status=task_status)
+
+    thread = _TrioThread(serve)
+    host, port = thread.start()[0]
+    if guard is not None:
+        guard.allow_port(port)
+    try:
+        yield Pop3Server(host, port, mode, path, False, server.report, ca, faults)
+    finally:
+        if recorder is not None and out_dir is not None:
+            _settle(out_dir, set())
+            recorder.stop()
+        thread.stop()
+    if episodes is not None and out_dir is not None:
+        _commit(out_dir, path, mode, episodes[1])
+    _check_report(server.report, path, kwargs)
+
+
+def _check_report(report: ServeReport, path: Path, kwargs: dict[str, Any]) -> None:
+    unplayed = report.unplayed()
+    misses = "\n  ".join(m.describe() for m in report.near_misses[:10])
+    if unplayed and not kwargs.get("allow_unplayed"):
+        lines = "\n  ".join(unplayed[:30])
+        message = f"recorded POP3 exchanges were not played ({path}):\n  {lines}"
+        if misses:
+            message += f"\nnear misses:\n  {misses}"
+        message += "\n(mark the test pop3_capture(..., allow_unplayed=True) to allow this)"
+        pytest.fail(message, pytrace=False)
+    if kwargs.get("mode") == "mailbox" and misses and not kwargs.get("allow_near_misses"):
+        pytest.fail(
+            f"the mailbox from {path} could not answer:\n  {misses}\n(record the missing "
+            "exchanges, or mark the test pop3_capture(..., allow_near_misses=True))",
+            pytrace=False,
+        )
+
+
+def _start_recorder(
+    request: pytest.FixtureRequest, mode: str, out_dir: Path, guard: NetworkGuard | None
+) -> tuple[_TrioThread, tuple[str, int]]:
+    from popproxy.proxy.server import serve_record
+
+    upstream = _upstream(request, mode)
+    if guard is not None:
+        guard.allow_upstream(*upstream)
     config = ProxyConfig(upstream=upstream, listen=("127.0.0.1", 0), out_dir=out_dir, linger=0.5)
 
     async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
@@ -297,27 +382,65 @@ def _recording(
 
     thread = _TrioThread(serve)
     host, port = thread.start()[0]
+    if guard is not None:
+        guard.allow_port(port)
+    return thread, (host, port)
+
+
+def _recording(
+    request: pytest.FixtureRequest,
+    path: Path,
+    mode: str,
+    ca: Callable[[], CertificateAuthority],
+    rules: list[Scrub],
+    guard: NetworkGuard | None,
+    faults: FaultSet,
+) -> Iterator[Pop3Server]:
+    out_dir = Path(tempfile.mkdtemp(prefix="popproxy-rec-"))  # never the capture itself
+    thread, (host, port) = _start_recorder(request, mode, out_dir, guard)
     try:
         yield Pop3Server(host, port, mode, path, True, None, ca, faults)
     finally:
-        _settle(out_dir, before)
+        _settle(out_dir, set())
         thread.stop()
-    new = sorted(set(out_dir.glob(f"*{SUFFIX}")) - before)
-    if single:
-        try:
-            if len(new) > 1:
+    _commit(out_dir, path, mode, rules, require=True)
+
+
+def _commit(
+    out_dir: Path, path: Path, mode: str, rules: list[Scrub], require: bool = False
+) -> None:
+    """Keep the new recordings if every one is usable; otherwise keep the old capture."""
+    try:
+        new = sorted(out_dir.glob(f"*{SUFFIX}"))
+        if not new:
+            if require:
                 pytest.fail(
-                    f"the test made {len(new)} POP3 sessions but {path} holds one: "
-                    "mark it with a folder to keep them all",
+                    f"record mode {mode!r}: the test made no POP3 session to record; "
+                    f"{path} was left as it was",
                     pytrace=False,
                 )
-            if new:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fsutil.move_file(new[0], path)
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
-    if not new:
-        pytest.fail(f"record mode {mode!r}: the test made no POP3 session to record", pytrace=False)
+            return
+        problems = [p for p in (recording.problem(c) for c in new) if p]
+        if problems:
+            kept = "kept as it was" if path.exists() else "not written"
+            pytest.fail(
+                f"record mode {mode!r}: the recording is not usable, so {path} was {kept}:\n  "
+                + "\n  ".join(problems),
+                pytrace=False,
+            )
+        single = path.suffix == SUFFIX
+        if single and (len(new) > 1 or (mode == "new_episodes" and path.exists())):
+            total = len(new) + (1 if mode == "new_episodes" else 0)
+            pytest.fail(
+                f"the test made {total} POP3 sessions but {path} holds one: "
+                "mark it with a folder to keep them all",
+                pytrace=False,
+            )
+        for capture in new:
+            scrub_capture(capture, rules)
+        recording.commit(new, path, keep_previous=mode == "all", append=mode == "new_episodes")
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _settle(out_dir: Path, before: set[Path]) -> None:

@@ -1,0 +1,222 @@
+"""The plugin never loses a recording: record modes, default paths, block-network, scrubbing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from popproxy.replay.scrub import Scrub, scrub_capture
+from tests.support.dovecot import STANDARD_MESSAGES, USERS, DovecotServer, free_port
+from tests.test_plugin import SESSION
+from tests.test_replay import write_capture
+
+pytest_plugins = ["pytester"]
+PW = USERS["alice"]
+
+CLIENT = f"""
+import poplib
+import pytest
+
+def fetch(server, n=1):
+    c = poplib.POP3(server.host, server.port, timeout=10)
+    c.user("alice")
+    c.pass_({PW!r})
+    count = c.stat()[0]
+    got = [b"".join(x + b"\\r\\n" for x in c.retr(i)[1]) for i in range(1, n + 1)]
+    c.quit()
+    return count, got
+"""
+
+
+def _inner(pytester: pytest.Pytester, body: str) -> None:
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_inner=CLIENT + body)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["rewrite", "all", "new_episodes"])
+def test_unreachable_upstream_keeps_the_old_captures(pytester: pytest.Pytester, mode: str) -> None:
+    caps = pytester.path / "caps"
+    (caps / "dir").mkdir(parents=True)
+    write_capture(caps / "one.popcap", SESSION)
+    write_capture(caps / "dir" / "a.popcap", SESSION)
+    _inner(
+        pytester,
+        """
+@pytest.mark.pop3_capture("caps/one.popcap")
+def test_file(pop3_server):
+    fetch(pop3_server, 0)
+
+@pytest.mark.pop3_capture("caps/dir")
+def test_folder(pop3_server):
+    fetch(pop3_server, 0)
+    fetch(pop3_server, 0)
+""",
+    )
+    before = _snapshot(caps)
+    port = free_port()
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", f"--pop3-record-mode={mode}", f"--pop3-upstream=127.0.0.1:{port}"
+    )
+    assert _snapshot(caps) == before
+    text = result.stdout.str()
+    assert "the recording is not usable" in text and "kept as it was" in text
+    assert "upstream-error" in text and "cannot reach upstream" in text
+
+
+def test_once_with_a_missing_capture_and_no_upstream_writes_nothing(
+    pytester: pytest.Pytester,
+) -> None:
+    _inner(
+        pytester,
+        """
+@pytest.mark.pop3_capture("caps/new.popcap")
+def test_new(pop3_server):
+    fetch(pop3_server, 0)
+""",
+    )
+    result = pytester.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "--pop3-record-mode=once",
+        f"--pop3-upstream=127.0.0.1:{free_port()}",
+    )
+    assert "not written" in result.stdout.str()
+    assert not (pytester.path / "caps").exists() or not any((pytester.path / "caps").iterdir())
+
+
+def test_block_network_refuses_all_but_the_fake_server(pytester: pytest.Pytester) -> None:
+    write_capture(pytester.path / "one.popcap", SESSION)
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(
+        test_net="""
+import poplib, socket
+import pytest
+from popproxy.replay.netguard import NetworkBlocked
+
+@pytest.mark.pop3_capture("one.popcap")
+def test_fake_is_allowed(pop3_server):
+    c = poplib.POP3(pop3_server.host, pop3_server.port, timeout=5)
+    c.user("alice"); c.pass_("x"); assert c.stat() == (2, 300); c.quit()
+
+def test_other_loopback_port_is_refused():
+    listener = socket.create_server(("127.0.0.1", 0))
+    with pytest.raises(NetworkBlocked, match="refused"):
+        socket.create_connection(listener.getsockname(), timeout=1)
+
+def test_remote_address_is_refused():
+    s = socket.socket()
+    with pytest.raises(NetworkBlocked):
+        s.connect_ex(("192.0.2.1", 110))
+    s.close()
+
+def test_unix_sockets_pass():
+    a, b = socket.socketpair(socket.AF_UNIX)
+    a.close(); b.close()
+"""
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--pop3-block-network")
+    result.assert_outcomes(passed=4)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "other_loopback")
+    result.assert_outcomes(failed=1)  # without the option nothing is blocked
+
+
+def test_scrub_rewrites_matches_as_declared_same_length_redactions(tmp_path: Path) -> None:
+    body = b"From: carol@corp.example\r\nSubject: x\r\n\r\nhost mail.corp.example\r\n"
+    chunks = [
+        ("s", b"+OK ready at mail.corp.example\r\n"),
+        ("c", b"RETR 1\r\n"),
+        ("s", b"+OK 60 octets\r\nFrom: carol@co"),  # a match split across records
+        ("s", body[len(b"From: carol@co") :] + b".\r\n"),
+    ]
+    path = write_capture(tmp_path / "s.popcap", chunks)
+    size = path.stat().st_size
+    rules = [Scrub(rb"[a-z.]*corp\.example", b"example.org", name="host")]
+    assert scrub_capture(path, rules) == 3
+    data = path.read_bytes()
+    assert b"corp" not in data and path.stat().st_size > size
+    lines = [json.loads(line) for line in data.split(b"\n") if line.startswith(b'{"r":"redact"')]
+    assert [(r["d"], r["len"], r["kind"], r["rule"]) for r in lines] == [
+        ("s", 17, "SCRUB", "host"),
+        ("s", 12, "SCRUB", "host"),
+        ("s", 17, "SCRUB", "host"),
+    ]
+    assert b"ready at example.org######\r\n" in data and b"carol@ex" in data
+    assert b"ample.org#\r\n" in data and b"host example.org######\r\n" in data
+
+
+# ------------------------------------------------------------------ against Dovecot
+
+
+@pytest.mark.dovecot
+def test_modes_against_dovecot(pytester: pytest.Pytester, dovecot_clean: DovecotServer) -> None:
+    upstream = f"--pop3-upstream={dovecot_clean.host}:{dovecot_clean.port}"
+    pytester.makeconftest(
+        """
+import pytest
+from popproxy.replay.scrub import Scrub
+
+@pytest.fixture
+def pop3_before_record():
+    return [Scrub(rb"Carol Sender", b"Someone Else", name="sender")]
+"""
+    )
+    _inner(
+        pytester,
+        """
+import os
+
+def test_default_path(pop3_server):
+    assert fetch(pop3_server)[0] == 4
+
+@pytest.mark.pop3_capture("caps/eps")
+def test_episodes(pop3_server):
+    for _ in range(int(os.environ.get("SESSIONS", "1"))):
+        assert fetch(pop3_server, 4)[0] == 4
+
+@pytest.mark.pop3_capture("caps/eps", mode="mailbox")
+def test_mailbox(pop3_server):
+    count, got = fetch(pop3_server, 4)
+    assert count == 4 and got[2:] == EXPECTED[2:]
+    assert b"Someone Else" in got[0]
+""".replace("EXPECTED", repr(list(STANDARD_MESSAGES))),
+    )
+    base = ["-p", "no:cacheprovider", upstream]
+    result = pytester.runpytest(*base, "--pop3-record-mode=once", "-k", "not mailbox")
+    result.assert_outcomes(passed=2)
+    default = pytester.path / "captures" / "test_inner" / "test_default_path.popcap"
+    assert default.is_file() and b"Carol Sender" not in default.read_bytes()
+    assert b'"kind":"SCRUB"' in default.read_bytes() and PW.encode() not in default.read_bytes()
+    [first] = (pytester.path / "caps" / "eps").glob("*.popcap")
+    recorded = first.read_bytes()
+
+    # new_episodes: the recorded session plays, the second is recorded and appended.
+    pytester._monkeypatch.setenv("SESSIONS", "2")
+    result = pytester.runpytest(*base, "--pop3-record-mode=new_episodes", "-k", "episodes")
+    result.assert_outcomes(passed=1)
+    captures = sorted((pytester.path / "caps" / "eps").glob("*.popcap"))
+    assert len(captures) == 2 and first.read_bytes() == recorded
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "episodes")
+    result.assert_outcomes(passed=1)  # offline: both sessions play
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "mailbox")
+    result.assert_outcomes(passed=1)
+
+    # all: the folder holds only the new recording; the replaced ones kept in .previous.
+    pytester._monkeypatch.setenv("SESSIONS", "1")
+    result = pytester.runpytest(*base, "--pop3-record-mode=all", "-k", "episodes")
+    result.assert_outcomes(passed=1)
+    eps = pytester.path / "caps" / "eps"
+    assert len(list(eps.glob("*.popcap"))) == 1
+    assert len(list((eps / ".previous").glob("*.popcap"))) == 2
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "episodes")
+    result.assert_outcomes(passed=1)  # the next offline run plays, no unplayed sessions
+
+    # rewrite: replaced, nothing kept beside it.
+    result = pytester.runpytest(*base, "--pop3-record-mode=rewrite", "-k", "default")
+    result.assert_outcomes(passed=1)
+    assert not default.with_name(default.name + ".previous").exists()
