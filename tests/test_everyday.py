@@ -118,3 +118,35 @@ def test_a_record_with_an_unknown_direction_is_skipped(tmp_path: Path) -> None:
     with CaptureReader(path) as reader:
         events = [e for _r, _t, evs in replay_events(reader) for e in evs]
     assert events  # the greeting was read; the damaged EOF record was skipped
+
+
+def _show(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "popproxy", "show", *args, str(DEMO)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_show_bodies_puts_each_status_line_before_its_body() -> None:
+    lines = _show("--bodies")
+    status = next(i for i, line in enumerate(lines) if "S: +OK 446 octets" in line)
+    body = lines.index("Subject: Lines that need dot-stuffing")
+    command = next(i for i, line in enumerate(lines) if line.endswith("C: RETR 2"))
+    assert command < status < body
+    assert "⤷ 17 lines" in lines[body + 15]  # the summary follows the body
+
+
+def test_show_grep_brings_the_command_and_status_along() -> None:
+    lines = _show("--bodies", "--grep", "single dot")
+    assert [line.split("s ", 1)[-1] for line in lines[1:3]] == [
+        "C: RETR 2",
+        "S: +OK 446 octets  (0.2 ms)",
+    ]
+    assert lines[3:] == [".single dot at the start"]
+    folded = _show("--grep", "Dot Tester")
+    assert folded[1].endswith("C: RETR 2") and "⤷ 17 lines" in folded[2]

@@ -147,23 +147,78 @@ def show_text(console: Console, reader: CaptureReader, args: argparse.Namespace)
         reveal_secrets=args.show_secrets,
     )
     verb = args.verb.upper() if args.verb else None
-    grep = args.grep.lower() if args.grep else None
+    out = _Lines(console, args.grep)
     for record, t, events in replay_events(reader, follow=args.follow):
-        lines: list[Text] = []
         if record is not None:
             line = _record_line(record.kind, record.fields, t)
             if line is not None and not verb and not args.errors:
-                lines.append(line)
+                out.emit(line, None)
         for item in builder.feed(t, events):
-            line = _item_line(item, verb, args.errors)
-            if line is not None:
-                lines.append(line)
-        for line in lines:
-            if grep is None or grep in line.plain.lower():
-                console.print(line, overflow="fold")
+            ex = item.exchange
+            if item.what == "body" and ex is not None and out.opens(ex, verb, args.errors):
+                # The status line goes before its body: it is known once the body starts.
+                out.emit(render.reply_line(ex, folded=False), ex, context=True)
+            if item.what == "done" and ex is not None and out.opened(ex):
+                out.emit(_body_end_line(ex), ex)
+            else:
+                line = _item_line(item, verb, args.errors)
+                if line is not None:
+                    out.emit(line, ex, context=item.what == "command")
+            if item.what == "done" and ex is not None:
+                out.close(ex)
     for ex in builder.unfinished():
         if verb is None or ex.command == verb:
             console.print(render.reply_line(ex))
+
+
+class _Lines:
+    """Prints transcript lines, optionally only those containing ``grep``: a match inside an
+    exchange brings its command and status line along, once, so it is never shown alone."""
+
+    def __init__(self, console: Console, grep: str | None) -> None:
+        self.console = console
+        self.grep = grep.lower() if grep else None
+        self._context: dict[int, list[Text]] = {}  # exchange -> its lines not yet printed
+        self._opened: set[int] = set()  # exchanges whose status line went before the body
+
+    def opens(self, ex: Exchange, verb: str | None, errors: bool) -> bool:
+        """Whether this body item is the first of an exchange shown in full."""
+        if id(ex) in self._opened or (verb is not None and ex.command != verb) or errors:
+            return False
+        self._opened.add(id(ex))
+        return True
+
+    def opened(self, ex: Exchange) -> bool:
+        return id(ex) in self._opened
+
+    def emit(self, line: Text, ex: Exchange | None, *, context: bool = False) -> None:
+        if self.grep is None:
+            self.console.print(line, overflow="fold")
+            return
+        if "\n" in line.plain:  # a body piece: grep its lines one by one
+            for part in line.split("\n"):
+                self.emit(part, ex, context=context)
+            return
+        if self.grep in line.plain.lower():
+            for before in self._context.pop(id(ex), []) if ex is not None else []:
+                self.console.print(before, overflow="fold")
+            self.console.print(line, overflow="fold")
+            if ex is not None:
+                self._context[id(ex)] = []  # shown: later matches need no context again
+        elif context and ex is not None and self._context.get(id(ex)) != []:
+            self._context.setdefault(id(ex), []).append(line)
+
+    def close(self, ex: Exchange) -> None:
+        self._context.pop(id(ex), None)
+        self._opened.discard(id(ex))
+
+
+def _body_end_line(ex: Exchange) -> Text:
+    """After a body shown in full: where it ended, and what it was."""
+    text = render.prefix(ex.t_end)
+    text.append("   ")
+    text.append_text(render.body_summary(ex))
+    return text
 
 
 def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
