@@ -167,3 +167,42 @@ async def test_any_order_serves_a_reordered_poplib_from_a_dovecot_recording(
     assert got == [STANDARD_MESSAGES[i] for i in (2, 0, 3, 1)]
     assert server.report.near_misses == []
     assert server.report.unplayed() == [f"{recorded}: TOP 1 0"]
+
+
+# ------------------------------------------------------------------ a Maildir, two servers
+
+
+def maildir_of(d: DovecotServer) -> Path:
+    return d.dir / "mail" / ALICE / "Maildir"
+
+
+def _listings(port: int) -> dict[str, Any]:
+    c = poplib.POP3("127.0.0.1", port, timeout=10)
+    c.user(ALICE)
+    c.pass_(PW)
+    out = {"stat": c.stat(), "list": c.list()[1], "uidl": c.uidl()[1]}
+    out["one"] = [c.list(2), c.uidl(3)]
+    c.quit()
+    return out
+
+
+async def test_a_maildir_served_by_mailbox_and_by_dovecot_is_the_same(
+    dovecot_clean: DovecotServer, tmp_path: Path
+) -> None:
+    source = load_mailbox([str(maildir_of(dovecot_clean))])
+    live = await trio.to_thread.run_sync(lambda: _listings(dovecot_clean.port))
+    mail = await trio.to_thread.run_sync(
+        lambda: clients.fetchmail_fetch(
+            "127.0.0.1", dovecot_clean.port, ALICE, PW, workdir=tmp_path / "d"
+        )
+    )
+    config = ServeConfig([], listen=("127.0.0.1", 0), password=PW, mailbox=source)
+    async with trio.open_nursery() as nursery:
+        _, port = await start(nursery, config)
+        fake = await trio.to_thread.run_sync(lambda: _listings(port))
+        fake_mail = await trio.to_thread.run_sync(
+            lambda: clients.fetchmail_fetch("127.0.0.1", port, ALICE, PW, workdir=tmp_path / "f")
+        )
+        nursery.cancel_scope.cancel()
+    assert fake == live
+    assert fake_mail == mail and mail.count(b"Message-ID:") == 4
