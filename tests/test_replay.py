@@ -176,12 +176,12 @@ def test_unsupported_mechanism(tmp_path: Path, capsys: pytest.CaptureFixture[str
         tmp_path / "x.popcap",
         [
             ("s", b"+OK hi\r\n"),
-            ("c", b"AUTH SCRAM-SHA-1 biwsbj11c2VyLHI9YWJj\r\n"),
+            ("c", b"AUTH GSSAPI YIIB\r\n"),
             ("s", b"+ cj1hYmM=\r\n"),
         ],
     )
     assert main(["replay", str(path), "--server", "127.0.0.1:1", "--password", "x"]) == 2
-    assert "cannot replay AUTH SCRAM-SHA-1" in capsys.readouterr().err
+    assert "cannot replay AUTH GSSAPI" in capsys.readouterr().err
 
 
 def test_unreachable_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,8 +25,10 @@ from popproxy.replay.client import (
     ReplayReport,
     check_mechanisms,
     needs_password,
+    needs_token,
     replay_session,
 )
+from popproxy.replay.sasl_client import read_token
 from popproxy.replay.script import load_sessions, require_client_side
 from popproxy.views.theme import make_console
 
@@ -76,6 +78,27 @@ def add_password_options(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="the password itself (VISIBLE to other users in the process list: "
         "prefer the file or the environment)",
+    )
+
+
+def add_token_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "bearer token (XOAUTH2, OAUTHBEARER)",
+        "taken from --token, --token-file, --token-command or $POPPROXY_TOKEN (in that order)",
+    )
+    group.add_argument(
+        "--token-command",
+        metavar="CMD",
+        help="run CMD once (through /bin/sh) and use its standard output as the token, "
+        "e.g. 'oama access user@example.com'",
+    )
+    group.add_argument(
+        "--token-file", metavar="FILE", help="read the token from the first line of FILE"
+    )
+    group.add_argument(
+        "--token",
+        metavar="T",
+        help="the token itself (VISIBLE in the process list: prefer the others)",
     )
 
 
@@ -133,6 +156,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="seconds to wait for any connect, answer or handshake (default 10)",
     )
     add_password_options(p)
+    add_token_options(p)
     add_tls_options(p, listening=False)
     p.set_defaults(run=run)
 
@@ -158,6 +182,16 @@ def run(args: argparse.Namespace) -> int:
                 "the capture's credentials were redacted: give the password "
                 "with POPPROXY_PASSWORD, --password-file or --password"
             )
+    token = None
+    if any(needs_token(s) for s in sessions):
+        token = read_token(
+            token=args.token, token_file=args.token_file, token_command=args.token_command
+        )
+        if token is None:
+            raise UsageError(
+                "the capture logged in with a bearer token: give a fresh one with "
+                "--token-command, --token-file, --token or POPPROXY_TOKEN"
+            )
     options = ReplayOptions(
         server=server,
         credentials=Credentials(args.user, password),
@@ -167,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         tls=args.tls,
         stls=args.stls,
         context=client_tls_context(args),
+        token=token,
     )
     console = make_console()
     status = ExitCode.OK

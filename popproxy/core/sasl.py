@@ -279,7 +279,9 @@ def describe_server(mechanism: str | None, data: bytes | None) -> str | None:
 def describe_client(mechanism: str | None, step: int, line: bytes) -> str | None:
     """A client response (base64, as sent; ``#`` when redacted) for a person, no secret in it."""
     if not line:
-        return "empty line (acknowledges the error)" if mechanism in OAUTH_MECHANISMS else "empty"
+        if mechanism in OAUTH_MECHANISMS:
+            return "empty line (acknowledges the error)"
+        return "empty line (answers the server-final)" if is_scram(mechanism) else "empty"
     if mechanism == "OAUTHBEARER" and line == OAUTHBEARER_ACK:
         return "AQ== (0x01: acknowledges the error)"
     decoded = values.b64decode(line)
@@ -320,6 +322,15 @@ def b64(data: bytes) -> str:
 # ------------------------------------------------------------------ transcript entries
 
 
+def _describe_redacted(mechanism: str | None, step: int) -> str | None:
+    """What a redacted client line was, from the mechanism and its place in the exchange."""
+    if is_scram(mechanism):
+        return "client-final: proof present (secret, redacted)" if step >= 1 else None
+    if mechanism in OAUTH_MECHANISMS:
+        return "bearer token message (secret, redacted)" if step == 0 else None
+    return None
+
+
 def mechanism_of(args: str | None) -> tuple[str | None, bool]:
     """The mechanism named by AUTH's arguments, and whether an initial response was sent."""
     words = (args or "").split(" ")
@@ -335,7 +346,10 @@ def server_entry(args: str | None, raw: bytes, data: bytes | None) -> dict[str, 
     if server_data_is_secret(mech, data):
         entry["line"] = "+ " + "#" * len(line[2:])
         entry["secret"] = True
+    body = raw.rstrip(b"\r\n")[2:].strip()
     described = describe_server(mech, data)
+    if described is None and body and set(body) == {ord("#")} and is_scram(mech):
+        described = "server-final: verifier v= present (secret, redacted)"
     if described is not None:
         entry["decoded"] = described
     elif data:
@@ -355,7 +369,10 @@ def client_entry(
     secret = client_data_is_secret(mech, step, body) and bool(body)
     line = "#" * len(body) if secret else values.decode_text(body)
     entry: dict[str, object] = {"from": "client", "line": line, "cancel": False, "secret": secret}
-    described = describe_client(mech, step, body) if set(body) != {ord("#")} else None
+    if body and set(body) == {ord("#")}:
+        described = _describe_redacted(mech, step)
+    else:
+        described = describe_client(mech, step, body)
     if described is not None:
         entry["decoded"] = described
     return entry

@@ -20,10 +20,11 @@ from popproxy.core import (
     Observer,
     SaslChallenge,
 )
+from popproxy.core import sasl as sasl_codec
 from popproxy.core.transcript import Exchange, TranscriptBuilder
 from popproxy.hints import Leg
 from popproxy.netutil import STREAM_ERRORS, describe_error, format_hostport, is_ip
-from popproxy.replay import auth
+from popproxy.replay import auth, sasl_client
 from popproxy.replay.auth import AuthError, Credentials
 from popproxy.replay.compare import Difference, compare_exchanges, label
 from popproxy.replay.script import RecordedSession, Step
@@ -56,6 +57,7 @@ class ReplayOptions:
     tls: bool = False  # implicit TLS (RFC 8314)
     stls: bool = False  # upgrade with STLS first (RFC 2595 §4)
     context: ssl.SSLContext | None = None
+    token: str | None = None  # a fresh bearer token for XOAUTH2 / OAUTHBEARER
 
 
 @dataclass
@@ -195,20 +197,32 @@ def needs_password(session: RecordedSession) -> bool:
     for step in session.steps:
         if step.verb in ("PASS", "RPOP") and auth.is_masked(step.args):
             return True
-        if step.verb == "APOP" or (step.verb == "AUTH" and step.mechanism):
+        if step.verb == "APOP":
             return True
+        if step.verb == "AUTH" and step.mechanism:
+            return step.mechanism not in sasl_codec.OAUTH_MECHANISMS
     return False
+
+
+def needs_token(session: RecordedSession) -> bool:
+    """Whether the capture logged in with a bearer token (XOAUTH2, OAUTHBEARER)."""
+    return any(
+        s.verb == "AUTH" and s.mechanism in sasl_codec.OAUTH_MECHANISMS for s in session.steps
+    )
 
 
 def check_mechanisms(session: RecordedSession) -> None:
     """Refuse, before connecting, SASL mechanisms whose answers popproxy cannot compute."""
     for step in session.steps:
         mech = step.mechanism
-        if mech is not None and mech not in auth.SUPPORTED_MECHANISMS:
-            raise AuthError(
-                f"cannot replay AUTH {mech}: popproxy answers "
-                f"{', '.join(auth.SUPPORTED_MECHANISMS)} only"
-            )
+        if mech is None:
+            continue
+        why = sasl_client.refusal(mech)
+        if why is not None:
+            raise AuthError(why)
+        if mech not in auth.SUPPORTED_MECHANISMS + sasl_client.MODERN_MECHANISMS:
+            names = auth.SUPPORTED_MECHANISMS + sasl_client.MODERN_MECHANISMS
+            raise AuthError(f"cannot replay AUTH {mech}: popproxy answers {', '.join(names)} only")
 
 
 def batches(steps: list[Step]) -> list[list[Step]]:
@@ -265,6 +279,7 @@ class _Replayer:
         self.deletes = 0
         self.logged_in = False
         self.step_outcomes: dict[int, Outcome] = {}  # recorded seq -> outcome
+        self.auth_problems: dict[int, list[str]] = {}  # recorded seq -> what did not verify
 
     async def run(self) -> None:
         live, options, session = self.live, self.options, self.session
@@ -398,6 +413,9 @@ class _Replayer:
     async def _auth(self, step: Step) -> None:
         """SASL (RFC 5034 §4): answer each live challenge as the recorded client did."""
         mech = step.mechanism or ""
+        if mech in sasl_client.MODERN_MECHANISMS:
+            await self._auth_modern(step, mech)
+            return
         password = self.options.credentials.password
         if password is None:
             raise ReplayError(
@@ -443,6 +461,53 @@ class _Replayer:
             await self.live.send(answer.encode() + b"\r\n")
         self._check_login(step)
 
+    async def _auth_modern(self, step: Step, mech: str) -> None:
+        """SCRAM and OAuth: the same shape as recorded (initial response or not), fresh data."""
+        host, port = self.options.server
+        try:
+            client = sasl_client.client_mechanism(
+                mech,
+                user=self._user(),
+                password=self.options.credentials.password,
+                token=self.options.token,
+                host=host,
+                port=port,
+            )
+        except ValueError as exc:
+            raise ReplayError(str(exc)) from None
+        one_line = step.initial_response not in (None, "=")
+        first = f"AUTH {mech}".encode()
+        if one_line:
+            first += b" " + sasl_codec.b64(client.initial()).encode()
+        seqs = await self.live.send(first + b"\r\n")
+        if not seqs:
+            raise ReplayError("the AUTH command could not be framed")
+        seq = self.seqs[step.seq] = seqs[0]
+        queue = self.live.challenges.setdefault(seq, deque())
+        sent_initial = one_line
+        while True:
+            await self.live.wait(lambda: bool(queue) or seq in self.live.done, step.command_text)
+            if seq in self.live.done:
+                break
+            challenge = queue.popleft()
+            if not sent_initial:
+                # RFC 5034 §4: the empty challenge asks for the initial response.
+                answer: bytes | None = client.initial()
+                sent_initial = True
+            else:
+                answer = client.answer(challenge)
+            if answer == b"*":
+                line = b"*"
+            else:
+                line = b"" if answer is None else sasl_codec.b64(answer).encode()
+            await self.live.send(line + b"\r\n")
+        live = self.live.done.get(seq)
+        client.finished(live is not None and live.status == "+OK")
+        if client.problems:
+            self.auth_problems[step.seq] = client.problems
+        else:
+            self._check_login(step)
+
     async def _own_stls(self, host: str) -> None:
         seqs = await self.live.send(b"STLS\r\n")
         seq = seqs[0]
@@ -487,6 +552,10 @@ class _Replayer:
         seq = self.seqs.get(step.seq)
         live = self.live.done.get(seq) if seq is not None else None
         outcome = self._outcome(step.command_text, step.exchange, live)
+        for problem in self.auth_problems.get(step.seq, ()):
+            outcome.differences.append(
+                Difference(step.seq, "sasl.server-signature", "verified", "not verified", problem)
+            )
         self.step_outcomes[step.seq] = outcome
         if live is None and missing is not None and step.status is not None:
             outcome.notes.append("not replayed: " + missing)

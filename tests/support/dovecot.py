@@ -39,6 +39,12 @@ USERS: dict[str, str] = {
 }
 
 
+#: The instance every test shares; its CAPA is asserted on, so a SCRAM instance is separate.
+DEFAULT_MECHANISMS = "plain login cram-md5 apop"
+#: Dovecot 2.3 computes SCRAM from the plaintext passwords of the passwd-file.
+SCRAM_MECHANISMS = "plain scram-sha-1 scram-sha-256"
+
+
 def _crlf(text: str) -> bytes:
     """Join lines of ``text`` with CRLF; the result ends with CRLF."""
     lines = text.split("\n")
@@ -191,7 +197,7 @@ ssl = yes
 ssl_cert = <{dir}/cert.pem
 ssl_key = <{dir}/key.pem
 disable_plaintext_auth = no
-auth_mechanisms = plain login cram-md5 apop
+auth_mechanisms = {mechanisms}
 auth_failure_delay = 0
 mail_location = maildir:{dir}/mail/%u/Maildir
 default_internal_user = dovecot
@@ -273,7 +279,11 @@ def _is_dovecot(pid: int) -> bool:
 class DovecotServer:
     """One private Dovecot instance (pop3 + pop3s) on free loopback ports."""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, users: dict[str, str] | None = None, *, mechanisms: str = DEFAULT_MECHANISMS
+    ) -> None:
+        """``mechanisms``: Dovecot's ``auth_mechanisms`` (SCRAM_MECHANISMS for mpop's SCRAM)."""
+        self.mechanisms = mechanisms
         self.binary = find_dovecot()
         self.host = HOST
         self.users: dict[str, str] = dict(users if users is not None else USERS)
@@ -308,7 +318,11 @@ class DovecotServer:
         os.chmod(self.dir / "passwd", 0o644)
         self.conf.write_text(
             _CONF_TEMPLATE.format(
-                host=self.host, dir=self.dir, port=self.port, pop3s_port=self.pop3s_port
+                host=self.host,
+                dir=self.dir,
+                port=self.port,
+                pop3s_port=self.pop3s_port,
+                mechanisms=self.mechanisms,
             )
         )
         os.chmod(self.conf, 0o644)
