@@ -74,6 +74,11 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "popproxy serve --mailbox captures/X.popcap --password secret",
         ),
     ],
+    "docs": [
+        ("every document installed", "popproxy docs"),
+        ("the fault-rule grammar", "popproxy docs faults"),
+        ("the show --json schema, for a validator", "popproxy docs show.schema.json"),
+    ],
     "demo": [("record a session offline, in seconds", "popproxy demo")],
     "ca": [
         ("where the CA is and how to trust it", "popproxy ca"),

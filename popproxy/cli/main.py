@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": "a fake POP3 server playing recorded sessions",
     "demo": "see popproxy record a POP3 session, offline, in seconds",
     "ca": "show popproxy's CA and how to trust it",
+    "docs": "the documentation installed with popproxy",
 }
 
 

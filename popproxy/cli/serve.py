@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="captures to play (folders: every capture in them); with --mailbox also a "
         "Maildir, an mbox or a folder of .eml files",
     )
-    mode = p.add_argument_group("mailbox mode (docs/replay.md)")
+    mode = p.add_argument_group("mailbox mode (popproxy docs replay)")
     mode.add_argument(
         "--mailbox",
         action="store_true",

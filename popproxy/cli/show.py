@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--json",
         action="store_true",
-        help="one JSON object per capture per line (schema: docs/show.schema.json)",
+        help="one JSON object per capture per line (schema: popproxy docs show.schema.json)",
     )
     p.add_argument("--bodies", action="store_true", help="expand message bodies")
     p.add_argument("--raw", action="store_true", help="the recorded bytes, escaped, per chunk")

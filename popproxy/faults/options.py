@@ -9,7 +9,7 @@ from popproxy.faults.matcher import FaultSet
 
 
 def add_fault_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("fault injection (docs/faults.md)")
+    g = p.add_argument_group("fault injection (popproxy docs faults)")
     g.add_argument(
         "--fault",
         action="append",

@@ -11,7 +11,7 @@ from popproxy.inspect.filter import quick as quick_verdict
 
 FILTER_HELP = (
     "only sessions matching EXPR, e.g. '~c RETR & ~e', '~u alice | ~h example.net' "
-    "(the language: docs/browse.md)"
+    "(the language: popproxy docs browse)"
 )
 
 
