@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {str(doc) if args.path else _title(doc)}")
         return 0
     name = args.name.removesuffix(".md").removeprefix("docs/")
-    doc = docs.get(name)
-    if doc is None:
+    if name not in docs:
         raise UsageError(f"no document {args.name!r}: one of {', '.join(docs)}")
+    doc = docs[name]
     if args.path:
         print(doc)
         return 0
