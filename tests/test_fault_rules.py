@@ -222,6 +222,10 @@ def test_rule_to_text_to_rule(rule: Rule) -> None:
 @given(st.text(max_size=80))
 @settings(max_examples=500)
 def test_any_text_parses_or_fails_in_one_line(text: str) -> None:
+    _parses_or_fails_in_one_line(text)
+
+
+def _parses_or_fails_in_one_line(text: str) -> None:
     try:
         rule = parse_rule(text)
     except FaultSyntaxError as exc:
@@ -266,7 +270,7 @@ def test_any_text_parses_or_fails_in_one_line(text: str) -> None:
 )
 @settings(max_examples=500)
 def test_near_miss_texts_parse_or_fail_in_one_line(text: str) -> None:
-    test_any_text_parses_or_fails_in_one_line.hypothesis.inner_test(text)  # type: ignore[attr-defined]
+    _parses_or_fails_in_one_line(text)
 
 
 @given(st.text(max_size=300))

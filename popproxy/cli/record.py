@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from popproxy.cli.common import run_listening
+from popproxy.faults.options import add_fault_options, faults_from_args
 from popproxy.proxy.config import (
     ProxyConfig,
     StlsMode,
@@ -110,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="skip the start-up check of the upstream (one connection: greeting, then QUIT)",
     )
+    add_fault_options(p)
     p.set_defaults(run=run)
 
 
@@ -141,7 +143,17 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         upstream_ca=args.upstream_ca,
         verbose=args.verbose,
         check_upstream=not args.no_check,
+        faults=faults_from_args(args),
     )
+    for rule in config.faults.rules if config.faults else ():
+        from popproxy.proxy.faults import proxy_unsupported
+
+        why = proxy_unsupported(rule)
+        if why is not None:
+            raise UsageError(
+                f"--fault {rule.text!r}: popproxy record does not do {why} yet "
+                "(popproxy serve and the pytest plugin do)"
+            )
     try:
         config.upstream_context = client_context(cafile=args.upstream_ca, insecure=args.insecure)
     except OSError as exc:
@@ -158,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
     view = LiveView.in_subprocess(mode)
     if config.insecure:
         view.notice("WARNING: --insecure: the upstream certificate is NOT verified", "pop.error")
+    if config.faults:
+        view.notice(
+            f"fault injection: {len(config.faults)} rule(s), seed {config.faults.seed}",
+            "pop.warning",
+        )
     if exposed(config.listen[0]):
         view.notice(
             f"WARNING: listening on {args.listen} accepts clients from other machines: "

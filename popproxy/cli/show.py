@@ -261,7 +261,9 @@ def _record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
     if kind == fmt.TLS:
         return render.tls_line(fields, t)
     if kind == fmt.EVENT:
-        style = "pop.error" if fields.get("kind") in ("insecure", "observer-error") else "pop.muted"
+        kind = str(fields.get("kind"))
+        serious = kind in ("insecure", "observer-error") or kind.startswith("fault")
+        style = "pop.error" if serious else "pop.muted"
         detail = fields.get("detail") or fields.get("addr") or ""
         return render.note_line(f"● {fields.get('kind')} {detail}".rstrip(), t, style)
     if kind == fmt.DROP:

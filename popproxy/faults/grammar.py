@@ -302,7 +302,7 @@ class _Parser:
         )
 
     def end(self, tok: _Token) -> int:
-        return tok.column + len(tok.text) + 1
+        return tok.end + 1  # the column just after the token
 
     def nothing_after(self, rest: list[_Token]) -> None:
         if rest:

@@ -6,6 +6,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from popproxy.errors import UsageError
 from popproxy.netutil import format_hostport, parse_hostport
@@ -34,6 +35,10 @@ def capture_dir(text: str) -> Path:
     return out
 
 
+if TYPE_CHECKING:
+    from popproxy.faults.matcher import FaultSet
+
+
 @dataclass
 class ProxyConfig:
     """Everything one ``popproxy record`` run needs; TLS pieces are built once, up front."""
@@ -57,6 +62,7 @@ class ProxyConfig:
     upstream_context: ssl.SSLContext | None = None
     extra_header: dict[str, object] = field(default_factory=dict)
     check_upstream: bool = False  # record's start-up probe (popproxy/proxy/probe.py)
+    faults: FaultSet | None = None  # fault rules (docs/faults.md)
 
     def certificate_authority(self) -> CertificateAuthority:
         """popproxy's CA, loaded (or created) on first use: plaintext runs never touch it."""

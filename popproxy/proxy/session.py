@@ -25,6 +25,7 @@ from popproxy.hints import Leg, client_silent_hint
 from popproxy.netutil import STREAM_ERRORS, describe_error, is_ip, stream_address
 from popproxy.proxy import control
 from popproxy.proxy.config import ProxyConfig, StlsMode
+from popproxy.proxy.faults import ProxyFaults, reset
 from popproxy.proxy.tap import Tap
 from popproxy.proxy.view import SessionView
 from popproxy.tls.ca import CAError
@@ -69,6 +70,8 @@ class Session:
         self.error: str | None = None
         self.path: Path | None = None
         self.tap: Tap | None = None
+        self.faults: ProxyFaults | None = None  # fault rules (docs/faults.md)
+        self._client_last = 0.0
         self._fd: int | None = None
         self._t0 = trio.current_time()
         self._last = self._t0
@@ -120,6 +123,8 @@ class Session:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._watchdog)
+                if self.faults is not None:
+                    nursery.start_soon(self._fault_watch, self.faults)
                 with contextlib.suppress(_Abort):
                     await self._connect_and_relay()
                 nursery.cancel_scope.cancel()
@@ -168,6 +173,12 @@ class Session:
             view, number = self.view, self.number
             sink = lambda items: view.items(number, items)  # noqa: E731
         self.tap = Tap(writer, sink, body_items=65536 if cfg.verbose else 0)
+        if cfg.faults is not None:
+            notice = getattr(self.view, "notice", None)  # the live view shows each fault
+            note = None
+            if notice is not None:
+                note = lambda text: notice(f"#{self.number} {text}", "pop.warning")  # noqa: E731
+            self.faults = ProxyFaults(cfg.faults.session(self.number), self.tap, note)
 
     def _finish(self) -> None:
         """Close the observer's streams and write the end record, synchronously."""
@@ -353,11 +364,15 @@ class Session:
                     self.end(f"{who}-reset", describe_error(exc))
                     return
                 self._last = trio.current_time()
+                if direction is C:
+                    self._client_last = self._last
                 if len(data) == size and size < MAX_CHUNK:
                     size *= 4
                 self._unfed.append((direction, self.now(), data))
                 if not data:
                     self._observe()
+                    if self.faults is not None and direction is S:
+                        await self.faults.flush(self._to_client_send)
                     self._eof[direction] = True
                     self._first_eof = self._first_eof or who
                     await self._half_close(direction)
@@ -398,6 +413,8 @@ class Session:
             direction, t, data = self._unfed.popleft()
             start = tap.offsets[direction]
             events = tap.data(direction, t, data)
+            if self.faults is not None:
+                self.faults.observe(events)
         return start, events
 
     def _needs_control(self, direction: Direction, data: bytes) -> bool:
@@ -406,7 +423,7 @@ class Session:
             # A chunk that may carry STLS: the pump must stop reading after it (intercept)
             # or popproxy answers it itself (strip, or a leg already in TLS).
             return b"STLS" in data.upper() or self.config.stls is StlsMode.STRIP
-        return self._stls_done is not None or self._hide_stls()
+        return self._stls_done is not None or self._hide_stls() or self.faults is not None
 
     async def _client_chunk(self, data: bytes, events: list[Event], start: int) -> None:
         assert self.upstream is not None and self.tap is not None
@@ -425,6 +442,16 @@ class Session:
 
     async def _server_chunk(self, data: bytes, events: list[Event], start: int) -> None:
         assert self.tap is not None
+        faults = self.faults
+        if faults is not None and self._stls_done is None and not self._hide_stls():
+            await faults.server_chunk(data, events, start, self._to_client_send, self.now)
+            self._replied.set()
+            if faults.ended is not None:
+                if faults.rst:
+                    reset(self.client)
+                self.end(*faults.ended)
+                raise _Abort
+            return
         if self._stls_done is not None:
             reply = self.tap.stls_reply(events)
             if reply is not None:
@@ -488,6 +515,28 @@ class Session:
             self.end("server-closed")
         # A client EOF towards a TLS upstream: the watchdog's linger ends the session once
         # the server has been quiet for a while (it may still be answering).
+
+    async def _fault_watch(self, faults: ProxyFaults) -> None:
+        """A fault's idle limit: once the client is silent that long, (a line and) close."""
+        while True:
+            await faults.watch_armed.wait()
+            faults.watch_armed = trio.Event()
+            watch, armed_at = faults.watch, trio.current_time()
+            while watch is not None and faults.watch is watch:
+                quiet_since = max(self._client_last, armed_at)
+                remaining = quiet_since + watch.seconds - trio.current_time()
+                if remaining <= 0:
+                    assert self.tap is not None
+                    self.tap.event(self.now(), "fault-close", detail=watch.why)
+                    faults.say(watch.why)
+                    if watch.reply:
+                        await self._originate(watch.reply)
+                    self.end("fault", watch.why)
+                    return
+                if self._client_last > armed_at:
+                    break  # the client spoke: this limit is spent
+                with trio.move_on_after(remaining):
+                    await faults.watch_armed.wait()
 
     async def _watchdog(self) -> None:
         cfg = self.config

@@ -1,0 +1,128 @@
+"""Fault rules in ``popproxy record`` in front of the real Dovecot: clients, bytes, captures."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from popproxy.capture.reader import CaptureReader
+from popproxy.faults import FaultSet, parse_rule
+from popproxy.proxy.config import ProxyConfig
+from tests.support import clients
+from tests.support.dovecot import STANDARD_MESSAGES, USERS, DovecotServer
+from tests.test_record_e2e import finished_captures, read_json, running_proxy
+
+ALICE = "alice"
+PW = USERS[ALICE]
+pytestmark = pytest.mark.dovecot
+
+
+def _config(d: DovecotServer, out: Path, *rules: str) -> ProxyConfig:
+    faults = FaultSet([parse_rule(r) for r in rules], seed=5)
+    return ProxyConfig(
+        upstream=(d.host, d.port), listen=("127.0.0.1", 0), out_dir=out, linger=0.2, faults=faults
+    )
+
+
+def _curl(host: str, port: int) -> subprocess.CompletedProcess[bytes]:
+    argv = ["curl", "--silent", "--show-error", "--max-time", "10", "--user", f"{ALICE}:{PW}"]
+    return subprocess.run([*argv, f"pop3://{host}:{port}/1"], capture_output=True, timeout=20)
+
+
+@pytest.mark.parametrize(("how", "code"), [("", 0), ("rst", 56)])
+async def test_cut_mid_retr_is_recorded_as_popproxys(
+    dovecot_clean: DovecotServer, tmp_path: Path, how: str, code: int
+) -> None:
+    config = _config(dovecot_clean, tmp_path, f"RETR 1: cut after 100 {how}")
+    async with running_proxy(config) as (host, port):
+        proc = await trio.to_thread.run_sync(_curl, host, port)
+        [path] = await finished_captures(tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert len(proc.stdout) < len(STANDARD_MESSAGES[0])
+    doc = read_json(path)
+    kinds = [e.get("kind") or e["r"] for e in doc["events"]]
+    assert "fault" in kinds and "fault-cut" in kinds
+    cut = next(e for e in doc["events"] if e.get("kind") == "fault-cut")
+    assert cut["how"] == (how or "fin") and "RETR 1: cut after 100" in cut["detail"]
+    assert doc["session"]["end"]["how"] == "fault"
+    with CaptureReader(path) as reader:
+        records = list(reader.records())
+    s_stream = b"".join(r.data or b"" for r in records if r.kind == "d" and r.fields["d"] == "s")
+    drops = [r.fields for r in records if r.kind == "drop" and r.fields["d"] == "s"]
+    reached = bytearray(s_stream)
+    for d in sorted(drops, key=lambda f: -f["off"]):
+        del reached[d["off"] : d["off"] + d["len"]]
+    # What reached the client ends exactly 100 bytes into RETR's reply.
+    retr_at = s_stream.index(b"+OK", s_stream.index(b"\r\n.\r\n") + 5)  # after CAPA
+    retr_at = s_stream.rindex(b"\r\n+OK", 0, cut["offset"]) + 2
+    assert cut["offset"] == retr_at + 100
+    assert len(reached) == cut["offset"]
+
+
+async def test_no_matching_rule_keeps_every_byte(
+    dovecot_clean: DovecotServer, tmp_path: Path
+) -> None:
+    direct = await trio.to_thread.run_sync(
+        lambda: clients.poplib_session(dovecot_clean.host, dovecot_clean.port, ALICE, PW)
+    )
+    rules = [f"RETR {n}: cut after 1" for n in range(100, 200)]
+    async with running_proxy(_config(dovecot_clean, tmp_path, *rules)) as (host, port):
+        through: Any = await trio.to_thread.run_sync(
+            lambda: clients.poplib_session(host, port, ALICE, PW)
+        )
+        [path] = await finished_captures(tmp_path)
+    through.pop("welcome"), direct.pop("welcome")  # the APOP timestamp is per connection
+    assert through == direct
+    assert not [e for e in read_json(path)["events"] if str(e.get("kind", "")).startswith("fault")]
+
+
+async def test_fetchmail_keeps_mail_after_a_cut(
+    dovecot_clean: DovecotServer, tmp_path: Path
+) -> None:
+    (tmp_path / "caps").mkdir()
+    config = _config(dovecot_clean, tmp_path / "caps", "RETR 2: cut after 50 rst")
+    async with running_proxy(config) as (host, port):
+        with pytest.raises(clients.ClientError):
+            await trio.to_thread.run_sync(
+                lambda: clients.fetchmail_fetch(
+                    host, port, ALICE, PW, workdir=tmp_path / "fm", keep=False
+                )
+            )
+        await finished_captures(tmp_path / "caps")
+    count = await trio.to_thread.run_sync(
+        lambda: len(
+            clients.poplib_session(dovecot_clean.host, dovecot_clean.port, ALICE, PW)["messages"]
+        )
+    )
+    assert count == len(STANDARD_MESSAGES)  # the cut session never reached UPDATE
+
+
+async def test_delay_and_stall_and_inactivity(dovecot_clean: DovecotServer, tmp_path: Path) -> None:
+    config = _config(dovecot_clean, tmp_path, "STAT: delay 300ms", "NOOP: inactivity 100ms")
+    async with running_proxy(config) as (host, port):
+
+        def run() -> tuple[float, bytes]:
+            import poplib
+            import time
+
+            c = poplib.POP3(host, port, timeout=5)
+            c.user(ALICE)
+            c.pass_(PW)
+            t0 = time.monotonic()
+            c.stat()
+            took = time.monotonic() - t0
+            c.noop()
+            time.sleep(0.5)
+            return took, c.sock.recv(200)
+
+        took, unsolicited = await trio.to_thread.run_sync(run)
+        [path] = await finished_captures(tmp_path)
+    assert took >= 0.3
+    assert unsolicited == b"-ERR Disconnected for inactivity.\r\n"
+    doc = read_json(path)
+    assert doc["session"]["end"]["how"] == "fault"
+    assert any(e.get("kind") == "fault-close" for e in doc["events"])
