@@ -211,7 +211,14 @@ def popproxy_missing() -> str | None:
     return f"`python -m popproxy record` not available yet ({note})" if note else None
 
 
-def start_popproxy(logdir: Path, upstream: int, out: Path, quiet: bool = True) -> Service:
+def start_popproxy(
+    logdir: Path,
+    upstream: int,
+    out: Path,
+    quiet: bool = True,
+    extra: tuple[str, ...] = (),
+    label: str | None = None,
+) -> Service:
     """``python -m popproxy record`` with captures in ``out``; live view when not quiet."""
     missing = popproxy_missing()
     if missing:
@@ -220,5 +227,6 @@ def start_popproxy(logdir: Path, upstream: int, out: Path, quiet: bool = True) -
     argv = python(
         "popproxy", "record", "--upstream", f"127.0.0.1:{upstream}", "--listen", "127.0.0.1:0"
     )
-    argv += ["--out", str(out)] + (["--quiet"] if quiet else [])
-    return start("popproxy" + (" --quiet" if quiet else " live view"), argv, logdir)
+    argv += ["--out", str(out)] + (["--quiet"] if quiet else []) + list(extra)
+    name = label or ("popproxy" + (" --quiet" if quiet else " live view"))
+    return start(name, argv, logdir)

@@ -21,6 +21,7 @@ BARE = "bare relay"
 SOCAT = "socat"
 QUIET = "popproxy --quiet"
 LIVE = "popproxy live view"
+RULES = "popproxy --quiet, 100 fault rules"  # none matches: the cost of loading them
 
 
 @dataclass
@@ -50,6 +51,16 @@ class Lab:
         if name in (QUIET, LIVE):
             out = self.capture_dir("quiet" if name == QUIET else "live")
             return procs.start_popproxy(self.logdir, upstream, out, quiet=name == QUIET)
+        if name == RULES:
+            rules = self.capture_root / "faults.txt"
+            # Every rule is looked at for every command: same verbs, arguments never sent.
+            verbs = ("RETR", "NOOP", "STAT", "LIST", "USER")
+            rules.write_text(
+                "".join(f"{verbs[i % 5]} 9{i:04d}: cut after 10\n" for i in range(100))
+            )
+            out = self.capture_dir("rules")
+            extra = ("--faults", str(rules))
+            return procs.start_popproxy(self.logdir, upstream, out, extra=extra, label=RULES)
         raise ValueError(name)
 
     @contextlib.contextmanager
@@ -114,7 +125,7 @@ def throughput(lab: Lab) -> Table:
     )
     server = procs.start_server(lab.logdir, size, 1024)
     try:
-        names = [DIRECT, BARE, SOCAT, QUIET]
+        names = [DIRECT, BARE, SOCAT, QUIET, RULES]
         with lab.variants(names, server.port, table.notes) as ports:
 
             def measure(name: str, port: int) -> float:
@@ -143,7 +154,7 @@ def noop(lab: Lab) -> Table:
     )
     server = procs.start_server(lab.logdir, 10 * 1024, 1024)
     try:
-        names = [DIRECT, BARE, SOCAT, QUIET, LIVE]
+        names = [DIRECT, BARE, SOCAT, QUIET, RULES, LIVE]
         with lab.variants(names, server.port, table.notes) as ports:
 
             def measure(name: str, port: int) -> list[float]:

@@ -153,6 +153,33 @@ async def test_rules_by_nth_occurrence_and_state(capture: Path) -> None:
     assert len(server.report.faults) == 1
 
 
+async def test_mailbox_mode_takes_the_same_rules(capture: Path) -> None:
+    from popproxy.replay.sources import load_mailbox
+
+    config = ServeConfig(
+        [],
+        listen=("127.0.0.1", 0),
+        mailbox=load_mailbox([str(capture)]),
+        faults=FaultSet(
+            [parse_rule("RETR 2: -ERR [SYS/TEMP] not now"), parse_rule("STAT: delay 200ms")]
+        ),
+    )
+    server = FakeServer(config)
+
+    async def serve(task_status: trio.TaskStatus[Any]) -> None:
+        await serve_replay(config, None, announce=False, server=server, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        port = (await nursery.start(serve))[0][1]
+        t0 = time.monotonic()
+        got = await run(poplib_run, port)
+        nursery.cancel_scope.cancel()
+    assert time.monotonic() - t0 >= 0.2
+    assert got["retr1"][0] == b"Subject: one"
+    assert got["error"].args == (b"-ERR [SYS/TEMP] not now",)
+    assert len(server.report.faults) == 2
+
+
 async def test_everything_not_faulted_is_byte_exact(capture: Path) -> None:
     async with serving(capture) as (_, port):
         plain = await run(poplib_run, port)

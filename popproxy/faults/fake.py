@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -114,6 +115,15 @@ class FakeFaults:
             elif isinstance(step, Watch):
                 self.watching = Watching(step.seconds, step.reply, step.why)
         return b"".join(sent)
+
+    async def watched(self, watching: Watching, send: Send) -> None:
+        """The client stayed silent past a fault's idle limit: say so (maybe), close."""
+        if watching.reply:
+            with contextlib.suppress(Exception):
+                await send(watching.reply)
+        self.log.append(watching.why)
+        self.note(watching.why)
+        raise FaultEnded(watching.why)
 
     def _describe(self, injection: Injection, reply: bytes, steps: list[Step]) -> None:
         withheld = sum(len(s.data) for s in steps if isinstance(s, Withhold))

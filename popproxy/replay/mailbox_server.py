@@ -8,6 +8,9 @@ from collections.abc import Callable
 import trio
 from rich.text import Text
 
+from popproxy.faults.fake import FakeFaults, FaultEnded
+from popproxy.faults.matcher import Injection
+from popproxy.faults.rules import Answer as FaultAnswer
 from popproxy.netutil import STREAM_ERRORS
 from popproxy.replay.fake import MAX_LINE, ConnectionReport, Log, NearMiss, ServeConfig
 from popproxy.replay.mailbox import Answer, MailboxSession, Maildrop, mask_command
@@ -52,6 +55,12 @@ class MailboxConnection:
         self.log = log
         self.hook = hook
         self._buf = b""
+        self.faults: FakeFaults | None = None  # docs/faults.md
+        if config.faults is not None:
+            self.faults = FakeFaults(
+                config.faults.session(report.number), lambda t: self._say(t, "pop.warning")
+            )
+            self.faults.log = report.faults
 
     def answer(self, line: bytes) -> Answer:
         """The single reply path: the session's answer, through the hook when one is set."""
@@ -63,7 +72,7 @@ class MailboxConnection:
         try:
             if self.config.tls:
                 await self._handshake()
-            await self._send(self.session.greeting())
+            await self._reply(None, None, self.session.greeting(), None)
             while True:
                 line = await self._line()
                 if not line:
@@ -71,9 +80,13 @@ class MailboxConnection:
                         self.report.ended = "client closed"
                     return
                 in_sasl = self.session.in_sasl
+                verb, args, fault = self._fault(line, in_sasl)
+                if fault is not None and isinstance(fault.action, FaultAnswer):
+                    await self._reply(verb, args, b"", fault)  # the mailbox never sees it
+                    continue
                 answer = self.answer(line)
                 self._note(line, answer, in_sasl)
-                await self._send(answer.data)
+                await self._reply(verb, args, answer.data, fault)
                 if answer.then == "tls":
                     if self._buf:
                         self._say("plaintext after STLS discarded (RFC 2595 §4)", "pop.warning")
@@ -86,6 +99,32 @@ class MailboxConnection:
         except _Closed:
             if self.report.ended == "open":
                 self.report.ended = "connection lost"
+        except FaultEnded as end:
+            self.report.ended, self.report.fault_ended = end.how, True
+
+    # ------------------------------------------------------------------ faults
+
+    def _fault(self, line: bytes, in_sasl: bool) -> tuple[str | None, str | None, Injection | None]:
+        """The command's verb and arguments, and the fault rule for it (if any)."""
+        if self.faults is None or in_sasl:
+            return None, None, None
+        text = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").strip(" \t")
+        verb, _, rest = text.partition(" ")
+        verb, args = verb.upper(), rest.strip() or None
+        return verb, args, self.faults.command(verb, args)
+
+    async def _reply(
+        self, verb: str | None, args: str | None, data: bytes, fault: Injection | None
+    ) -> None:
+        """Send an answer (or the greeting) as a fault shapes it (docs/faults.md)."""
+        if self.faults is None:
+            await self._send(data)
+            return
+        sent = await self.faults.send(
+            fault, data, self._send, lambda: self.stream, verb=verb, args=args
+        )
+        if verb is not None:
+            self.faults.replied(verb, sent)
 
     def _note(self, line: bytes, answer: Answer, in_sasl: bool) -> None:
         text = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
@@ -114,11 +153,15 @@ class MailboxConnection:
             raise _Closed from None
 
     async def _line(self) -> bytes:
+        watching = self.faults.watching if self.faults is not None else None
+        timeout = min(self.config.timeout, watching.seconds) if watching else self.config.timeout
         while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
             try:
-                with trio.fail_after(self.config.timeout):
+                with trio.fail_after(timeout):
                     data = bytes(await self.stream.receive_some(65536))
             except trio.TooSlowError:
+                if self.faults is not None and watching is not None:
+                    await self.faults.watched(watching, self._send)
                 self.report.ended = f"idle for {self.config.timeout:g} s"
                 raise _Closed from None
             except STREAM_ERRORS:
@@ -127,6 +170,8 @@ class MailboxConnection:
                 rest, self._buf = self._buf, b""
                 return rest
             self._buf += data
+        if self.faults is not None:
+            self.faults.watching = None  # a fault's idle limit covers one wait
         end = self._buf.find(b"\n")
         end = MAX_LINE if end < 0 else end + 1
         line, self._buf = self._buf[:end], self._buf[end:]
