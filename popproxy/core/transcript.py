@@ -276,29 +276,9 @@ class TranscriptBuilder:
         if isinstance(event, Greeting):
             session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
             session.apop_timestamp = event.apop_timestamp
-            ex = Exchange(
-                "greeting",
-                None,
-                status=event.status,
-                code=event.code,
-                text=event.text,
-                t_reply=t,
-                t_end=t,
-                server_octets=len(event.raw),
-            )
-            return Item("done", t, ex)
+            return Item("done", t, _server_line("greeting", event, t))
         if isinstance(event, Unsolicited):
-            ex = Exchange(
-                "unsolicited",
-                None,
-                status=event.status,
-                code=event.code,
-                text=event.text,
-                t_reply=t,
-                t_end=t,
-                server_octets=len(event.raw),
-            )
-            return Item("done", t, ex)
+            return Item("done", t, _server_line("unsolicited", event, t))
         if isinstance(event, AuthIdentity):
             if event.seq in self._identities:
                 return None
@@ -336,6 +316,20 @@ class TranscriptBuilder:
     def unfinished(self) -> list[Exchange]:
         """Exchanges still open (no reply, or a body cut off): shown at the end of a session."""
         return sorted(self._open.values(), key=lambda ex: ex.seq or 0)
+
+
+def _server_line(kind: str, event: Greeting | Unsolicited, t: float) -> Exchange:
+    """An exchange of one server line that answers no command: the greeting, or unsolicited."""
+    return Exchange(
+        kind,
+        None,
+        status=event.status,
+        code=event.code,
+        text=event.text,
+        t_reply=t,
+        t_end=t,
+        server_octets=len(event.raw),
+    )
 
 
 def _summarise(summary: MessageSummary, head: bytes) -> None:
