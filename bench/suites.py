@@ -304,6 +304,12 @@ def startup(lab: Lab) -> Table:
     return startup_bench.run(lab.runs)
 
 
+def fixture(lab: Lab) -> Table:
+    from bench import fixture_bench
+
+    return fixture_bench.run(lab.runs)
+
+
 SUITES: dict[str, Callable[[Lab], Table]] = {
     "throughput": throughput,
     "noop": noop,
@@ -311,6 +317,7 @@ SUITES: dict[str, Callable[[Lab], Table]] = {
     "rss": rss,
     "observer": observer,
     "startup": startup,
+    "fixture": fixture,
 }
 
 

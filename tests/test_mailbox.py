@@ -357,3 +357,23 @@ def test_cli_persist_needs_mailbox(tmp_path: Path, capture: Path) -> None:
         timeout=20,
     )
     assert proc.returncode == 2 and b"--persist and --user need --mailbox" in proc.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(["box.mbox", "m.eml", "x.popcap", "cur/1:2,S"]))
+def test_any_file_loads_or_is_one_clear_error(data: bytes, name: str) -> None:
+    root = Path(tempfile.mkdtemp(prefix="popproxy-test-"))
+    target = root / name
+    if name.startswith("cur/"):
+        (root / "new").mkdir()
+        target.parent.mkdir()
+    payload = (b"From " + data) if name.endswith(".mbox") else data
+    target.write_bytes(payload)
+    try:
+        source = load_mailbox([str(root if name.startswith("cur/") else target)])
+    except CaptureError:
+        return
+    s = MailboxSession(Maildrop(source), Authenticator(LoginPolicy(None)))
+    login(s)
+    for line in ("STAT", "LIST", "UIDL", "RETR 1", "TOP 1 0", "QUIT"):
+        assert s.answer(line.encode() + b"\r\n").data[:1] in (b"+", b"-")

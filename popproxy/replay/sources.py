@@ -330,6 +330,17 @@ def _is_capture(path: Path) -> bool:
 
 
 def load_mailbox(targets: list[str]) -> MailboxSource:
+    """``_load_mailbox``, with a file that cannot be read turned into one clear error."""
+    try:
+        return _load_mailbox(targets)
+    except OSError as exc:
+        where = exc.filename or " ".join(targets)
+        raise CaptureError(f"{where}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, stdlib_mailbox.Error) as exc:  # a damaged mbox
+        raise CaptureError(f"{' '.join(targets)}: not a readable mailbox ({exc})") from None
+
+
+def _load_mailbox(targets: list[str]) -> MailboxSource:
     """One mailbox from captures, capture folders, Maildirs, mbox files and .eml files or folders.
 
     Recordings are merged first (they also give the persona); mail files follow in the
