@@ -206,3 +206,64 @@ async def test_a_maildir_served_by_mailbox_and_by_dovecot_is_the_same(
         nursery.cancel_scope.cancel()
     assert fake == live
     assert fake_mail == mail and mail.count(b"Message-ID:") == 4
+
+
+# ------------------------------------------------------------------ TLS and APOP
+
+
+@pytest.mark.parametrize("tls", ["stls", "implicit"])
+async def test_mailbox_over_stls_and_pop3s_with_popproxys_ca(
+    recorded: Path, tmp_path: Path, tls: str
+) -> None:
+    config = ServeConfig(
+        [],
+        listen=("127.0.0.1", 0),
+        password=PW,
+        mailbox=load_mailbox([str(recorded)]),
+        tls=tls == "implicit",
+        ca_dir=tmp_path / "ca",
+    )
+    cafile = str(config.certificate_authority().cert_path)
+    async with trio.open_nursery() as nursery:
+        server, port = await start(nursery, config)
+        got = await trio.to_thread.run_sync(
+            lambda: clients.poplib_session("127.0.0.1", port, ALICE, PW, tls=tls, cafile=cafile)  # type: ignore[arg-type]
+        )
+        curled = await trio.to_thread.run_sync(
+            lambda: clients.curl_fetch(
+                "127.0.0.1",
+                port,
+                ALICE,
+                PW,
+                msg=2,
+                tls=tls,
+                cafile=cafile,
+                mech="PLAIN",  # type: ignore[arg-type]
+            )
+        )
+        nursery.cancel_scope.cancel()
+    assert got["messages"] == list(STANDARD_MESSAGES)
+    assert (b"STLS" in got["capa"]) is False  # not offered again under TLS
+    assert curled == STANDARD_MESSAGES[1]
+    assert server.report.near_misses == []
+
+
+async def test_mailbox_apop_uses_a_fresh_timestamp(recorded: Path) -> None:
+    config = ServeConfig(
+        [], listen=("127.0.0.1", 0), password=PW, mailbox=load_mailbox([str(recorded)])
+    )
+    async with trio.open_nursery() as nursery:
+        _, port = await start(nursery, config)
+        first, second = [
+            await trio.to_thread.run_sync(
+                lambda: clients.poplib_session("127.0.0.1", port, ALICE, PW, apop=True)
+            )
+            for _ in range(2)
+        ]
+        with pytest.raises(poplib.error_proto, match="AUTH"):
+            await trio.to_thread.run_sync(
+                lambda: clients.poplib_session("127.0.0.1", port, ALICE, "wrong", apop=True)
+            )
+        nursery.cancel_scope.cancel()
+    assert first["welcome"] != second["welcome"]
+    assert first["messages"] == list(STANDARD_MESSAGES)

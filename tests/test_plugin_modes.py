@@ -220,3 +220,47 @@ def test_mailbox(pop3_server):
     result = pytester.runpytest(*base, "--pop3-record-mode=rewrite", "-k", "default")
     result.assert_outcomes(passed=1)
     assert not default.with_name(default.name + ".previous").exists()
+
+
+def test_mailbox_mode_reports_what_the_recording_cannot_answer(pytester: pytest.Pytester) -> None:
+    from tests.test_mailbox import SESSION as MAILBOX_SESSION
+
+    write_capture(pytester.path / "box.popcap", MAILBOX_SESSION)
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(
+        test_box="""
+import poplib
+import pytest
+
+def login(server):
+    c = poplib.POP3(server.host, server.port, timeout=5)
+    c.user("alice"); c.pass_("pw")
+    return c
+
+@pytest.mark.pop3_capture("box.popcap", mode="mailbox", password="pw")
+def test_other_order(pop3_server):
+    c = login(pop3_server)
+    assert c.uidl(2) == b"+OK 2 uid-two"
+    c.dele(1)
+    assert c.stat()[0] == 1
+    c.quit()
+
+@pytest.mark.pop3_capture("box.popcap", mode="mailbox")
+def test_unrecorded_message(pop3_server):
+    c = login(pop3_server)
+    with pytest.raises(poplib.error_proto, match="SYS/PERM"):
+        c.retr(2)
+    c.quit()
+
+@pytest.mark.pop3_capture("box.popcap", mode="mailbox", allow_near_misses=True)
+def test_unrecorded_message_allowed(pop3_server):
+    c = login(pop3_server)
+    with pytest.raises(poplib.error_proto):
+        c.retr(2)
+    c.quit()
+"""
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    text = result.stdout.str()
+    assert "could not answer" in text and "message 2 was never retrieved" in text
