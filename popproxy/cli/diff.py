@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from popproxy.replay.compare import (
     capture_exchanges,
     first_body_differences,
 )
+from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             "equal": not differences,
             "differences": [d.to_json() for d in differences],
         }
-        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.write(safe.json_dumps(doc, ensure_ascii=True) + "\n")
     else:
         render_diff(make_console(), args.expected, args.actual, differences)
     return 1 if differences else 0

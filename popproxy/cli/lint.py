@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from typing import Any
@@ -18,6 +17,7 @@ from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.inspect.lint_rules import RANK, SEVERITIES, Finding, Linter
+from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
     if args.json:
-        sys.stdout.write(json.dumps({"captures": results}) + "\n")
+        sys.stdout.write(safe.json_dumps({"captures": results}, ensure_ascii=True) + "\n")
     if failed:
         return 2
     return 1 if found else 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from popproxy.core.transcript import TranscriptBuilder
 from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
+from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.render import fmt_ms
 from popproxy.views.theme import make_console
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 status = 2
     rows.sort(key=lambda r: (str(r.get("start") or ""), r["path"]))
     if args.json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        sys.stdout.write(safe.json_dumps(rows, ensure_ascii=True) + "\n")
     else:
         render_list(make_console(), rows)
     return status

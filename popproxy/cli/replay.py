@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import ssl
@@ -30,6 +29,7 @@ from popproxy.replay.client import (
 )
 from popproxy.replay.sasl_client import read_token
 from popproxy.replay.script import load_sessions, require_client_side
+from popproxy.views import safe
 from popproxy.views.theme import make_console
 
 # ------------------------------------------------------------------ options shared with serve
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             errors.report("replay", f"{session.path}: {exc}")
             return ExitCode.ERROR
         if args.json:
-            sys.stdout.write(json.dumps(report.to_json(), ensure_ascii=False, default=str) + "\n")
+            sys.stdout.write(safe.json_dumps(report.to_json(), default=str) + "\n")
         else:
             render_report(console, report)
         if not report.equivalent:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -17,7 +16,7 @@ from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
 from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
-from popproxy.views import render
+from popproxy.views import render, safe
 from popproxy.views.theme import make_console
 
 
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 if args.json:
                     doc = capture_json(reader, reveal=args.show_secrets)
-                    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                    sys.stdout.write(safe.json_dumps(doc) + "\n")
                 elif args.raw:
                     show_raw(console, reader, follow=args.follow)
                 else:
@@ -127,10 +126,11 @@ def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, An
 
 def _header_line(reader: CaptureReader) -> Text:
     h = reader.header
-    text = Text(f"{reader.path}", style="bold")
-    text.append(
+    text = safe.text(f"{reader.path}", "bold")
+    safe.append(
+        text,
         f"  {h.get('start', '?')}  {h.get('client', '?')} → {h.get('upstream', '?')}",
-        style="pop.muted",
+        "pop.muted",
     )
     if h.get("keep_secrets"):
         text.append("  (secrets kept)", style="pop.warning")
@@ -241,9 +241,7 @@ def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
             return line
         return render.reply_line(ex)
     if item.what == "body":
-        return Text(
-            item.detail.decode("utf-8", "backslashreplace").rstrip("\r\n"), style="pop.body"
-        )
+        return render.body_text(item.detail)
     if item.what == "sasl":
         return render.sasl_line(item.detail, item.t)
     if item.what == "anomaly":

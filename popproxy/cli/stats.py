@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
 from popproxy.inspect.stats import StatsCollector
+from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.render import fmt_ms
 from popproxy.views.theme import make_console
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if status and not read:
         return status  # nothing was readable: the errors above say why, no empty table
     if args.json:
-        sys.stdout.write(json.dumps({"captures": read, **stats.to_json()}) + "\n")
+        sys.stdout.write(
+            safe.json_dumps({"captures": read, **stats.to_json()}, ensure_ascii=True) + "\n"
+        )
     else:
         render_stats(make_console(), stats)
     return status

@@ -6,7 +6,7 @@ import base64
 from dataclasses import dataclass
 
 from popproxy.core import values
-from popproxy.core.events import SecretKind
+from popproxy.core.events import Secret, SecretKind
 
 BLANKS = b" \t"  # servers split a command at a run of SP or TAB (docs/protocol-notes.md §1.5)
 CREDENTIAL_VERBS = frozenset({"PASS", "APOP", "AUTH", "RPOP"})
@@ -66,6 +66,21 @@ def credential_span(cmd: CommandLine, body: bytes) -> tuple[int, int, SecretKind
             return None
         return (cmd.arg_start + len(mech) + 1, len(body), SecretKind.AUTH_IR)
     return None
+
+
+def mask_line(body: bytes, filler: bytes = b"#") -> bytes:
+    """A command line (no line end) with its credential, if any, filled with ``filler``."""
+    span = credential_span(split_command(body), body)
+    if span is None:
+        return body
+    start, stop, _ = span
+    return body[:start] + filler * (stop - start) + body[stop:]
+
+
+def mask_text(line: str) -> str:
+    """``mask_line`` for decoded text: what a log may show of a client line."""
+    raw = line.encode("utf-8", "surrogateescape")
+    return mask_line(raw).decode("utf-8", "surrogateescape")
 
 
 def mechanism_and_response(cmd: CommandLine) -> tuple[str, bytes | None]:
@@ -155,6 +170,18 @@ def find_echoes(line: bytes, forms: list[tuple[bytes, bool]]) -> list[tuple[int,
             spans.append((start, start + len(form)))
             start = hay.find(form, start + 1)
     return _merge(spans)
+
+
+def mask_spans(raw: bytes, offset: int, secrets: list[Secret], filler: bytes = b"#") -> bytes:
+    """``raw`` (which starts at stream ``offset``) with the ``secrets`` inside it filled."""
+    out: bytearray | None = None
+    end = offset + len(raw)
+    for secret in secrets:
+        lo, hi = max(secret.offset, offset), min(secret.offset + secret.length, end)
+        if lo < hi:
+            out = out if out is not None else bytearray(raw)
+            out[lo - offset : hi - offset] = filler * (hi - lo)
+    return raw if out is None else bytes(out)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

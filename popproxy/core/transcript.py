@@ -10,6 +10,7 @@ from email.policy import default as default_policy
 from typing import Any
 
 from popproxy.core import sasl
+from popproxy.core.credentials import mask_spans
 from popproxy.core.events import (
     Anomaly,
     AuthIdentity,
@@ -24,6 +25,7 @@ from popproxy.core.events import (
     Reply,
     SaslChallenge,
     SaslResponse,
+    Secret,
     StateChanged,
     TlsStarted,
     Unsolicited,
@@ -162,6 +164,7 @@ class TranscriptBuilder:
         self.session = SessionSummary()
         self._open: dict[int, Exchange] = {}
         self._identities: set[int] = set()  # a re-read capture may name one twice
+        self._echoes: list[Secret] = []
 
     def feed(self, t: float, events: list[Event]) -> list[Item]:
         items: list[Item] = []
@@ -257,11 +260,19 @@ class TranscriptBuilder:
                 ex._head = None
             ex.t_end = t
             return Item("done", t, ex)
+        if isinstance(event, Secret):
+            if event.direction is Direction.SERVER:
+                self._echoes.append(event)  # a server line's echo of a credential
+                del self._echoes[:-32]
+            return None
         if isinstance(event, SaslChallenge):
             sasl_ex = self._open.get(event.seq)
             if sasl_ex is not None:
                 sasl_ex.server_octets += len(event.raw)
-                entry = sasl.server_entry(sasl_ex.args, event.raw, event.data)
+                raw = event.raw
+                if not self.reveal_secrets:  # a challenge that echoes a credential
+                    raw = mask_spans(raw, event.offset, self._echoes)
+                entry = sasl.server_entry(sasl_ex.args, raw, event.data)
                 sasl_ex.sasl.append(entry)
                 return Item("sasl", t, sasl_ex, entry)
             return None

@@ -16,7 +16,7 @@ from popproxy.core import BodyChunk, Reply
 from popproxy.core.transcript import MESSAGE_VERBS, Exchange, Item, TranscriptBuilder
 from popproxy.core.values import decode_text
 from popproxy.inspect import Progress, metered_events
-from popproxy.views import render
+from popproxy.views import render, safe
 
 INDENT = " " * 14  # under the text after "   12.345s S: "
 
@@ -142,7 +142,7 @@ class BodyLines:
             if part:
                 if self.at_start:
                     out.write(self.indent)
-                out.write(part)
+                out.write(safe.escape(part, "\t"))
                 self.at_start = False
             if i < len(parts) - 1:
                 out.write("\n")
@@ -191,7 +191,7 @@ def export_text(
         io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as out,
     ):
         for line in header_lines(reader):
-            out.write(line + "\n")
+            out.write(safe.escape(line) + "\n")
             lines += 1
         for item in walk(reader, progress):
             if item.what == "body":
@@ -205,7 +205,7 @@ def export_text(
                 body = None
             text = render_item(item)
             if text is not None:
-                out.write(text + "\n")
+                out.write(safe.escape(text) + "\n")  # render escaped peer text already
                 lines += 1
     return lines
 

@@ -19,6 +19,7 @@ from popproxy.core import (
     Greeting,
     Observer,
     SaslChallenge,
+    credentials,
 )
 from popproxy.core import sasl as sasl_codec
 from popproxy.core.transcript import Exchange, TranscriptBuilder
@@ -374,7 +375,7 @@ class _Replayer:
     def _line(self, step: Step) -> bytes:
         creds = self.options.credentials
         eol = b"\r\n" if step.line.endswith(b"\r\n") else b"\n"
-        verb = step.line.lstrip(b" \t").split(b" ", 1)[0].rstrip(b"\r\n")
+        verb = credentials.split_command(step.line.rstrip(b"\r\n")).verb_raw
         if step.verb == "USER" and creds.user:
             return verb + b" " + creds.user.encode() + eol
         if step.verb in ("PASS", "RPOP"):

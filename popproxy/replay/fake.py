@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 from rich.text import Text
 
+from popproxy.core import credentials
 from popproxy.faults.fake import FakeFaults, FaultEnded
 from popproxy.faults.matcher import FaultSet, Injection
 from popproxy.faults.rules import Answer
@@ -131,9 +132,9 @@ def _matches(step: Step, verb: str, args: str | None) -> bool:
     if verb in ("PASS", "RPOP"):
         return True
     if verb == "APOP":
-        return (args or "").split(" ")[0] == (step.args or "").split(" ")[0]
+        return _word(args, 0) == _word(step.args, 0)
     if verb == "AUTH":
-        return (step.mechanism or "") == (args or "").split(" ")[0].upper()
+        return (step.mechanism or "") == _word(args, 0).upper()
     return (args or "").split() == (step.args or "").split()
 
 
@@ -171,6 +172,7 @@ class FakeSession:
                 session.identity,
             )
             self.faults.log = report.faults
+        self._shown_args: str | None = None
 
     # ------------------------------------------------------------------ IO
 
@@ -247,11 +249,14 @@ class FakeSession:
 
     async def _command(self, line: bytes) -> bool:
         """Answer one client line; False ends the session."""
-        text = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").strip(" \t")
-        verb, _, args_text = text.partition(" ")
-        verb = verb.upper()
-        args = args_text.strip() or None
-        shown = f"{verb} {'#' * len(args or '')}" if verb in ("PASS", "RPOP") else text
+        body = line.rstrip(b"\r\n")
+        cmd = credentials.split_command(body)
+        verb = cmd.verb
+        args = _decode(cmd.rest).strip() or None
+        # What the log and near-miss reports may show: the observer's masking rules.
+        masked = credentials.mask_line(body)
+        shown = _decode(masked).strip(" \t")
+        self._shown_args = _decode(masked[cmd.arg_start :]).strip() or None
         if self.config.match == "any":
             index = find_any(self.steps, self.report.played, verb, args, _matches)
         else:
@@ -340,7 +345,7 @@ class FakeSession:
         if same is not None:
             closest = same
             differed = (
-                f"arguments differ: got {args!r}, recorded {same.args!r}"
+                f"arguments differ: got {self._shown_args!r}, recorded {same.args!r}"
                 if same is nxt
                 else f"out of order: the next recorded command is "
                 f"{nxt.command_text if nxt else 'none'}"
@@ -396,7 +401,7 @@ class FakeSession:
             return True  # docs/replay.md: accept any credentials unless told the password
         if verb in ("PASS", "RPOP"):
             return (args or "") == password
-        digest = (args or "").split(" ")[-1]
+        digest = _word(args, -1)
         return auth.check_apop(_timestamp(self.session.greeting), password, digest)
 
     async def _auth(
@@ -404,7 +409,7 @@ class FakeSession:
     ) -> bool:
         """Replay the recorded SASL exchange (RFC 5034 §4), checking the password if given."""
         mech = step.mechanism or ""
-        parts = (args or "").split(" ", 1)
+        parts = (args or "").split(None, 1)
         responses = [parts[1].strip()] if len(parts) > 1 else []
         challenges: list[bytes] = []
         for kind, raw in step.sasl:
@@ -509,6 +514,16 @@ def _sasl_ok(mech: str, password: str, responses: list[str], challenges: list[by
             and auth.check_cram_md5(challenge, responses[0], password)
         )
     return False  # a mechanism popproxy cannot verify: refuse rather than pretend
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def _word(text: str | None, index: int) -> str:
+    """A word of an argument string, split at any blanks (docs/protocol-notes.md §1.5)."""
+    words = (text or "").split()
+    return words[index] if words else ""
 
 
 def _timestamp(greeting: bytes | None) -> str | None:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from popproxy.core import credentials
 from popproxy.core.values import apop_timestamp
 from popproxy.replay.mailbox_auth import Authenticator, Login, SaslDialog, fresh_msg_id
 from popproxy.replay.sources import MailboxSource, StoredMessage, crlf
@@ -103,17 +104,7 @@ def top_of(data: bytes, lines: int) -> bytes:
 
 def mask_command(line: str) -> str:
     """A client line fit for a log: PASS, APOP and AUTH initial responses become ``#``."""
-    verb, _, rest = line.partition(" ")
-    upper = verb.upper()
-    if upper in ("PASS", "RPOP"):
-        return f"{verb} {'#' * len(rest)}" if rest else verb
-    if upper == "APOP" and " " in rest:
-        name, _, digest = rest.rpartition(" ")
-        return f"{verb} {name} {'#' * len(digest)}"
-    if upper == "AUTH" and " " in rest:
-        mech, _, ir = rest.partition(" ")
-        return f"{verb} {mech} {'#' * len(ir)}"
-    return line
+    return credentials.mask_text(line)
 
 
 def _err(text: str) -> bytes:

@@ -54,14 +54,13 @@ class Step:
     def mechanism(self) -> str | None:
         if self.verb != "AUTH" or not self.args:
             return None
-        return self.args.split(" ")[0].upper()
+        return self.args.split()[0].upper()  # any blanks (docs/protocol-notes.md §1.5)
 
     @property
     def initial_response(self) -> str | None:
         """The masked (or kept) AUTH initial response, RFC 5034 §4."""
-        if self.verb != "AUTH" or not self.args or " " not in self.args:
-            return None
-        return self.args.split(" ", 1)[1].strip()
+        words = (self.args or "").split(None, 1) if self.verb == "AUTH" else []
+        return words[1].strip() if len(words) > 1 else None
 
 
 @dataclass
@@ -85,7 +84,7 @@ class RecordedSession:
             if step.verb == "USER" and step.args:
                 return step.args.strip()
             if step.verb == "APOP" and step.args:
-                return step.args.split(" ")[0]
+                return step.args.split()[0]
         return self.identity
 
     @property

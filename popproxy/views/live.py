@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from popproxy.core.transcript import Item, SessionSummary
-from popproxy.views import render
+from popproxy.views import render, safe
 from popproxy.views.theme import fits, make_console, session_style
 
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
@@ -207,9 +207,9 @@ class LineRenderer:
             peer, upstream, path, _ = payload
             text = Text()
             text.append_text(tag or Text())
-            text.append(f" session from {peer} → {upstream}", style="pop.session")
+            safe.append(text, f" session from {peer} → {upstream}", "pop.session")
             if path is not None:
-                text.append(f"  capture {path}", style="pop.muted")
+                safe.append(text, f"  capture {path}", "pop.muted")
             return text
         if kind == "ended":
             how, error, duration, session = payload
@@ -221,7 +221,7 @@ class LineRenderer:
             )
         if kind == "notice":
             message, style = payload
-            return Text(message, style=style)
+            return safe.text(message, style)
         return self._render_item(payload, tag)
 
     def _render_item(self, item: Item, tag: Text | None) -> Text | None:
@@ -249,5 +249,5 @@ class LineRenderer:
                 f"{item.detail} closed the connection", item.t, "pop.muted", tag
             )
         if item.what == "body" and self.mode == VERBOSE:
-            return Text(item.detail.decode("utf-8", "backslashreplace"), style="pop.body")
+            return render.body_text(item.detail)
         return None

@@ -10,6 +10,7 @@ from types import TracebackType
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from popproxy.views import safe
 from popproxy.views.theme import make_console
 
 PROGRESS_MIN = 8 << 20  # smaller jobs finish before a bar would be worth drawing
@@ -32,7 +33,7 @@ class ScanProgress:
         self._done: dict[int, int] = {}
         if sys.stderr.isatty() and total >= PROGRESS_MIN:
             self._bar = Progress(
-                TextColumn("[progress.description]{task.description}"),
+                TextColumn("{task.description}", style="progress.description", markup=False),
                 BarColumn(),
                 DownloadColumn(),
                 TimeRemainingColumn(),
@@ -59,7 +60,7 @@ class ScanProgress:
             return None
         key = len(self._done)
         self._done[key] = 0
-        description = f"{self.label} {path.name}"
+        description = safe.escape(f"{self.label} {path.name}")
         done_by_capture = self._done
 
         def update(done: int) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from rich.text import Text
 
 from popproxy.core.transcript import Exchange, SessionSummary
+from popproxy.views import safe
 
 _MASK_RE = re.compile(r"(#{3,})")
 
@@ -45,7 +46,7 @@ def command_line(ex: Exchange, tag: Text | None = None) -> Text:
     """``C: VERB args`` (credential spans arrive masked from the observer)."""
     text = prefix(ex.t_sent, tag)
     text.append("C: ", style="pop.client")
-    text.append(ex.command or "?", style="pop.client")
+    safe.append(text, ex.command or "?", "pop.client")
     if ex.args is not None:
         text.append(" ")
         _append_masked(text, ex.args)
@@ -63,9 +64,9 @@ def _append_masked(text: Text, value: str) -> None:
     """Show masked credentials as dots in the secret style."""
     for part, secret in masked_parts(value):
         if secret:
-            text.append("•" * len(part), style="pop.secret")
+            safe.append(text, "•" * len(part), "pop.secret")
         else:
-            text.append(part, style="pop.args")
+            safe.append(text, part, "pop.args")
 
 
 def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) -> Text:
@@ -80,9 +81,9 @@ def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) ->
         else:
             text.append("(no reply)", style="pop.err")
         return text
-    text.append(ex.status, style=_status_style(ex.status))
+    safe.append(text, ex.status, _status_style(ex.status))
     if ex.code:
-        text.append(f" [{ex.code}]", style="pop.code")
+        safe.append(text, f" [{ex.code}]", "pop.code")
     if ex.text:
         text.append(" ")
         _append_masked(text, ex.text)
@@ -91,7 +92,7 @@ def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) ->
     elif ex.kind == "unsolicited":
         text.append("  unsolicited", style="pop.warning")
     elif ex.t_sent is not None and ex.t_reply is not None:
-        text.append(f"  ({fmt_ms(ex.t_reply - ex.t_sent)})", style="pop.latency")
+        safe.append(text, f"  ({fmt_ms(ex.t_reply - ex.t_sent)})", "pop.latency")
     if folded and ex.multiline:
         text.append("  ")
         text.append_text(body_summary(ex))
@@ -104,21 +105,27 @@ def body_summary(ex: Exchange) -> Text:
     if ex.body_lines is None:
         text.append("body…", style="pop.body")
         return text
-    text.append(f"{ex.body_lines:,} lines, {fmt_octets(ex.body_octets or 0)}", style="pop.body")
+    safe.append(text, f"{ex.body_lines:,} lines, {fmt_octets(ex.body_octets or 0)}", "pop.body")
     if ex.truncated:
         text.append(" TRUNCATED", style="pop.err")
     if ex.message is not None:
         m = ex.message
         if m.sender:
-            text.append(f" · From: {m.sender}", style="pop.body")
+            safe.append(text, f" · From: {m.sender}", "pop.body")
         if m.subject:
-            text.append(f" · Subject: {m.subject}", style="pop.body")
+            safe.append(text, f" · Subject: {m.subject}", "pop.body")
         if m.attachments:
-            text.append(f" · 📎 {', '.join(m.attachments[:5])}", style="pop.body")
+            safe.append(text, f" · 📎 {', '.join(m.attachments[:5])}", "pop.body")
     elif ex.listing is not None and ex.command in ("CAPA", "AUTH"):
         words = " ".join(" ".join(x) for x in ex.listing[:12])
-        text.append(f" · {words}", style="pop.body")
+        safe.append(text, f" · {words}", "pop.body")
     return text
+
+
+def body_text(data: bytes) -> Text:
+    """Body bytes as shown with ``--bodies`` or ``--verbose``: lines kept, controls escaped."""
+    value = data.decode("utf-8", "backslashreplace").replace("\r\n", "\n").rstrip("\n")
+    return safe.text(value, "pop.body", keep=safe.MULTI_LINE)
 
 
 def sasl_line(entry: dict[str, Any], t: float, tag: Text | None = None) -> Text:
@@ -126,19 +133,19 @@ def sasl_line(entry: dict[str, Any], t: float, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
     if entry.get("from") == "server":
         text.append("S: ", style="pop.server")
-        text.append(entry["line"], style="pop.cont")
+        safe.append(text, entry["line"], "pop.cont")
         if entry.get("decoded"):
-            text.append(f"  ({entry['decoded']})", style="pop.muted")
+            safe.append(text, f"  ({entry['decoded']})", "pop.muted")
     else:
         text.append("C: ", style="pop.client")
         if entry.get("cancel"):
             text.append("* (cancel)", style="pop.client")
         elif entry.get("secret", True) and entry["line"]:
-            text.append(f"[SASL response, {len(entry['line'])} octets]", style="pop.secret")
+            safe.append(text, f"[SASL response, {len(entry['line'])} octets]", "pop.secret")
         else:
-            text.append(entry["line"], style="pop.client")
+            safe.append(text, entry["line"], "pop.client")
         if entry.get("decoded"):
-            text.append(f"  ({entry['decoded']})", style="pop.muted")
+            safe.append(text, f"  ({entry['decoded']})", "pop.muted")
     return text
 
 
@@ -146,39 +153,39 @@ def identity_line(detail: dict[str, Any], t: float | None, tag: Text | None = No
     """Who logged in, as the SASL client data named it (never the credential)."""
     text = prefix(t, tag)
     text.append("👤 identity ", style="pop.muted")
-    text.append(str(detail.get("identity", "")), style="pop.client")
+    safe.append(text, str(detail.get("identity", "")), "pop.client")
     extra = [str(detail.get("mechanism", ""))]
     extra += [f"{k}={v}" for k, v in (detail.get("details") or {}).items()]
-    text.append(f" ({', '.join(x for x in extra if x)})", style="pop.muted")
+    safe.append(text, f" ({', '.join(x for x in extra if x)})", "pop.muted")
     return text
 
 
 def anomaly_line(record: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
     who = "client" if record.get("dir") == "c" else "server"
-    text.append(f"⚠ {record['kind']}", style="pop.anomaly")
-    text.append(f" ({who}", style="pop.warning")
+    safe.append(text, f"⚠ {record['kind']}", "pop.anomaly")
+    safe.append(text, f" ({who}", "pop.warning")
     if record.get("seq") is not None:
-        text.append(f", command #{record['seq']}", style="pop.warning")
+        safe.append(text, f", command #{record['seq']}", "pop.warning")
     text.append(")", style="pop.warning")
     if record.get("detail"):
-        text.append(f" {record['detail']}", style="pop.warning")
+        safe.append(text, f" {record['detail']}", "pop.warning")
     return text
 
 
 def state_line(state: str, t: float | None, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
-    text.append(f"── {state} ──", style="pop.state")
+    safe.append(text, f"── {state} ──", "pop.state")
     return text
 
 
 def tls_line(detail: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
     leg = detail.get("leg", "?")
-    text.append(f"🔒 TLS {leg}", style="pop.tls")
+    safe.append(text, f"🔒 TLS {leg}", "pop.tls")
     for key in ("mode", "version", "cipher", "sni", "peer_subject"):
         if detail.get(key):
-            text.append(f" {key}={detail[key]}", style="pop.muted")
+            safe.append(text, f" {key}={detail[key]}", "pop.muted")
     if detail.get("decrypted") is False:
         text.append(" (passthrough: the rest is opaque)", style="pop.warning")
     return text
@@ -186,7 +193,7 @@ def tls_line(detail: dict[str, Any], t: float | None, tag: Text | None = None) -
 
 def note_line(message: str, t: float | None, style: str, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
-    text.append(message, style=style)
+    safe.append(text, message, style)
     return text
 
 
@@ -195,12 +202,12 @@ def session_end_line(
 ) -> Text:
     text = prefix(None, tag)
     style = "pop.ok" if how in ("quit", "closed", "client-closed", "server-closed") else "pop.err"
-    text.append(f"session ended: {how}", style=style)
-    text.append(f" after {fmt_ms(duration)}, {session.commands} commands", style="pop.muted")
+    safe.append(text, f"session ended: {how}", style)
+    safe.append(text, f" after {fmt_ms(duration)}, {session.commands} commands", "pop.muted")
     if session.user:
-        text.append(f", user {session.user}", style="pop.muted")
+        safe.append(text, f", user {session.user}", "pop.muted")
     if session.anomalies:
-        text.append(f", {len(session.anomalies)} anomalies", style="pop.warning")
+        safe.append(text, f", {len(session.anomalies)} anomalies", "pop.warning")
     if error:
-        text.append(f" — {error}", style="pop.error")
+        safe.append(text, f" — {error}", "pop.error")
     return text

@@ -6,8 +6,12 @@ import os
 import sys
 from typing import IO
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, ConsoleRenderable, RenderHook, RenderResult
+from rich.measure import Measurement
+from rich.text import Text
 from rich.theme import Theme
+
+from popproxy.views import safe
 
 THEME = Theme(
     {
@@ -31,6 +35,7 @@ THEME = Theme(
         "pop.error": "bold red",
         "pop.session": "bold",
         "pop.skipped": "italic yellow",
+        "pop.escape": "reverse magenta",  # a control character shown as an escape (views/safe)
     }
 )
 
@@ -69,14 +74,37 @@ def make_console(
         theme=THEME,
         width=width,
         highlight=False,
+        markup=False,  # strings never carry markup: peer text must not be interpreted
+        emoji=False,
         # https://no-color.org: no escapes at all, bold included
         color_system=None if os.environ.get("NO_COLOR") else "auto",
         soft_wrap=False,
     )
+    console.push_render_hook(SanitiseHook())
     if width is None and not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = UNLIMITED
         console.soft_wrap = True
     return console
+
+
+class SanitiseHook(RenderHook):
+    """The edge of every console: whatever is printed passes ``views.safe`` first."""
+
+    def process_renderables(self, renderables: list[ConsoleRenderable]) -> list[ConsoleRenderable]:
+        return [safe.sanitise(r) if isinstance(r, Text) else _Sanitised(r) for r in renderables]
+
+
+class _Sanitised:
+    """A renderable (a table, say) whose rendered segments go through ``views.safe``."""
+
+    def __init__(self, inner: ConsoleRenderable) -> None:
+        self.inner = inner
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from safe.sanitise_segments(console.render(self.inner, options))
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.inner)
 
 
 def fits(console: Console) -> bool:

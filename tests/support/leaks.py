@@ -160,6 +160,19 @@ LOGINS: list[Login] = [
         ],
         cram_digest(),
     ),
+    _sasl(
+        "login-echoed-in-challenge",
+        b"AUTH LOGIN\r\n",
+        [
+            ("s", b"+ " + b64(b"Username:") + b"\r\n"),
+            ("c", b64(USER) + b"\r\n"),
+            ("s", b"+ " + b64(b"Password:") + b"\r\n"),
+            ("c", b64(PASSWORD) + b"\r\n"),
+            ("s", b"+ " + b64(b"you typed " + PASSWORD + b", really?") + b"\r\n"),
+            ("c", b"*\r\n"),
+        ],
+        PASSWORD,
+    ),
     _sasl("xoauth2", b"AUTH XOAUTH2 " + XOAUTH2 + b"\r\n", [], TOKEN),
     _sasl(
         "xoauth2-challenge",
