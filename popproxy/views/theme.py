@@ -61,7 +61,11 @@ UNLIMITED = 100_000  # the width of a console that is not a terminal: lines are 
 
 
 def make_console(
-    file: IO[str] | None = None, *, stderr: bool = False, width: int | None = None
+    file: IO[str] | None = None,
+    *,
+    stderr: bool = False,
+    width: int | None = None,
+    force_terminal: bool | None = None,
 ) -> Console:
     """A console with the theme; honours NO_COLOR (rich does) and never colours a pipe.
 
@@ -74,6 +78,7 @@ def make_console(
         theme=THEME,
         width=width,
         highlight=False,
+        force_terminal=force_terminal,
         markup=False,  # strings never carry markup: peer text must not be interpreted
         emoji=False,
         # https://no-color.org: no escapes at all, bold included
