@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,32 @@ def test_leak_check_sees_an_unmasked_capture(tmp_path: Path) -> None:
     capture, _ = run_tap(steps)
     assert not find_leaks({"c": capture}, [PASSWORD])
     assert find_leaks({"raw": b"".join(data for _, data in steps)}, [PASSWORD])
+
+
+@pytest.mark.parametrize(
+    "password", ["x9!", " leading space", "a much longer password than before"]
+)
+async def test_replay_compares_pass_by_structure(
+    password: str, captures: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PASS is the same command whatever the live password's length or leading spaces."""
+    path = captures / "pass-sp.popcap"
+    config = ServeConfig([load_session(path)], listen=("127.0.0.1", 0))  # accepts any password
+    server = FakeServer(config)
+    async with trio.open_nursery() as nursery:
+
+        async def serve(task_status: trio.TaskStatus[Any]) -> None:
+            await serve_replay(config, None, announce=False, server=server, task_status=task_status)
+
+        port = (await nursery.start(serve))[0][1]
+        os.environ["POPPROXY_PASSWORD"] = password
+        try:
+            capsys.readouterr()
+            code = await trio.to_thread.run_sync(main, [*_replay_argv(path, port), "--json"])
+            out = capsys.readouterr().out
+        finally:
+            del os.environ["POPPROXY_PASSWORD"]
+        nursery.cancel_scope.cancel()
+    report = json.loads(out)
+    assert code == 0, report
+    assert password not in out
