@@ -28,7 +28,7 @@ def report(command: str | None, message: str, *, level: str = "error") -> None:
     """The one way an error or warning leaves a command: ``popproxy CMD: LEVEL: MESSAGE``."""
     where = f"popproxy {command}" if command else "popproxy"
     prefix = f"{level}: " if level else ""
-    from popproxy.views.safe import escape  # messages quote file and peer text
+    from popproxy.escapes import escape  # messages quote file and peer text
 
     message = escape(message)
     with contextlib.suppress(BrokenPipeError, ValueError):  # stderr gone: the exit code says it

@@ -18,7 +18,7 @@ LAYERS = {
     "replay": 4,
     "cli": 5,
 }
-SHARED = {"errors", "hints", "fsutil", "netutil"}  # layer 0: below everything
+SHARED = {"errors", "escapes", "hints", "fsutil", "netutil"}  # layer 0: below everything
 
 
 def _layer(parts: list[str]) -> int:
