@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,15 @@ async def test_cut_mid_retr_is_recorded_as_popproxys(
     retr_at = s_stream.rindex(b"\r\n+OK", 0, cut["offset"]) + 2
     assert cut["offset"] == retr_at + 100
     assert len(reached) == cut["offset"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "popproxy", "show", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert "fault-cut" in shown and "RETR 1: cut after 100" in shown
+    assert "popproxy did not forward" in shown
 
 
 async def test_no_matching_rule_keeps_every_byte(
@@ -126,3 +137,35 @@ async def test_delay_and_stall_and_inactivity(dovecot_clean: DovecotServer, tmp_
     doc = read_json(path)
     assert doc["session"]["end"]["how"] == "fault"
     assert any(e.get("kind") == "fault-close" for e in doc["events"])
+
+
+async def test_answer_instead_of_the_server(dovecot_clean: DovecotServer, tmp_path: Path) -> None:
+    import poplib
+
+    config = _config(dovecot_clean, tmp_path, "PASS: -ERR [IN-USE] mailbox locked")
+    async with running_proxy(config) as (host, port):
+
+        def run() -> bytes:
+            c = poplib.POP3(host, port, timeout=5)
+            c.user(ALICE)
+            try:
+                c.pass_(PW)
+            except poplib.error_proto as exc:
+                return bytes(exc.args[0])
+            finally:
+                c.close()
+            return b"no error"
+
+        said = await trio.to_thread.run_sync(run)
+        [path] = await finished_captures(tmp_path)
+    assert said == b"-ERR [IN-USE] mailbox locked"
+    with CaptureReader(path) as reader:
+        records = list(reader.records())
+    own = [r.data for r in records if r.kind == "d" and r.fields.get("p")]
+    assert own == [b"-ERR [IN-USE] mailbox locked\r\n"]  # popproxy's, not the server's
+    [drop] = [r.fields for r in records if r.kind == "drop"]
+    assert drop["d"] == "c" and "answered by popproxy" in drop["why"]
+    doc = read_json(path)
+    [pass_ex] = [ex for ex in doc["exchanges"] if ex["command"] == "PASS"]
+    assert pass_ex["status"] == "-ERR" and pass_ex["code"] == "IN-USE"
+    assert any(e.get("kind") == "fault" for e in doc["events"])

@@ -28,7 +28,16 @@ from popproxy.core.events import (
 )
 from popproxy.faults.matcher import Injection, SessionFaults
 from popproxy.faults.rules import Advertise, Answer, Rule
-from popproxy.faults.shape import Close, Forward, Hang, Pause, ReplyShaper, Watch, Withhold
+from popproxy.faults.shape import (
+    Close,
+    Forward,
+    Hang,
+    Originate,
+    Pause,
+    ReplyShaper,
+    Watch,
+    Withhold,
+)
 from popproxy.proxy.tap import Tap
 
 S = Direction.SERVER
@@ -37,8 +46,6 @@ GREETING_KEY = -1
 
 def proxy_unsupported(rule: Rule) -> str | None:
     """Why ``popproxy record`` cannot apply this rule (None: it can)."""
-    if isinstance(rule.action, Answer):
-        return "answering instead of the server"
     if isinstance(rule.action, Advertise):
         return "advertising a SASL mechanism"
     return None
@@ -62,6 +69,8 @@ class ProxyFaults:
         self.state = State.AUTHORIZATION
         self.pending = b""  # server bytes not yet placed by the observer
         self.pending_offset = 0
+        self.client_pending = b""  # an unfinished client line: it may be a faulted command
+        self.client_offset = 0
         self.stalled = False
         self.ended: tuple[str, str] | None = None  # (how, why) once a fault ends the session
         self.rst = False
@@ -122,6 +131,66 @@ class ProxyFaults:
         self.pending = buf[pos:]
         self.pending_offset = base + pos
 
+    def wants_client(self) -> bool:
+        """Whether client chunks must be parsed before they are relayed (answer rules)."""
+        return bool(self.client_pending) or any(
+            isinstance(r.action, Answer) for r in self.faults.faults.rules
+        )
+
+    async def client_chunk(
+        self,
+        data: bytes,
+        events: list[Event],
+        start: int,
+        forward: Callable[[bytes], Awaitable[None]],
+        answer: Callable[[int, bytes], Awaitable[None]],
+        now: Callable[[], float],
+    ) -> None:
+        """Relay one client chunk; a command a rule answers never reaches the server.
+
+        Its bytes are recorded as dropped, and popproxy's answer goes to the client once
+        the server has answered every command before it (RFC 2449 §6.6).
+        """
+        if not self.client_pending:
+            self.client_offset = start
+        buf, base = self.client_pending + data, self.client_offset
+        pos = 0
+        for event in events:
+            if not isinstance(event, Command) or event.direction is not Direction.CLIENT:
+                continue
+            inj = self._injections.get(event.seq)
+            if inj is None or not isinstance(inj.action, Answer):
+                continue
+            del self._injections[event.seq]
+            lo = event.offset - base
+            if lo < pos:  # relayed before the observer placed it (behind an AUTH)
+                self.tap.event(now(), "fault-missed", detail=f"{inj.describe()}: already sent")
+                continue
+            if lo > pos:
+                await forward(buf[pos:lo])
+            pos = lo + len(event.raw)
+            why = f"{inj.describe()}: answered by popproxy"
+            self.tap.event(
+                now(), "fault", rule=inj.rule.text, index=inj.index, detail=why, verb=inj.verb
+            )
+            self.tap.drop(Direction.CLIENT, event.offset, len(event.raw), why)
+            self.say(f"{inj.describe()} on {inj.verb}")
+            await answer(event.seq, inj.action.reply)
+        rest = buf[pos:]
+        line_end = rest.rfind(b"\n") + 1
+        if self.tap.broken is not None:
+            line_end = len(rest)
+        if line_end:
+            await forward(rest[:line_end])
+        self.client_pending = rest[line_end:]
+        self.client_offset = base + pos + line_end
+
+    async def flush_client(self, forward: Callable[[bytes], Awaitable[None]]) -> None:
+        """The client closed: an unfinished last line goes on as it is."""
+        data, self.client_pending = self.client_pending, b""
+        if data:
+            await forward(data)
+
     async def flush(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         """The server closed: what was waiting for its line end goes on as it is."""
         data, self.pending = self.pending, b""
@@ -150,6 +219,12 @@ class ProxyFaults:
     ) -> None:
         seq = GREETING_KEY if isinstance(event, Greeting) else getattr(event, "seq", None)
         inj = self._injections.get(seq) if seq is not None else None
+        if inj is not None and isinstance(inj.action, Answer) and seq != GREETING_KEY:
+            # The command went to the server after all (the observer placed it late):
+            # its own reply stands.
+            del self._injections[seq]  # type: ignore[arg-type]
+            self.tap.event(now(), "fault-missed", detail=f"{inj.describe()}: already sent")
+            inj = None
         if inj is None:
             await self._pass(data, offset, send, now)
             return
@@ -197,6 +272,9 @@ class ProxyFaults:
         if isinstance(step, Withhold):
             self.tap.drop(S, at, len(step.data), step.why)
             return at + len(step.data)
+        if isinstance(step, Originate):  # the greeting answered by popproxy
+            self.tap.data(S, now(), step.data, proxy=True)
+            await send(step.data)
         if isinstance(step, Pause):
             await trio.sleep(step.seconds)
         elif isinstance(step, Close):

@@ -373,6 +373,8 @@ class Session:
                     self._observe()
                     if self.faults is not None and direction is S:
                         await self.faults.flush(self._to_client_send)
+                    elif self.faults is not None:
+                        await self.faults.flush_client(partial(self._send, C))
                     self._eof[direction] = True
                     self._first_eof = self._first_eof or who
                     await self._half_close(direction)
@@ -422,7 +424,11 @@ class Session:
         if direction is C:
             # A chunk that may carry STLS: the pump must stop reading after it (intercept)
             # or popproxy answers it itself (strip, or a leg already in TLS).
-            return b"STLS" in data.upper() or self.config.stls is StlsMode.STRIP
+            return (
+                b"STLS" in data.upper()
+                or self.config.stls is StlsMode.STRIP
+                or (self.faults is not None and self.faults.wants_client())
+            )
         return self._stls_done is not None or self._hide_stls() or self.faults is not None
 
     async def _client_chunk(self, data: bytes, events: list[Event], start: int) -> None:
@@ -430,6 +436,11 @@ class Session:
         stls = next((e for e in events if isinstance(e, Command) and e.verb == "STLS"), None)
         if stls is not None and self._stls_is_local():
             await self._local_stls(data, stls, start)
+            return
+        if stls is None and self.faults is not None and self.faults.wants_client():
+            await self.faults.client_chunk(
+                data, events, start, partial(self._send, C), self._fault_answer, self.now
+            )
             return
         if stls is not None:
             # The client's next bytes are a TLS ClientHello: stop reading until the server
@@ -515,6 +526,11 @@ class Session:
             self.end("server-closed")
         # A client EOF towards a TLS upstream: the watchdog's linger ends the session once
         # the server has been quiet for a while (it may still be answering).
+
+    async def _fault_answer(self, seq: int, reply: bytes) -> None:
+        """A fault rule's answer to command ``seq``, in its place among the replies."""
+        await self._replies_before(seq)
+        await self._originate(reply)
 
     async def _fault_watch(self, faults: ProxyFaults) -> None:
         """A fault's idle limit: once the client is silent that long, (a line and) close."""

@@ -9,7 +9,8 @@ docs/replay.md documents the marker's keywords and the record modes (``none``, `
 ``new_episodes``, ``all``, ``rewrite``) against VCR.py's.  A recording replaces a
 capture only when it is usable (it reached the server and ended cleanly); otherwise the
 old capture stays and the test fails with the reason.
-``faults=[...]`` and ``pop3_server.add_fault(RULE)`` inject faults (docs/faults.md).
+``faults=[...]`` and ``pop3_server.add_fault(RULE)`` inject faults (docs/faults.md) when
+replaying; recording modes record the real server unfaulted (a capture is a fixture).
 """
 
 from __future__ import annotations
