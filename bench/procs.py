@@ -218,8 +218,12 @@ def start_popproxy(
     quiet: bool = True,
     extra: tuple[str, ...] = (),
     label: str | None = None,
+    tree: str | None = None,
 ) -> Service:
-    """``python -m popproxy record`` with captures in ``out``; live view when not quiet."""
+    """``python -m popproxy record`` with captures in ``out``; live view when not quiet.
+
+    ``tree``: run the ``popproxy`` package of that source tree instead of this one.
+    """
     missing = popproxy_missing()
     if missing:
         raise Unavailable(missing)
@@ -227,6 +231,12 @@ def start_popproxy(
     argv = python(
         "popproxy", "record", "--upstream", f"127.0.0.1:{upstream}", "--listen", "127.0.0.1:0"
     )
+    if tree is not None:
+        boot = (
+            f"import sys; sys.path.insert(0, {tree!r}); "
+            "from popproxy.cli.main import main; sys.exit(main())"
+        )
+        argv = [sys.executable, "-c", boot, *argv[3:]]
     argv += ["--out", str(out)] + (["--quiet"] if quiet else []) + list(extra)
     name = label or ("popproxy" + (" --quiet" if quiet else " live view"))
     return start(name, argv, logdir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,6 +23,12 @@ SOCAT = "socat"
 QUIET = "popproxy --quiet"
 LIVE = "popproxy live view"
 RULES = "popproxy --quiet, 100 fault rules"  # none matches: the cost of loading them
+BASELINE = "popproxy --quiet, baseline tree"  # $POPPROXY_BENCH_BASELINE: another checkout
+
+
+def baseline() -> list[str]:
+    """The baseline variant, when ``POPPROXY_BENCH_BASELINE`` names a source tree."""
+    return [BASELINE] if os.environ.get("POPPROXY_BENCH_BASELINE") else []
 
 
 @dataclass
@@ -51,6 +58,10 @@ class Lab:
         if name in (QUIET, LIVE):
             out = self.capture_dir("quiet" if name == QUIET else "live")
             return procs.start_popproxy(self.logdir, upstream, out, quiet=name == QUIET)
+        if name == BASELINE:
+            out = self.capture_dir("baseline")
+            tree = os.environ["POPPROXY_BENCH_BASELINE"]
+            return procs.start_popproxy(self.logdir, upstream, out, label=BASELINE, tree=tree)
         if name == RULES:
             rules = self.capture_root / "faults.txt"
             # Every rule is looked at for every command: same verbs, arguments never sent.
@@ -125,7 +136,7 @@ def throughput(lab: Lab) -> Table:
     )
     server = procs.start_server(lab.logdir, size, 1024)
     try:
-        names = [DIRECT, BARE, SOCAT, QUIET, RULES]
+        names = [DIRECT, BARE, SOCAT, QUIET, RULES, *baseline()]
         with lab.variants(names, server.port, table.notes) as ports:
 
             def measure(name: str, port: int) -> float:
@@ -154,7 +165,7 @@ def noop(lab: Lab) -> Table:
     )
     server = procs.start_server(lab.logdir, 10 * 1024, 1024)
     try:
-        names = [DIRECT, BARE, SOCAT, QUIET, RULES, LIVE]
+        names = [DIRECT, BARE, SOCAT, QUIET, RULES, *baseline(), LIVE]
         with lab.variants(names, server.port, table.notes) as ports:
 
             def measure(name: str, port: int) -> list[float]:
