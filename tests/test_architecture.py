@@ -16,6 +16,7 @@ LAYERS = {
     "inspect": 3,
     "proxy": 4,
     "replay": 4,
+    "browse": 5,
     "cli": 5,
 }
 SHARED = {"errors", "escapes", "hints", "fsutil", "netutil"}  # layer 0: below everything

@@ -26,12 +26,14 @@ from popproxy.cli.main import main
 from popproxy.core import Direction, Observer
 from popproxy.core.transcript import Exchange, TranscriptBuilder
 from popproxy.inspect.lint_rules import Finding
-from popproxy.inspect.stats import StatsCollector, percentile
+from popproxy.inspect.stats import StatsCollector, collect, percentile
+from popproxy.inspect.summary import row_from_end
 from popproxy.replay.compare import (
     args_match,
     capture_exchanges,
     compare_exchanges,
     compare_sessions,
+    diff_captures,
     first_body_difference,
 )
 from popproxy.views.theme import make_console
@@ -466,7 +468,7 @@ def test_diff_text_output(tmp_path: Path) -> None:
         _altered("poplib_userpass", b"+OK 4 210971\r\n", b"+OK 5 210971\r\n"),
     )
     console = make_console(io.StringIO(), width=100)
-    diff_cli.render_diff(console, "a", "b", diff_cli.diff_captures(a, b))
+    diff_cli.render_diff(console, "a", "b", diff_captures(a, b)[0])
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "stat.count" in text and "1 difference" in text
 
@@ -528,7 +530,7 @@ def test_list_reads_only_end_records(
 
 
 def test_list_text_and_errors(fixture_dir: Path, tmp_path: Path) -> None:
-    rows = json.loads(json.dumps([list_cli.row_from_end(r, e) for r, e in _ends(fixture_dir)]))
+    rows = json.loads(json.dumps([row_from_end(r, e) for r, e in _ends(fixture_dir)]))
     console = make_console(io.StringIO(), width=200)
     list_cli.render_list(console, rows)
     text = console.file.getvalue()  # type: ignore[attr-defined]
@@ -604,7 +606,7 @@ def test_stats_over_fixtures_and_text(
     stats = StatsCollector()
     for path in sorted(fixture_dir.glob(f"*{fmt.SUFFIX}")):
         with CaptureReader(path) as reader:
-            stats_cli.collect(reader, stats)
+            collect(reader, stats)
     console = make_console(io.StringIO(), width=100)
     stats_cli.render_stats(console, stats)
     text = console.file.getvalue()  # type: ignore[attr-defined]

@@ -27,8 +27,8 @@ import trio
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
-from popproxy.cli.export import export_streams
 from popproxy.cli.show import capture_json
+from popproxy.inspect.streams import export_streams
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record
 from popproxy.proxy.view import SessionView

@@ -12,20 +12,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from popproxy.capture.format import CaptureError
-from popproxy.capture.reader import CaptureReader
 from popproxy.errors import report
-from popproxy.replay.compare import (
-    Difference,
-    align_sessions,
-    capture_exchanges,
-    first_body_differences,
-)
+from popproxy.replay.compare import Difference, diff_captures
 from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
-
-MAX_BODY_OFFSETS = 1000  # bodies whose first differing offset is looked up
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,7 +41,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    differences = diff_captures(Path(args.expected), Path(args.actual), strict=args.strict)
+    expected, actual = Path(args.expected), Path(args.actual)
+    with ScanProgress("diff", [expected, actual]) as progress:
+        differences, warnings = diff_captures(
+            expected, actual, strict=args.strict, progress=progress.capture
+        )
+    for warning in warnings:
+        report("diff", warning, level="warning")
     if args.json:
         doc = {
             "expected": args.expected,
@@ -63,48 +60,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         render_diff(make_console(), args.expected, args.actual, differences)
     return 1 if differences else 0
-
-
-def diff_captures(expected: Path, actual: Path, *, strict: bool = False) -> list[Difference]:
-    """Every difference, bodies annotated with their first differing offset."""
-    with (
-        CaptureReader(expected) as ra,
-        CaptureReader(actual) as rb,
-        ScanProgress("diff", [expected, actual]) as progress,
-    ):
-        differences = list(
-            align_sessions(
-                capture_exchanges(ra, progress.capture(expected, ra.size)),
-                capture_exchanges(rb, progress.capture(actual, rb.size)),
-                strict=strict,
-            )
-        )
-        warnings = ra.warnings + rb.warnings
-    for warning in warnings:
-        report("diff", f"{warning}", level="warning")
-    bodies = [d for d in differences if d.field == "body"][:MAX_BODY_OFFSETS]
-    if not bodies:
-        return differences
-    pairs = [(int(d.expected["seq"]), int(d.actual["seq"])) for d in bodies]
-    try:
-        offsets = first_body_differences(expected, actual, pairs)
-    except CaptureError as exc:  # the comparison above stands without offsets
-        report("diff", f"no body offsets: {exc}", level="warning")
-        return differences
-    out = []
-    for d in differences:
-        if d.field == "body":
-            offset = offsets.get((int(d.expected["seq"]), int(d.actual["seq"])))
-            if offset is not None:
-                d = Difference(
-                    d.seq,
-                    d.field,
-                    d.expected,
-                    d.actual,
-                    f"{d.note}; first difference at body octet {offset}",
-                )
-        out.append(d)
-    return out
 
 
 def _shown(value: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from rich import box
@@ -14,14 +13,12 @@ from rich.text import Text
 
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
-from popproxy.core.transcript import TranscriptBuilder
 from popproxy.errors import report
-from popproxy.inspect import metered_events
 from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
-from popproxy.inspect.stats import StatsCollector
+from popproxy.inspect.stats import StatsCollector, collect
 from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
-from popproxy.views.render import fmt_ms
+from popproxy.views.render import fmt_ms, fmt_size
 from popproxy.views.theme import make_console
 
 LATENCY_HELP = (
@@ -78,20 +75,6 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def collect(
-    reader: CaptureReader, stats: StatsCollector, progress: Callable[[int], None] | None = None
-) -> None:
-    """Stream one capture into ``stats``."""
-    stats.start_session()
-    builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
-    for _record, t, events in metered_events(reader, progress):
-        for item in builder.feed(t, events):
-            if item.what == "done" and item.exchange is not None:
-                stats.add(item.exchange)
-    for ex in builder.unfinished():
-        stats.add(ex)
-
-
 def bar(value: float, largest: float, width: int = BAR_WIDTH) -> Text:
     """A small horizontal bar, in eighths of a cell."""
     if largest <= 0 or value <= 0:
@@ -103,15 +86,6 @@ def bar(value: float, largest: float, width: int = BAR_WIDTH) -> Text:
 
 def _ms(value: Any) -> str:
     return "-" if value is None else fmt_ms(float(value))
-
-
-def fmt_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def render_stats(console: Console, stats: StatsCollector) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from popproxy.core.transcript import Exchange
+from popproxy.capture.reader import CaptureReader
+from popproxy.core.transcript import Exchange, TranscriptBuilder
+from popproxy.inspect import metered_events
 
 LATENCY_SAMPLES = 100_000  # per command; beyond it a uniform reservoir keeps memory bounded
 PERCENTILES = (50, 90, 99)
@@ -144,3 +147,17 @@ class StatsCollector:
             "commands": {s.verb: s.to_json() for s in self.ordered()},
             "total": self.total().to_json(),
         }
+
+
+def collect(
+    reader: CaptureReader, stats: StatsCollector, progress: Callable[[int], None] | None = None
+) -> None:
+    """Stream one capture into ``stats``."""
+    stats.start_session()
+    builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
+    for _record, t, events in metered_events(reader, progress):
+        for item in builder.feed(t, events):
+            if item.what == "done" and item.exchange is not None:
+                stats.add(item.exchange)
+    for ex in builder.unfinished():
+        stats.add(ex)

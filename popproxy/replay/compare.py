@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -10,6 +11,7 @@ from itertools import zip_longest
 from typing import Any
 
 from popproxy.capture.events import replay_events
+from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.core.events import BodyChunk, BodyEnd
 from popproxy.core.transcript import Exchange, TranscriptBuilder
@@ -467,3 +469,47 @@ def align_sessions(
             else:
                 yield Difference(e.seq, "command", label(e), label(a), "changed")
     yield from _compare_others(e_other, a_other, strict)
+
+
+# ----------------------------------------------------------------- popproxy diff
+
+MAX_BODY_OFFSETS = 1000  # bodies whose first differing offset is looked up
+Meter = Callable[[pathlib.Path, int], Callable[[int], None] | None]
+
+
+def diff_captures(
+    expected: pathlib.Path,
+    actual: pathlib.Path,
+    *,
+    strict: bool = False,
+    progress: Meter | None = None,
+) -> tuple[list[Difference], list[str]]:
+    """Every difference between two captures (aligned, bodies annotated with their first
+    differing offset), and the readers' warnings. ``progress(path, size)`` may return a
+    callback that is told the bytes read."""
+    with CaptureReader(expected) as ra, CaptureReader(actual) as rb:
+        differences = list(
+            align_sessions(
+                capture_exchanges(ra, progress(expected, ra.size) if progress else None),
+                capture_exchanges(rb, progress(actual, rb.size) if progress else None),
+                strict=strict,
+            )
+        )
+        warnings = [str(w) for w in ra.warnings + rb.warnings]
+    bodies = [d for d in differences if d.field == "body"][:MAX_BODY_OFFSETS]
+    if not bodies:
+        return differences, warnings
+    pairs = [(int(d.expected["seq"]), int(d.actual["seq"])) for d in bodies]
+    try:
+        offsets = first_body_differences(expected, actual, pairs)
+    except CaptureError as exc:  # the comparison above stands without offsets
+        return differences, [*warnings, f"no body offsets: {exc}"]
+    out = []
+    for d in differences:
+        if d.field == "body":
+            offset = offsets.get((int(d.expected["seq"]), int(d.actual["seq"])))
+            if offset is not None:
+                note = f"{d.note}; first difference at body octet {offset}"
+                d = Difference(d.seq, d.field, d.expected, d.actual, note)
+        out.append(d)
+    return out, warnings

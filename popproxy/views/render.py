@@ -26,6 +26,16 @@ def fmt_octets(n: int) -> str:
     return f"{n:,} octets"
 
 
+def fmt_size(n: int) -> str:
+    """Octets in binary units: ``812 B``, ``6.3 KiB``, ``1.0 GiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def fmt_ms(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.1f} ms"

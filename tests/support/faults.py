@@ -32,9 +32,9 @@ import trio
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
-from popproxy.cli.export import export_streams
 from popproxy.cli.show import capture_json
 from popproxy.core.transcript import Item, SessionSummary
+from popproxy.inspect.streams import export_streams
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record
 from tests.support.scripted import default_answer

@@ -1,0 +1,64 @@
+"""One summary row per capture, as ``list`` and ``browse`` show it: end record first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from popproxy.capture import format as fmt
+from popproxy.capture.reader import CaptureReader
+from popproxy.core.transcript import TranscriptBuilder
+from popproxy.inspect import metered_events
+
+
+def _base(reader: CaptureReader) -> dict[str, Any]:
+    h = reader.header
+    return {
+        "path": str(reader.path),
+        "start": h.get("start"),
+        "client": h.get("client"),
+        "upstream": h.get("upstream"),
+    }
+
+
+def row_from_end(reader: CaptureReader, end: dict[str, Any]) -> dict[str, Any]:
+    """A row from the header and the end record alone."""
+    octets = end.get("octets") or {}
+    return {
+        **_base(reader),
+        "user": end.get("user"),
+        "commands": end.get("commands"),
+        "client_octets": octets.get("c"),
+        "server_octets": octets.get("s"),
+        "duration": end.get("t"),
+        "how": end.get("how"),
+        "error": end.get("error"),
+        "anomalies": end.get("anomalies"),
+        "unfinished": False,
+    }
+
+
+def row_from_scan(reader: CaptureReader, progress: Any = None) -> dict[str, Any]:
+    """A row for a capture without an end record: read it all through the observer."""
+    builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
+    octets = {"c": 0, "s": 0}
+    last = 0.0
+    for record, t, events in metered_events(reader, progress):
+        last = max(last, t)
+        if record is not None and record.kind == fmt.DATA and record.data is not None:
+            d = str(record.fields.get("d"))
+            if d in octets:
+                octets[d] += len(record.data)
+        builder.feed(t, events)
+    session = builder.session
+    return {
+        **_base(reader),
+        "user": session.user,
+        "commands": session.commands,
+        "client_octets": octets["c"],
+        "server_octets": octets["s"],
+        "duration": last,
+        "how": "unfinished",
+        "error": None,
+        "anomalies": len(session.anomalies),
+        "unfinished": True,
+    }
