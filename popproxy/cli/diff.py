@@ -89,10 +89,12 @@ def render_diff(
         table.add_column(name, justify="right" if name == "seq" else "left", overflow="fold")
     for d in differences:
         table.add_row(
-            "" if d.seq is None else str(d.seq),
-            Text(d.field, style="pop.code"),
-            Text(_shown(d.expected), style="pop.ok"),
-            Text(_shown(d.actual), style="pop.err"),
-            Text(d.note, style="pop.muted"),
+            *safe.row(
+                "" if d.seq is None else str(d.seq),
+                Text(d.field, style="pop.code"),
+                Text(_shown(d.expected), style="pop.ok"),
+                Text(_shown(d.actual), style="pop.err"),
+                Text(d.note, style="pop.muted"),
+            )
         )
     console.print(table)

@@ -108,11 +108,13 @@ def render_findings(console: Console, path: str, findings: list[Finding]) -> Non
         table.add_column(name, justify="right" if name == "seq" else "left", overflow="fold")
     for f in findings:
         table.add_row(
-            "" if f.seq is None else str(f.seq),
-            f.command or "",
-            f.direction or "",
-            Text(f.severity, style=SEVERITY_STYLE[f.severity]),
-            f.rfc,
-            f.message,
+            *safe.row(
+                "" if f.seq is None else str(f.seq),
+                f.command or "",
+                f.direction or "",
+                Text(f.severity, style=SEVERITY_STYLE[f.severity]),
+                f.rfc,
+                f.message,
+            )
         )
     console.print(table)

@@ -126,7 +126,7 @@ def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
             fmt_ms(float(r["duration"])) if r.get("duration") is not None else "?",
             Text(str(r["path"]), style="pop.muted"),
         ]
-        table.add_row(*cells)
+        table.add_row(*safe.row(*cells))
     console.print(table)
 
 

@@ -108,14 +108,16 @@ def render_stats(console: Console, stats: StatsCollector) -> None:
         )
     for s in [*rows, total]:
         counts.add_row(
-            Text(s.verb, style="pop.session" if s is total else "pop.client"),
-            f"{s.count:,}",
-            bar(s.count, most) if s is not total else Text(""),
-            f"{s.errors:,}",
-            f"{s.error_rate:.1%}",
-            f"{s.no_reply:,}",
-            fmt_size(s.client_octets),
-            fmt_size(s.server_octets),
+            *safe.row(
+                Text(s.verb, style="pop.session" if s is total else "pop.client"),
+                f"{s.count:,}",
+                bar(s.count, most) if s is not total else Text(""),
+                f"{s.errors:,}",
+                f"{s.error_rate:.1%}",
+                f"{s.no_reply:,}",
+                fmt_size(s.client_octets),
+                fmt_size(s.server_octets),
+            )
         )
     console.print(counts)
     latencies = {s.verb: s.latency() for s in rows}
@@ -133,11 +135,13 @@ def render_stats(console: Console, stats: StatsCollector) -> None:
     for s in rows:
         lat = latencies[s.verb]
         table.add_row(
-            Text(s.verb, style="pop.client"),
-            _ms(lat["p50"]),
-            _ms(lat["p90"]),
-            _ms(lat["p99"]),
-            _ms(lat["max"]),
-            bar(float(lat["p90"] or 0.0), slowest),
+            *safe.row(
+                Text(s.verb, style="pop.client"),
+                _ms(lat["p50"]),
+                _ms(lat["p90"]),
+                _ms(lat["p99"]),
+                _ms(lat["max"]),
+                bar(float(lat["p90"] or 0.0), slowest),
+            )
         )
     console.print(table)

@@ -38,6 +38,7 @@ __all__ = [
     "is_unsafe",
     "json_dumps",
     "pieces",
+    "row",
     "sanitise",
     "sanitise_segments",
     "text",
@@ -80,6 +81,11 @@ def sanitise(line: Text, keep: str = MULTI_LINE) -> Text:
     if at < len(plain):
         out.append_text(line[at:])
     return out
+
+
+def row(*cells: str | Text) -> list[Text]:
+    """Table cells with peer text made safe before the table is laid out."""
+    return [sanitise(c, ONE_LINE) if isinstance(c, Text) else text(c) for c in cells]
 
 
 def sanitise_segments(segments: Iterable[Segment]) -> Iterator[Segment]:
