@@ -82,89 +82,110 @@ def export_eml(
         folder = fsutil.Folder(out)
     except OSError as exc:
         raise CaptureError(f"cannot write to {out}: {exc.strerror or exc}") from None
-    verbs = ("RETR", "TOP") if include_top else ("RETR",)
-    ident_prefix = capture_identity(reader)
-    result = EmlResult()
-    uids: dict[int, str] = {}
-    commands: dict[int, tuple[str, int | None]] = {}
-    uidl_bodies: set[int] = set()
-    bodies: dict[int, _Body] = {}
-    count = 0
+    exporter = _Exporter(folder, out, capture_identity(reader), include_top, replace)
+    try:
+        for _record, _t, events in metered_events(reader, progress):
+            for event in events:
+                exporter.event(event)
+        exporter.close_open_bodies()
+    finally:
+        exporter.discard_open_bodies()  # an error stopped the export: leave no temp files
+        folder.close()
+    return exporter.result
 
-    def finish(seq: int, body: _Body, truncated: bool) -> None:
-        nonlocal count
-        body.file.close()
-        count += 1
+
+class _Exporter:
+    """Follows one capture's events: UIDs from UIDL listings, message bodies to temp files."""
+
+    def __init__(
+        self, folder: fsutil.Folder, out: Path, prefix: str, include_top: bool, replace: bool
+    ) -> None:
+        self.folder, self.out, self.prefix, self.replace = folder, out, prefix, replace
+        self.verbs = ("RETR", "TOP") if include_top else ("RETR",)
+        self.result = EmlResult()
+        self.uids: dict[int, str] = {}
+        self.commands: dict[int, tuple[str, int | None]] = {}
+        self.uidl_bodies: set[int] = set()
+        self.bodies: dict[int, _Body] = {}
+        self.count = 0
+
+    def event(self, event: object) -> None:
+        if isinstance(event, Command):
+            self.commands[event.seq] = (event.verb, message_number(event.args))
+        elif isinstance(event, Reply):
+            self._reply(event)
+        elif isinstance(event, BodyChunk):
+            body = self.bodies.get(event.seq)
+            if body is not None:
+                body.file.write(event.data)
+                body.octets += len(event.data)
+        elif isinstance(event, BodyEnd):
+            if event.seq in self.uidl_bodies:
+                self.uidl_bodies.discard(event.seq)
+                for entry in event.listing or ():
+                    if len(entry) >= 2 and entry[0].isdigit():
+                        self.uids[int(entry[0])] = entry[1]
+            body = self.bodies.pop(event.seq, None)
+            if body is not None:
+                self._finish(body, event.truncated)
+
+    def _reply(self, event: Reply) -> None:
+        verb, number = self.commands.pop(event.seq, (event.verb, None))
+        if event.status != "+OK":
+            return
+        if verb == "UIDL" and event.value is not None and len(event.value) >= 2:
+            # RFC 1939 §7: "UIDL msg" answers "+OK msg unique-id".
+            n, uid = event.value[0], event.value[1]
+            if isinstance(n, int):
+                self.uids[n] = str(uid)
+        elif verb == "UIDL" and event.multiline:
+            self.uidl_bodies.add(event.seq)
+        elif verb in self.verbs and event.multiline:
+            try:
+                fd, tmp = self.folder.temp(f"popproxy-{event.seq}.eml")
+            except OSError as exc:
+                raise CaptureError(f"cannot write to {self.out}: {exc.strerror or exc}") from None
+            self.bodies[event.seq] = _Body(verb, number, tmp, os.fdopen(fd, "wb"))
+
+    def _name(self, body: _Body, truncated: bool) -> str:
         if body.number is None:
             ident = "msg-unknown"
         else:
-            ident = safe_part(uids.get(body.number, "")) or f"msg-{body.number}"
-        name = f"{ident_prefix}-{count:04d}-{body.verb}-{ident}"
+            ident = safe_part(self.uids.get(body.number, "")) or f"msg-{body.number}"
+        name = f"{self.prefix}-{self.count:04d}-{body.verb}-{ident}"
         if body.verb == "TOP":
             name += "-top"
         if truncated:
             name += ".partial"
-        final = out / f"{name}.eml"
+        return f"{name}.eml"
+
+    def _finish(self, body: _Body, truncated: bool) -> None:
+        body.file.close()
+        self.count += 1
+        final = self.out / self._name(body, truncated)
         try:
-            folder.publish(body.tmp, final.name, replace=replace)
+            self.folder.publish(body.tmp, final.name, replace=self.replace)
         except OSError as exc:
-            folder.discard(body.tmp)
+            self.folder.discard(body.tmp)
             if isinstance(exc, fsutil.Exists):
                 raise
             raise CaptureError(f"cannot write {final}: {exc.strerror or exc}") from None
-        result.written.append(final)
+        self.result.written.append(final)
         if truncated:
-            result.partial.append(final)
-            result.warnings.append(
+            self.result.partial.append(final)
+            self.result.warnings.append(
                 f"{body.verb} {body.number if body.number is not None else '?'} was cut off "
                 f"after {body.octets:,} octets; kept as {final.name}"
             )
 
-    try:
-        for _record, _t, events in metered_events(reader, progress):
-            for event in events:
-                if isinstance(event, Command):
-                    commands[event.seq] = (event.verb, message_number(event.args))
-                elif isinstance(event, Reply):
-                    verb, number = commands.pop(event.seq, (event.verb, None))
-                    if event.status != "+OK":
-                        continue
-                    if verb == "UIDL" and event.value is not None and len(event.value) >= 2:
-                        # RFC 1939 §7: "UIDL msg" answers "+OK msg unique-id".
-                        n, uid = event.value[0], event.value[1]
-                        if isinstance(n, int):
-                            uids[n] = str(uid)
-                    elif verb == "UIDL" and event.multiline:
-                        uidl_bodies.add(event.seq)
-                    elif verb in verbs and event.multiline:
-                        try:
-                            fd, tmp = folder.temp(f"popproxy-{event.seq}.eml")
-                        except OSError as exc:
-                            raise CaptureError(
-                                f"cannot write to {out}: {exc.strerror or exc}"
-                            ) from None
-                        handle = os.fdopen(fd, "wb")
-                        bodies[event.seq] = _Body(verb, number, tmp, handle)
-                elif isinstance(event, BodyChunk):
-                    body = bodies.get(event.seq)
-                    if body is not None:
-                        body.file.write(event.data)
-                        body.octets += len(event.data)
-                elif isinstance(event, BodyEnd):
-                    if event.seq in uidl_bodies:
-                        uidl_bodies.discard(event.seq)
-                        for entry in event.listing or ():
-                            if len(entry) >= 2 and entry[0].isdigit():
-                                uids[int(entry[0])] = entry[1]
-                    body = bodies.pop(event.seq, None)
-                    if body is not None:
-                        finish(event.seq, body, event.truncated)
-        for seq, body in sorted(bodies.items()):
-            finish(seq, body, True)
-        bodies.clear()
-    finally:
-        for body in bodies.values():  # an error stopped the export: leave no temp files
+    def close_open_bodies(self) -> None:
+        """Bodies the capture never finished: kept as ``.partial`` files."""
+        for _seq, body in sorted(self.bodies.items()):
+            self._finish(body, True)
+        self.bodies.clear()
+
+    def discard_open_bodies(self) -> None:
+        for body in self.bodies.values():
             body.file.close()
-            folder.discard(body.tmp)
-        folder.close()
-    return result
+            self.folder.discard(body.tmp)
+        self.bodies.clear()
