@@ -15,13 +15,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popproxy.capture.format import CaptureError
 from popproxy.core.values import apop_timestamp
+from popproxy.replay.fake import ConnectionReport, ServeConfig
 from popproxy.replay.mailbox import MailboxSession, Maildrop, stuff, top_of
 from popproxy.replay.mailbox_auth import Authenticator, LoginPolicy
+from popproxy.replay.mailbox_server import MailboxConnection
 from popproxy.replay.script import load_session
 from popproxy.replay.sources import MailboxSource, from_sessions, load_mailbox, unstuff
 from tests.test_replay import write_capture
@@ -377,3 +381,47 @@ def test_any_file_loads_or_is_one_clear_error(data: bytes, name: str) -> None:
     login(s)
     for line in ("STAT", "LIST", "UIDL", "RETR 1", "TOP 1 0", "QUIT"):
         assert s.answer(line.encode() + b"\r\n").data[:1] in (b"+", b"-")
+
+
+# ------------------------------------------------------------------ segmentation
+
+
+SCRIPT = (
+    b"CAPA\r\nUSER alice\r\nPASS pw\r\nSTAT\r\nLIST\r\nUIDL 2\r\nRETR 1\r\nTOP 1 1\r\n"
+    b"DELE 1\r\nRETR 1\r\nRSET\r\nAUTH\r\nNOOP\r\nQUIT\r\n"
+)
+
+
+async def _serve_script(chunks: list[bytes]) -> bytes:
+    source = from_sessions([load_session(_no_timestamp())])
+    config = ServeConfig([], password="pw", mailbox=source, timeout=5)
+    client, server = trio.testing.memory_stream_pair()
+    connection = MailboxConnection(
+        config, Maildrop(source), server, ConnectionReport(1, None, "test"), None
+    )
+    out = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        for chunk in chunks:
+            await client.send_all(chunk)
+        while data := await client.receive_some(65536):
+            out += data
+            if out.endswith(b"+OK See you.\r\n"):
+                break
+    return bytes(out)
+
+
+@functools.cache
+def _no_timestamp() -> Path:
+    chunks = [("s", b"+OK Fake POP3 ready\r\n"), *SESSION[1:]]
+    return write_capture(Path(tempfile.mkdtemp(prefix="popproxy-test-")) / "n.popcap", chunks)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(SCRIPT) - 1), max_size=20))
+async def test_answers_do_not_depend_on_segmentation(cuts: list[int]) -> None:
+    points = sorted(set(cuts))
+    chunks = [SCRIPT[a:b] for a, b in zip([0, *points], [*points, len(SCRIPT)], strict=True)]
+    whole = await _serve_script([SCRIPT])
+    assert whole.count(b"\r\n.\r\n") >= 4 and whole.endswith(b"+OK See you.\r\n")
+    assert await _serve_script(chunks) == whole

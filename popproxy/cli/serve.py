@@ -151,6 +151,13 @@ def run(args: argparse.Namespace) -> int:
     if config.mailbox is not None:
         for note in config.mailbox.notes:
             notes.print(Text(f"warning: {note}", style="pop.warning"))
+        if not config.mailbox.messages:
+            notes.print(
+                Text(
+                    "warning: the mailbox is empty: no message was seen in the sources",
+                    style="pop.warning",
+                )
+            )
         notes.print(
             Text(
                 f"mailbox: {len(config.mailbox.messages)} message(s) from "
