@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -21,7 +22,6 @@ from popproxy.core.events import (
     Direction,
     Event,
     Greeting,
-    Injected,
     Reply,
     SaslChallenge,
     SaslResponse,
@@ -164,6 +164,23 @@ class TranscriptBuilder:
         self.session = SessionSummary()
         self._open: dict[int, Exchange] = {}
         self._identities: set[int] = set()  # a re-read capture may name one twice
+        # One handler per event type (events are final classes): a dict lookup per event.
+        self._handlers: dict[type[Event], Callable[[float, Any], Item | None]] = {
+            Command: self._command,
+            Reply: self._reply,
+            BodyChunk: self._chunk,
+            BodyEnd: self._body_end,
+            Secret: self._secret,
+            SaslChallenge: self._challenge,
+            SaslResponse: self._response,
+            Greeting: self._greeting,
+            Unsolicited: self._unsolicited,
+            AuthIdentity: self._identity,
+            Anomaly: self._anomaly,
+            StateChanged: self._state,
+            TlsStarted: self._tls,
+            ConnectionClosed: self._closed,
+        }
         self._echoes: list[Secret] = []
 
     def feed(self, t: float, events: list[Event]) -> list[Item]:
@@ -175,154 +192,173 @@ class TranscriptBuilder:
         return items
 
     def _one(self, t: float, event: Event) -> Item | None:
+        handler = self._handlers.get(type(event))
+        return handler(t, event) if handler is not None else None
+
+    def _command(self, t: float, event: Command) -> Item | None:
         session = self.session
-        if isinstance(event, Command):
-            session.commands += 1
-            session.verbs[event.verb] = session.verbs.get(event.verb, 0) + 1
-            args = event.args
-            if self.reveal_secrets and args is not None:
-                line = decode_text(event.raw.rstrip(b"\r\n")).lstrip(" \t")
-                args = line.partition(" ")[2].lstrip(" ") or args
-            ex = Exchange(
-                "command",
-                event.seq,
-                event.verb,
-                args,
-                t_sent=t,
-                state=session.state,
-                client_octets=len(event.raw),
-            )
-            if event.verb == "USER" and event.args:
-                session.user = event.args
-            elif event.verb == "APOP" and event.args:
-                session.user = event.args.split(" ")[0]
+        session.commands += 1
+        session.verbs[event.verb] = session.verbs.get(event.verb, 0) + 1
+        args = event.args
+        if self.reveal_secrets and args is not None:
+            line = decode_text(event.raw.rstrip(b"\r\n")).lstrip(" \t")
+            args = line.partition(" ")[2].lstrip(" ") or args
+        ex = Exchange(
+            "command",
+            event.seq,
+            event.verb,
+            args,
+            t_sent=t,
+            state=session.state,
+            client_octets=len(event.raw),
+        )
+        if event.verb == "USER" and event.args:
+            session.user = event.args
+        elif event.verb == "APOP" and event.args:
+            session.user = event.args.split(" ")[0]
+        self._open[event.seq] = ex
+        return Item("command", t, ex)
+
+    def _reply(self, t: float, event: Reply) -> Item | None:
+        session = self.session
+        ex = self._open.get(event.seq) or Exchange("command", event.seq, event.verb)
+        ex.status, ex.code, ex.text = event.status, event.code, event.text
+        if event.status == "-ERR":
+            session.errors += 1
+        if event.verb == "QUIT" and event.status == "+OK":
+            session.quit = True  # RFC 1939 §6: the server acknowledged QUIT
+        ex.multiline, ex.value, ex.t_reply = event.multiline, event.value, t
+        ex.server_octets += len(event.raw)
+        if event.multiline:
+            ex.body_lines = ex.body_octets = 0
+            if self.hash_bodies:
+                ex._hash = hashlib.sha256()
+            if event.verb in MESSAGE_VERBS and self.summarise_messages:
+                ex._head = bytearray()
+                ex.message = MessageSummary()
             self._open[event.seq] = ex
-            return Item("command", t, ex)
-        if isinstance(event, Reply):
-            ex = self._open.get(event.seq) or Exchange("command", event.seq, event.verb)
-            ex.status, ex.code, ex.text = event.status, event.code, event.text
-            if event.status == "-ERR":
-                session.errors += 1
-            if event.verb == "QUIT" and event.status == "+OK":
-                session.quit = True  # RFC 1939 §6: the server acknowledged QUIT
-            ex.multiline, ex.value, ex.t_reply = event.multiline, event.value, t
-            ex.server_octets += len(event.raw)
-            if event.multiline:
-                ex.body_lines = ex.body_octets = 0
-                if self.hash_bodies:
-                    ex._hash = hashlib.sha256()
-                if event.verb in MESSAGE_VERBS and self.summarise_messages:
-                    ex._head = bytearray()
-                    ex.message = MessageSummary()
-                self._open[event.seq] = ex
-                return None
-            ex.t_end = t
-            self._open.pop(event.seq, None)
-            return Item("done", t, ex)
-        if isinstance(event, BodyChunk):
-            found = self._open.get(event.seq)
-            if found is None:  # a resynchronised body for an exchange already finished
-                found = self._open[event.seq] = Exchange(
-                    "command", event.seq, multiline=True, body_lines=0, body_octets=0
-                )
-                found._hash = hashlib.sha256() if self.hash_bodies else None
-            ex = found
-            ex.server_octets += len(event.raw)
-            if ex._hash is not None:
-                ex._hash.update(event.data)
-            if ex._head is not None and len(ex._head) < HEAD_LIMIT:
-                ex._head += event.data[: HEAD_LIMIT - len(ex._head)]
-            if self.scan_attachments and ex.message is not None and b"name" in event.data:
-                names = ex.message.attachments
-                for match in _FILENAME_RE.finditer(event.data):
-                    name = decode_text(match.group(1)).strip()
-                    if name not in names and len(names) < MAX_ATTACHMENTS:
-                        names.append(name)
-            if self.body_items and ex.shown < self.body_items:
-                piece = event.data[: self.body_items - ex.shown]
-                ex.shown += len(piece)
-                return Item("body", t, ex, piece)
             return None
-        if isinstance(event, BodyEnd):
-            if event.seq not in self._open:
-                return None
-            ex = self._open.pop(event.seq)
-            ex.multiline = True
-            ex.body_lines, ex.body_octets, ex.truncated = event.lines, event.octets, event.truncated
-            ex.server_octets += len(event.raw)
-            if self.keep_listings:
-                ex.listing = event.listing
-            if ex._hash is not None:
-                ex.body_sha256 = ex._hash.hexdigest()
-                ex._hash = None
-            if ex._head is not None and ex.message is not None:
-                _summarise(ex.message, bytes(ex._head))
-                ex._head = None
-            ex.t_end = t
-            return Item("done", t, ex)
-        if isinstance(event, Secret):
-            if event.direction is Direction.SERVER:
-                self._echoes.append(event)  # a server line's echo of a credential
-                del self._echoes[:-32]
-            return None
-        if isinstance(event, SaslChallenge):
-            sasl_ex = self._open.get(event.seq)
-            if sasl_ex is not None:
-                sasl_ex.server_octets += len(event.raw)
-                raw = event.raw
-                if not self.reveal_secrets:  # a challenge that echoes a credential
-                    raw = mask_spans(raw, event.offset, self._echoes)
-                entry = sasl.server_entry(sasl_ex.args, raw, event.data)
-                sasl_ex.sasl.append(entry)
-                return Item("sasl", t, sasl_ex, entry)
-            return None
-        if isinstance(event, SaslResponse):
-            sasl_ex = self._open.get(event.seq)
-            if sasl_ex is not None:
-                sasl_ex.client_octets += len(event.raw)
-                entry = sasl.client_entry(sasl_ex.args, sasl_ex.sasl, event.raw)
-                sasl_ex.sasl.append(entry)
-                return Item("sasl", t, sasl_ex, entry)
-            return None
-        if isinstance(event, Greeting):
-            session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
-            session.apop_timestamp = event.apop_timestamp
-            return Item("done", t, _server_line("greeting", event, t))
-        if isinstance(event, Unsolicited):
-            return Item("done", t, _server_line("unsolicited", event, t))
-        if isinstance(event, AuthIdentity):
-            if event.seq in self._identities:
-                return None
-            self._identities.add(event.seq)
-            session.user, session.mechanism = event.identity, event.mechanism
-            detail = {
-                "mechanism": event.mechanism,
-                "identity": event.identity,
-                "details": dict(event.details),
-            }
-            return Item("identity", t, self._open.get(event.seq), detail)
-        if isinstance(event, Anomaly):
-            record = {
-                "kind": event.kind,
-                "dir": event.direction.value,
-                "seq": event.seq,
-                "detail": event.detail,
-                "t": t,
-            }
-            session.anomalies.append(record)
-            return Item("anomaly", t, None, record)
-        if isinstance(event, StateChanged):
-            session.state = event.new.value
-            return Item("state", t, None, event.new.value)
-        if isinstance(event, TlsStarted):
-            return Item("tls", t, None, event.direction.value)
-        if isinstance(event, Injected):
-            return None
-        if isinstance(event, ConnectionClosed):
-            who = "client" if event.direction is Direction.CLIENT else "server"
-            session.closed.append(who)
-            return Item("closed", t, None, who)
+        ex.t_end = t
+        self._open.pop(event.seq, None)
+        return Item("done", t, ex)
+
+    def _chunk(self, t: float, event: BodyChunk) -> Item | None:
+        found = self._open.get(event.seq)
+        if found is None:  # a resynchronised body for an exchange already finished
+            found = self._open[event.seq] = Exchange(
+                "command", event.seq, multiline=True, body_lines=0, body_octets=0
+            )
+            found._hash = hashlib.sha256() if self.hash_bodies else None
+        ex = found
+        ex.server_octets += len(event.raw)
+        if ex._hash is not None:
+            ex._hash.update(event.data)
+        if ex._head is not None and len(ex._head) < HEAD_LIMIT:
+            ex._head += event.data[: HEAD_LIMIT - len(ex._head)]
+        if self.scan_attachments and ex.message is not None and b"name" in event.data:
+            names = ex.message.attachments
+            for match in _FILENAME_RE.finditer(event.data):
+                name = decode_text(match.group(1)).strip()
+                if name not in names and len(names) < MAX_ATTACHMENTS:
+                    names.append(name)
+        if self.body_items and ex.shown < self.body_items:
+            piece = event.data[: self.body_items - ex.shown]
+            ex.shown += len(piece)
+            return Item("body", t, ex, piece)
         return None
+
+    def _body_end(self, t: float, event: BodyEnd) -> Item | None:
+        if event.seq not in self._open:
+            return None
+        ex = self._open.pop(event.seq)
+        ex.multiline = True
+        ex.body_lines, ex.body_octets, ex.truncated = event.lines, event.octets, event.truncated
+        ex.server_octets += len(event.raw)
+        if self.keep_listings:
+            ex.listing = event.listing
+        if ex._hash is not None:
+            ex.body_sha256 = ex._hash.hexdigest()
+            ex._hash = None
+        if ex._head is not None and ex.message is not None:
+            _summarise(ex.message, bytes(ex._head))
+            ex._head = None
+        ex.t_end = t
+        return Item("done", t, ex)
+
+    def _secret(self, t: float, event: Secret) -> Item | None:
+        if event.direction is Direction.SERVER:
+            self._echoes.append(event)  # a server line's echo of a credential
+            del self._echoes[:-32]
+        return None
+
+    def _challenge(self, t: float, event: SaslChallenge) -> Item | None:
+        sasl_ex = self._open.get(event.seq)
+        if sasl_ex is not None:
+            sasl_ex.server_octets += len(event.raw)
+            raw = event.raw
+            if not self.reveal_secrets:  # a challenge that echoes a credential
+                raw = mask_spans(raw, event.offset, self._echoes)
+            entry = sasl.server_entry(sasl_ex.args, raw, event.data)
+            sasl_ex.sasl.append(entry)
+            return Item("sasl", t, sasl_ex, entry)
+        return None
+
+    def _response(self, t: float, event: SaslResponse) -> Item | None:
+        sasl_ex = self._open.get(event.seq)
+        if sasl_ex is not None:
+            sasl_ex.client_octets += len(event.raw)
+            entry = sasl.client_entry(sasl_ex.args, sasl_ex.sasl, event.raw)
+            sasl_ex.sasl.append(entry)
+            return Item("sasl", t, sasl_ex, entry)
+        return None
+
+    def _greeting(self, t: float, event: Greeting) -> Item | None:
+        session = self.session
+        session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
+        session.apop_timestamp = event.apop_timestamp
+        return Item("done", t, _server_line("greeting", event, t))
+
+    def _unsolicited(self, t: float, event: Unsolicited) -> Item | None:
+        return Item("done", t, _server_line("unsolicited", event, t))
+
+    def _identity(self, t: float, event: AuthIdentity) -> Item | None:
+        session = self.session
+        if event.seq in self._identities:
+            return None
+        self._identities.add(event.seq)
+        session.user, session.mechanism = event.identity, event.mechanism
+        detail = {
+            "mechanism": event.mechanism,
+            "identity": event.identity,
+            "details": dict(event.details),
+        }
+        return Item("identity", t, self._open.get(event.seq), detail)
+
+    def _anomaly(self, t: float, event: Anomaly) -> Item | None:
+        session = self.session
+        record = {
+            "kind": event.kind,
+            "dir": event.direction.value,
+            "seq": event.seq,
+            "detail": event.detail,
+            "t": t,
+        }
+        session.anomalies.append(record)
+        return Item("anomaly", t, None, record)
+
+    def _state(self, t: float, event: StateChanged) -> Item | None:
+        session = self.session
+        session.state = event.new.value
+        return Item("state", t, None, event.new.value)
+
+    def _tls(self, t: float, event: TlsStarted) -> Item | None:
+        return Item("tls", t, None, event.direction.value)
+
+    def _closed(self, t: float, event: ConnectionClosed) -> Item | None:
+        session = self.session
+        who = "client" if event.direction is Direction.CLIENT else "server"
+        session.closed.append(who)
+        return Item("closed", t, None, who)
 
     def unfinished(self) -> list[Exchange]:
         """Exchanges still open (no reply, or a body cut off): shown at the end of a session."""
