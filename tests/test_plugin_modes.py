@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from popproxy.replay.scrub import Scrub, scrub_capture
+from popproxy.capture.reader import CaptureReader
+from popproxy.replay import scrub
+from popproxy.replay.scrub import Scrub, find_spans, scrub_capture
 from tests.support.dovecot import STANDARD_MESSAGES, USERS, DovecotServer, free_port
 from tests.test_plugin import SESSION
 from tests.test_replay import write_capture
@@ -264,3 +270,28 @@ def test_unrecorded_message_allowed(pop3_server):
     result.assert_outcomes(passed=3, errors=1)
     text = result.stdout.str()
     assert "could not answer" in text and "message 2 was never retrieved" in text
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"corp.example", b"x", b"corp.", b"example ", b"\r\n", b"c"]), max_size=60
+    ),
+    st.lists(st.integers(min_value=1, max_value=300), max_size=8),
+)
+def test_scrub_spans_do_not_depend_on_record_boundaries(
+    pieces: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(pieces)
+    points = sorted({c for c in cuts if c < len(stream)})
+    records = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    folder = Path(tempfile.mkdtemp(prefix="popproxy-test-"))
+    path = write_capture(folder / "s.popcap", [("s", r) for r in records if r])
+    rule = Scrub(rb"corp\.example|c{1,3}", b"ZZ")
+    with mock.patch.object(scrub, "WINDOW", 16):  # matches are shorter; streams longer
+        spans = find_spans(path, [rule], "s")
+    expected = [(m.start(), m.end() - m.start()) for m in rule.regex().finditer(stream)]
+    assert [(s.offset, s.length) for s in spans] == expected
+    scrub_capture(path, [rule])
+    again = b"".join(r.data or b"" for r in CaptureReader(path).records() if r.kind == "d")
+    assert len(again) == len(stream) and b"corp.example" not in again
