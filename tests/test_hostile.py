@@ -317,3 +317,28 @@ def test_safe_escapes_each_payload_and_keeps_markup_literal() -> None:
 def test_inputs_counted() -> None:
     """The closing figures: how many hostile inputs these tests try."""
     assert len(PAYLOADS) == 10 and len(FIELDS) == 11
+
+
+def test_progress_bar_escapes_a_hostile_file_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress bar's description is a file name: it is escaped, never markup."""
+    from popproxy.views import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setattr(progress, "PROGRESS_MIN", 0)
+    name = "\x1b]52;c;aGFja2Vk\x07\u202e[blink]x[red]y.popcap"
+    path = tmp_path / name
+    path.write_bytes(b"x" * 1000)
+    with progress.ScanProgress("reading", [path]) as bar:
+        update = bar.capture(path, 1000)
+        assert update is not None
+        update(500)
+    shown = screen.getvalue()
+    assert "\\x1b]52;" in shown and "\\u202e" in shown and "[blink]x[red]y" in shown
+    assert "\x1b]52" not in shown and "\u202e" not in shown and "\x07" not in shown
