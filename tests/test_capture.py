@@ -245,7 +245,7 @@ class _CountingFile:
         self.inner.close()
 
 
-def test_end_reads_only_the_tail(tmp_path: Path) -> None:
+def test_end_reads_only_record_lines(tmp_path: Path) -> None:
     w = CaptureWriter(HEADER)
     chunk = b"x" * 65536
     for i in range(320):  # ~20 MB
@@ -257,16 +257,17 @@ def test_end_reads_only_the_tail(tmp_path: Path) -> None:
         counting = _CountingFile(reader._file)
         reader._file = counting  # type: ignore[assignment]
         assert reader.end() == {"r": "end", "t": 1.0, "how": "quit"}
-        assert counting.bytes_read <= 65536
+        assert counting.bytes_read <= 65536  # data is seeked over, never read
 
 
-def test_end_is_none_when_the_end_record_is_not_last(tmp_path: Path) -> None:
+def test_a_record_after_the_end_record_is_corruption(tmp_path: Path) -> None:
     w = CaptureWriter(HEADER)
     w.meta({"r": fmt.END, "t": 1.0, "how": "quit"})
     w.data(S, 1.1, b"+OK late\r\n")
     path = write_capture(tmp_path / "e.popcap", w)
-    with CaptureReader(path) as reader:
-        assert reader.end() is None
+    for read in (lambda r: r.end(), lambda r: list(r.records())):
+        with CaptureReader(path) as reader, pytest.raises(CaptureError, match="after the end"):
+            read(reader)
 
 
 # --------------------------------------------------------------------------- redaction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ MAJOR = 1
 MINOR = 0
 VERSION = f"{MAJOR}.{MINOR}"
 SUFFIX = ".popcap"
+_VERSION = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})")
 FILLER = b"#"
 
 # Record kinds.  Data-bearing kinds ("d") are a JSON line with "n", then n raw bytes, then LF.
@@ -83,11 +85,12 @@ def check_header(fields: dict[str, Any]) -> None:
     """Refuse what is not a capture, or is from a newer major version (readers skip minors)."""
     if fields.get("r") != FORMAT_NAME:
         raise CaptureError("not a popproxy capture (no capture header)")
-    version = str(fields.get("v", ""))
-    major_text, _, _ = version.partition(".")
-    if not major_text.isdigit():
-        raise CaptureError(f"capture header has no valid version: {version!r}")
-    if int(major_text) > MAJOR:
+    version = fields.get("v")
+    match = _VERSION.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
+        shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:37] + "..."
+        raise CaptureError(f"capture header has no valid version: {shown}")
+    if int(match[1]) > MAJOR:
         raise CaptureError(
             f"capture format {version} is newer than this popproxy reads ({VERSION}); "
             "upgrade popproxy"

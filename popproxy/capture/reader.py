@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -11,15 +10,26 @@ from typing import IO, Any
 
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError, Record
+from popproxy.capture.validate import (
+    HEADER_SCHEMA,
+    Invalid,
+    check_fields,
+    check_record,
+    decode_line,
+)
 
 MAX_META_LINE = 1 << 20  # no metadata record comes near this; a longer line means corruption
+SKIP_BY_SEEK = 1 << 12  # end() reads smaller data records rather than seek over them
 
 
 class CaptureReader:
-    """One capture file.  ``records()`` streams; ``end()`` reads only the file's tail.
+    """One capture file.  ``records()`` streams; ``end()`` walks record headers only.
 
-    A torn final record (the proxy was killed mid-write) is reported in ``warnings`` and
-    reading stops there; damage before the last record raises ``CaptureError``.
+    Every record line is checked against the format (docs/capture-format.md, "Reading
+    untrusted captures"): strict JSON, typed fields, declared lengths within the file.  A
+    torn final record (the proxy was killed mid-write) is reported in ``warnings`` and
+    reading stops there; damage before the last record raises ``CaptureError`` naming
+    its byte offset.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -31,23 +41,34 @@ class CaptureReader:
             raise CaptureError(f"{self.path}: is a folder, not a capture") from None
         except OSError as exc:
             raise CaptureError(f"{self.path}: {exc.strerror or exc}") from None
-        first = self._file.readline(MAX_META_LINE)
         try:
-            header = json.loads(first)
-        except ValueError:
+            self.header: dict[str, Any] = self._read_header()
+            self.size = os.fstat(self._file.fileno()).st_size
+        except BaseException:
             self._file.close()
+            raise
+        self._body_start = self._resume = self._file.tell()
+
+    def _read_header(self) -> dict[str, Any]:
+        try:
+            first = self._file.readline(MAX_META_LINE + 1)
+        except OSError as exc:
+            raise CaptureError(f"{self.path}: {exc.strerror or exc}") from None
+        try:
+            header = decode_line(first)
+        except Invalid:
             raise CaptureError(f"{self.path}: not a popproxy capture") from None
-        if not isinstance(header, dict):
-            self._file.close()
-            raise CaptureError(f"{self.path}: not a popproxy capture")
         try:
             fmt.check_header(header)
         except CaptureError as exc:
-            self._file.close()
             raise CaptureError(f"{self.path}: {exc}") from None
-        self.header: dict[str, Any] = header
-        self._body_start = self._resume = self._file.tell()
-        self.size = os.fstat(self._file.fileno()).st_size
+        if not first.endswith(b"\n"):
+            raise CaptureError(f"{self.path}: the capture header is cut short")
+        try:
+            check_fields(header, HEADER_SCHEMA)
+        except Invalid as exc:
+            raise CaptureError(f"{self.path}: corrupt capture header: {exc}") from None
+        return header
 
     @property
     def position(self) -> int:
@@ -74,87 +95,110 @@ class CaptureReader:
             for record in self._records_from(position, follow):
                 yield record
                 if record.kind == fmt.END:
+                    self._after_end()
                     return
             if not follow:
-                if not self.warnings:
-                    self.warnings.append(
-                        f"{self.path}: has no end record: the session was still running, or "
-                        "popproxy was stopped abruptly; read up to the last complete record"
-                    )
+                self._no_end()
                 return
             position = self._resume
             time.sleep(poll)
             self.size = os.fstat(self._file.fileno()).st_size
 
-    def _records_from(self, position: int, follow: bool) -> Iterator[Record]:
+    def end(self) -> dict[str, Any] | None:
+        """The end record, or None if the capture has none (yet).
+
+        Found structurally: the walk reads each record's line and seeks over its data by the
+        declared length, so bytes inside a data record (a peer's) can never pose as the end
+        record.  Corruption raises ``CaptureError``, exactly as ``records()`` would.
+        """
+        self.size = os.fstat(self._file.fileno()).st_size
+        for record in self._records_from(self._body_start, False, skip_data=True):
+            if record.kind == fmt.END:
+                self._after_end()
+                return record.fields
+        self._no_end()
+        return None
+
+    def _no_end(self) -> None:
+        if not self.warnings:
+            self.warnings.append(
+                f"{self.path}: has no end record: the session was still running, or "
+                "popproxy was stopped abruptly; read up to the last complete record"
+            )
+
+    def _after_end(self) -> None:
+        # popproxy writes the end record last; anything after it is damage, not a tail.
+        extra = os.fstat(self._file.fileno()).st_size - self._resume
+        if extra > 0:
+            raise self._corrupt(self._resume, f"{extra:,} octets after the end record")
+
+    def _records_from(
+        self, position: int, follow: bool, *, skip_data: bool = False
+    ) -> Iterator[Record]:
         f = self._file
         f.seek(position)
         self._resume = position
         while True:
             start = f.tell()
-            line = f.readline(MAX_META_LINE)
+            line = f.readline(MAX_META_LINE + 1)
             if not line:
                 return
             if not line.endswith(b"\n"):
+                if len(line) > MAX_META_LINE:
+                    why = f"a record line longer than {MAX_META_LINE:,} octets"
+                    raise self._corrupt(start, why)
                 if follow:
                     f.seek(start)
                     return
                 self._torn(start, "an incomplete record line")
                 return
             try:
-                fields = json.loads(line)
-                kind = fields["r"]
-            except (ValueError, KeyError, TypeError):
-                if self._at_tail(f):
+                fields = decode_line(line)
+            except Invalid as exc:
+                if f.tell() >= self.size:
                     self._torn(start, "an unreadable last record")
                     return
-                raise CaptureError(f"{self.path}: corrupt record at byte {start}") from None
+                raise self._corrupt(start, str(exc)) from None
+            try:
+                kind = check_record(fields)
+            except Invalid as exc:
+                raise self._corrupt(start, str(exc)) from None
             data = None
             if kind == fmt.DATA:
-                n = fields.get("n")
-                if not isinstance(n, int) or n < 0:
-                    raise CaptureError(f"{self.path}: bad data length at byte {start}")
-                data = f.read(n)
-                nl = f.read(1)
-                if len(data) < n or nl != b"\n":
+                n: int = fields["n"]
+                body = f.tell()
+                if body + n + 1 > self.size:
                     if follow:
                         f.seek(start)
                         return
-                    if len(data) < n or not nl:
-                        self._torn(start, f"a data record cut short ({len(data)} of {n} octets)")
-                        return
-                    raise CaptureError(f"{self.path}: data record at byte {start} is malformed")
+                    left = max(self.size - body, 0)
+                    self._torn(start, f"a data record cut short ({left:,} of {n:,} octets)")
+                    return
+                if not skip_data:
+                    data = f.read(n)
+                    tail = f.read(1)
+                elif n > SKIP_BY_SEEK:
+                    f.seek(n, os.SEEK_CUR)  # a seek empties the read buffer: only when it pays
+                    tail = f.read(1)
+                else:
+                    tail = f.read(n + 1)[n:]
+                if tail != b"\n":
+                    why = f"the data record of {n:,} octets has no LF after it"
+                    raise self._corrupt(start, why)
             self._resume = f.tell()
             yield Record(kind, fields, data)
 
-    def end(self) -> dict[str, Any] | None:
-        """The end record, read from the file's last bytes only (fast for huge captures)."""
-        f = self._file
-        tail = min(self.size - self._body_start, 65536)
-        if tail <= 0:
-            return None
-        f.seek(self.size - tail)
-        chunk = f.read(tail)
-        marker = chunk.rfind(b'{"r":"end"')
-        if marker < 0 or (marker > 0 and chunk[marker - 1 : marker] != b"\n"):
-            return None
-        rest = chunk[marker:]
-        if rest.count(b"\n") != 1 or not rest.endswith(b"\n"):
-            return None  # the end record must be the file's last line
-        line = rest[:-1]
-        try:
-            fields = json.loads(line)
-        except ValueError:
-            return None
-        return fields if isinstance(fields, dict) else None
-
-    def _at_tail(self, f: IO[bytes]) -> bool:
-        return f.tell() >= self.size
+    def _corrupt(self, offset: int, why: str) -> CaptureError:
+        return CaptureError(f"{self.path}: corrupt record at byte {offset:,}: {why}")
 
     def _torn(self, offset: int, what: str) -> None:
-        self.warnings.append(
-            f"{self.path}: ends with {what} at byte {offset}; read up to the last complete record"
+        self._warn(
+            f"{self.path}: ends with {what} at byte {offset:,}; read up to the last complete record"
         )
+
+    def _warn(self, warning: str) -> None:
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
 
 def capture_paths(targets: list[str]) -> list[Path]:

@@ -1,4 +1,4 @@
-"""``popproxy list``: one row per capture, from end records only (fast on huge captures)."""
+"""``popproxy list``: one row per capture, from end records (data is skipped, not read)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "list",
         help="list captures: who, when, how much, how it ended",
         description="One row per capture in DIR, sorted by start, read from each "
-        "capture's end record (its last bytes). Captures without one "
+        "capture's end record, found by walking its record lines (data is "
+        "skipped, not read). Captures without one "
         "(still being written, or the proxy died) are read in full "
         "and marked 'unfinished'.",
     )

@@ -40,6 +40,7 @@ CLIENT_IP, SERVER_IP = "10.0.0.1", "10.0.0.2"
 CLIENT_MAC, SERVER_MAC = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
 CLIENT_ISN, SERVER_ISN = 0x10000000, 0x20000000
 WINDOW = 65535
+MAX_SECONDS = float(0xFFFFFFFF)
 
 FIN, SYN, PSH, ACK = 0x01, 0x02, 0x08, 0x10
 
@@ -126,6 +127,7 @@ class PcapWriter:
         )
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]  # RFC 791 §3.1
         frame_len = 14 + 20 + tcp_len
+        ts = min(max(ts, 0.0), MAX_SECONDS)  # classic pcap: unsigned 32-bit seconds
         sec = int(ts)
         usec = min(round((ts - sec) * 1_000_000), 999_999)
         self.out.write(struct.pack("<IIII", sec, usec, frame_len, frame_len))
@@ -189,6 +191,8 @@ def export_pcap(
     h = reader.header
     t0 = h.get("t0")
     base = float(t0) if isinstance(t0, int | float) and not isinstance(t0, bool) else 0.0
+    if not 0.0 <= base <= MAX_SECONDS - 1e9:  # leave room for the session's own times
+        base = 0.0  # a start pcap cannot hold: times count from 1970 instead
     client_ip, client_port, client_real = _endpoint(h.get("client"), CLIENT_IP)
     server_ip, server_port, server_real = _endpoint(h.get("upstream"), SERVER_IP)
     port = (
