@@ -162,6 +162,9 @@ class CaptureReader:
             try:
                 kind = check_record(fields)
             except Invalid as exc:
+                if f.tell() >= self.size:
+                    self._torn(start, f"an unreadable last record ({exc})")
+                    return
                 raise self._corrupt(start, str(exc)) from None
             data = None
             if kind == fmt.DATA:
