@@ -425,3 +425,23 @@ async def test_answers_do_not_depend_on_segmentation(cuts: list[int]) -> None:
     whole = await _serve_script([SCRIPT])
     assert whole.count(b"\r\n.\r\n") >= 4 and whole.endswith(b"+OK See you.\r\n")
     assert await _serve_script(chunks) == whole
+
+
+def test_error_texts_follow_the_recorded_server(tmp_path: Path) -> None:
+    chunks = [
+        *SESSION[:-2],
+        ("c", b"RETR 7\r\n"),
+        ("s", b"-ERR No such message, sorry (7).\r\n"),
+        ("c", b"XYZZY\r\n"),
+        ("s", b"-ERR What is XYZZY?\r\n"),
+        *SESSION[-2:],
+    ]
+    drop = Maildrop(from_sessions([load_session(write_capture(tmp_path / "e.popcap", chunks))]))
+    s = MailboxSession(drop, Authenticator(LoginPolicy("pw")))
+    login(s)
+    assert talk(s, "LIST 9", "FOO", "DELE 1", "DELE 1") == [
+        b"-ERR No such message, sorry (9).\r\n",
+        b"-ERR What is FOO?\r\n",
+        b"+OK Marked to be deleted.\r\n",  # no DELE recorded: the default wording
+        b"-ERR Message is deleted.\r\n",
+    ]

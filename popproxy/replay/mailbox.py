@@ -39,6 +39,10 @@ DEFAULT_TEXTS: dict[str, str] = {
     "QUIT-DELETED": "+OK Logging out, messages deleted.",
     "QUIT-AUTHORIZATION": "+OK Logging out",
     "STLS": "+OK Begin TLS negotiation now.",
+    "ERR-NOMSG": "-ERR There's no message {msg}.",
+    "ERR-DELETED": "-ERR Message is deleted.",
+    "ERR-AUTH": "-ERR [AUTH] Authentication failed.",
+    "ERR-UNKNOWN": "-ERR Unknown command: {verb}",
 }
 
 SYNTHESIZED_CAPA = ("TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE", "USER")
@@ -202,7 +206,8 @@ class MailboxSession:
                 continue
         return DEFAULT_TEXTS[key]
 
-    def _ok(self, key: str, **values: int | str) -> bytes:
+    def _status(self, key: str, **values: int | str) -> bytes:
+        """The status line for ``key``: the recorded server's wording, else the default."""
         return (self._text(key, **values) + "\r\n").encode("utf-8", "surrogateescape")
 
     def _make_greeting(self) -> bytes:
@@ -220,7 +225,7 @@ class MailboxSession:
     def _unknown(self, verb: str) -> bytes:
         if self.state is State.AUTHORIZATION and verb in self._handlers[State.TRANSACTION]:
             return _err(f"[AUTH] {verb} needs a login first.") if verb else _err("Unknown command.")
-        return _err(f"Unknown command: {verb}") if verb else _err("Unknown command.")
+        return self._status("ERR-UNKNOWN", verb=verb) if verb else _err("Unknown command.")
 
     # ------------------------------------------------------------------ AUTHORIZATION
 
@@ -228,7 +233,7 @@ class MailboxSession:
         if len(args) != 1:
             return Answer(_err("USER needs one argument."))
         self.user = args[0]
-        return Answer(self._ok("USER"))
+        return Answer(self._status("USER"))
 
     def _pass(self, args: list[str]) -> Answer:
         if self.user is None:
@@ -270,18 +275,18 @@ class MailboxSession:
     def _logged_in(self, login: Login) -> Answer:
         if not login.ok:
             self.user = None
-            return Answer(_err("[AUTH] Authentication failed."))
+            return Answer(self._status("ERR-AUTH"))
         self.user = login.user
         self.state = State.TRANSACTION
         self.messages = self.maildrop.open()
-        return Answer(self._ok("LOGIN"))
+        return Answer(self._status("LOGIN"))
 
     def _stls(self, args: list[str]) -> Answer:
         if self.tls_active:
             return Answer(_err("TLS is already active."))
         if not self.stls:
             return Answer(_err("STLS is not offered here."))
-        return Answer(self._ok("STLS"), then="tls")
+        return Answer(self._status("STLS"), then="tls")
 
     def _capa(self, args: list[str]) -> Answer:
         recorded = (
@@ -308,11 +313,11 @@ class MailboxSession:
     def _quit(self, args: list[str]) -> Answer:
         if self.state is State.AUTHORIZATION:
             self.state = State.CLOSED
-            return Answer(self._ok("QUIT-AUTHORIZATION"), then="close")
+            return Answer(self._status("QUIT-AUTHORIZATION"), then="close")
         gone = [m for i, m in enumerate(self.messages, 1) if i in self.deleted]
         self.maildrop.update(gone)  # RFC 1939 §6: the UPDATE state
         self.state = State.CLOSED
-        return Answer(self._ok("QUIT-DELETED" if gone else "QUIT"), then="close")
+        return Answer(self._status("QUIT-DELETED" if gone else "QUIT"), then="close")
 
     # ------------------------------------------------------------------ TRANSACTION
 
@@ -322,9 +327,9 @@ class MailboxSession:
             return _err(f"Invalid message number: {arg}")
         n = int(arg)
         if n < 1 or n > len(self.messages):
-            return _err(f"There's no message {n}.")
+            return self._status("ERR-NOMSG", msg=n)
         if n in self.deleted:
-            return _err("Message is deleted.")
+            return self._status("ERR-DELETED", msg=n)
         return n, self.messages[n - 1]
 
     def _live(self) -> list[tuple[int, StoredMessage]]:
@@ -343,10 +348,10 @@ class MailboxSession:
             initial = self.maildrop.source.initial_stat
             pristine = not self.deleted and not self.maildrop.deletions
             if initial is not None and pristine and initial[0] == len(live):
-                return Answer(self._ok("STAT", count=initial[0], size=initial[1]))
+                return Answer(self._status("STAT", count=initial[0], size=initial[1]))
             unknown = [str(i) for i, m in live if m.octets is None]
             return self._cannot(f"the size of message {', '.join(unknown)} was never recorded")
-        return Answer(self._ok("STAT", count=len(live), size=sum(s or 0 for s in sizes)))
+        return Answer(self._status("STAT", count=len(live), size=sum(s or 0 for s in sizes)))
 
     def _list(self, args: list[str]) -> Answer:
         if args:
@@ -356,14 +361,14 @@ class MailboxSession:
             n, message = found
             if message.octets is None:
                 return self._cannot(f"the size of message {n} was never recorded", message.origin)
-            return Answer(self._ok("LIST1", msg=n, size=message.octets))
+            return Answer(self._status("LIST1", msg=n, size=message.octets))
         live = self._live()
         unknown = [str(i) for i, m in live if m.octets is None]
         if unknown:
             return self._cannot(f"the size of message {', '.join(unknown)} was never recorded")
         body = b"".join(f"{i} {m.octets}\r\n".encode() for i, m in live)
         total = sum(m.octets or 0 for _, m in live)
-        return Answer(self._ok("LIST", count=len(live), size=total) + stuff(body))
+        return Answer(self._status("LIST", count=len(live), size=total) + stuff(body))
 
     def _uidl(self, args: list[str]) -> Answer:
         if args:
@@ -373,13 +378,13 @@ class MailboxSession:
             n, message = found
             if message.uid is None:
                 return self._cannot(f"no UIDL of message {n} was recorded", message.origin)
-            return Answer(self._ok("UIDL1", msg=n, uid=message.uid))
+            return Answer(self._status("UIDL1", msg=n, uid=message.uid))
         live = self._live()
         unknown = [str(i) for i, m in live if m.uid is None]
         if unknown:
             return self._cannot(f"no UIDL of message {', '.join(unknown)} was recorded")
         body = b"".join(f"{i} {m.uid}\r\n".encode() for i, m in live)
-        return Answer(self._ok("UIDL") + stuff(body))
+        return Answer(self._status("UIDL") + stuff(body))
 
     def _retr(self, args: list[str]) -> Answer:
         if len(args) != 1:
@@ -395,7 +400,7 @@ class MailboxSession:
                 message.origin,
             )
         size = message.octets or len(message.data)
-        return Answer(self._ok("RETR", size=size) + stuff(message.data))
+        return Answer(self._status("RETR", size=size) + stuff(message.data))
 
     def _top(self, args: list[str]) -> Answer:
         if len(args) != 2 or not re.fullmatch(r"\d{1,9}", args[1]):
@@ -406,12 +411,12 @@ class MailboxSession:
         n, message = found
         lines = int(args[1])
         if message.data is not None:
-            return Answer(self._ok("TOP") + stuff(top_of(message.data, lines)))
+            return Answer(self._status("TOP") + stuff(top_of(message.data, lines)))
         if lines in message.tops:
-            return Answer(self._ok("TOP") + stuff(message.tops[lines]))
+            return Answer(self._status("TOP") + stuff(message.tops[lines]))
         larger = sorted(m for m in message.tops if m > lines)
         if larger:
-            return Answer(self._ok("TOP") + stuff(top_of(message.tops[larger[0]], lines)))
+            return Answer(self._status("TOP") + stuff(top_of(message.tops[larger[0]], lines)))
         recorded = ", ".join(f"TOP {n} {m}" for m in sorted(message.tops)) or None
         return self._cannot(
             f"message {n} was never retrieved and no TOP {n} {lines} or longer was recorded",
@@ -426,11 +431,11 @@ class MailboxSession:
             return Answer(found)
         n, _ = found
         self.deleted.add(n)
-        return Answer(self._ok("DELE", msg=n))
+        return Answer(self._status("DELE", msg=n))
 
     def _rset(self, args: list[str]) -> Answer:
         self.deleted.clear()  # RFC 1939 §5: unmark every message marked as deleted
-        return Answer(self._ok("RSET"))
+        return Answer(self._status("RSET"))
 
     def _noop(self, args: list[str]) -> Answer:
-        return Answer(self._ok("NOOP"))
+        return Answer(self._status("NOOP"))

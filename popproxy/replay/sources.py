@@ -14,7 +14,29 @@ from popproxy.replay.script import RecordedSession, Step, load_session
 
 # RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _UID_RE = re.compile(r"^[\x21-\x7e]{1,70}$")
-_NUMBER_RE = re.compile(r"\d+")
+KNOWN_VERBS = frozenset(
+    [
+        "USER",
+        "PASS",
+        "APOP",
+        "AUTH",
+        "CAPA",
+        "STLS",
+        "QUIT",
+        "STAT",
+        "LIST",
+        "UIDL",
+        "RETR",
+        "TOP",
+        "DELE",
+        "RSET",
+        "NOOP",
+        "RPOP",
+        "LANG",
+        "UTF8",
+    ]
+)
+MESSAGE_VERBS = frozenset({"LIST", "UIDL", "RETR", "TOP", "DELE"})
 
 
 @dataclass
@@ -62,18 +84,13 @@ def template(line: str, values: dict[str, int | str]) -> str:
     """A recorded status line with the values it carried replaced by ``{name}`` fields.
 
     ``"+OK 4 messages:"`` with ``count=4`` becomes ``"+OK {count} messages:"``; each value
-    replaces the first token equal to it, so the server's own wording is kept.
+    replaces its first free-standing occurrence, so the server's own wording is kept.
     """
     text = line.replace("{", "{{").replace("}", "}}")
-    tokens = re.split(r"(\s+)", text)
-    unused = dict(values)
-    for i, token in enumerate(tokens):
-        for name, value in list(unused.items()):
-            if token == str(value) or token.rstrip(".,:;") == str(value):
-                tokens[i] = token.replace(str(value), "{" + name + "}", 1)
-                del unused[name]
-                break
-    return "".join(tokens)
+    for name, value in values.items():
+        pattern = rf"(?<![A-Za-z0-9{{]){re.escape(str(value))}(?![A-Za-z0-9}}])"
+        text = re.sub(pattern, "{" + name + "}", text, count=1)
+    return text
 
 
 def unstuff(body: bytes) -> bytes:
@@ -119,9 +136,26 @@ class _SessionReader:
         self.capa_transaction: bytes | None = None
         self.deleted: set[int] = set()
         self.committed = False
+        self.count: int | None = None  # messages in the maildrop, once STAT or LIST said
         for step in session.steps:
             if step.status == "+OK":
                 self._step(step)
+            elif step.status == "-ERR":
+                self._error(step)
+
+    def _error(self, step: Step) -> None:
+        """Recorded -ERR wordings the mailbox can reuse (RFC 1939 §5 leaves the text free)."""
+        status, _ = _status_and_body(step.reply)
+        n = _number(step.args)
+        if step.verb in ("PASS", "APOP"):
+            self.texts.setdefault("ERR-AUTH", status)
+        elif step.verb not in KNOWN_VERBS and step.verb:
+            self.texts.setdefault("ERR-UNKNOWN", template(status, {"verb": step.verb}))
+        elif step.verb in MESSAGE_VERBS and n is not None:
+            if n in self.deleted:
+                self.texts.setdefault("ERR-DELETED", template(status, {"msg": n}))
+            elif self.count is not None and (n < 1 or n > self.count):
+                self.texts.setdefault("ERR-NOMSG", template(status, {"msg": n}))
 
     def _message(self, n: int, verb: str) -> StoredMessage:
         message = self.by_number.setdefault(n, StoredMessage(origin=f"{self.session.path}"))
@@ -146,9 +180,11 @@ class _SessionReader:
                 count, total = int(parts[1]), int(parts[2])
                 if not self.deleted and self.stat is None:
                     self.stat = (count, total)
+                self.count = count
                 self.texts.setdefault("STAT", template(status, {"count": count, "size": total}))
         elif verb in ("LIST", "UIDL") and n is None:
             listing = _listing(body)
+            self.count = max(listing, default=0) if verb == "LIST" else self.count
             for number, value in listing.items():
                 message = self._message(number, verb)
                 if verb == "LIST" and value.isdigit():
