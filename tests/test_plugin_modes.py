@@ -250,6 +250,15 @@ def test_other_order(pop3_server):
     c.dele(1)
     assert c.stat()[0] == 1
     c.quit()
+    assert len(pop3_server.maildrop.messages) == 2  # each session starts afresh
+
+@pytest.mark.pop3_capture("box.popcap", mode="mailbox", persist=True)
+def test_persist(pop3_server):
+    c = login(pop3_server)
+    c.dele(1)
+    c.quit()
+    assert login(pop3_server).stat()[0] == 1
+    assert [m.uid for m in pop3_server.maildrop.messages] == ["uid-two"]
 
 @pytest.mark.pop3_capture("box.popcap", mode="mailbox")
 def test_unrecorded_message(pop3_server):
@@ -267,7 +276,7 @@ def test_unrecorded_message_allowed(pop3_server):
 """
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3, errors=1)
+    result.assert_outcomes(passed=4, errors=1)
     text = result.stdout.str()
     assert "could not answer" in text and "message 2 was never retrieved" in text
 

@@ -28,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Answer POP3 clients from captures: the recorded greeting, then each "
         "recorded reply, byte for byte, as the client sends the recorded commands. "
         "Successive connections get successive captures. A command the recording "
-        "does not have gets -ERR and a near-miss report.",
+        "does not have gets -ERR and a near-miss report. With --mailbox, a stateful "
+        "mailbox rebuilt from the captures (or a Maildir, an mbox, .eml files) answers "
+        "any valid command sequence instead (docs/replay.md).",
     )
     p.add_argument(
         "captures",

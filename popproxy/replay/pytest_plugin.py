@@ -34,6 +34,7 @@ from popproxy.faults import FaultSet, FaultSyntaxError, parse_rule
 from popproxy.proxy.config import ProxyConfig, UsageError, parse_hostport
 from popproxy.replay import recording
 from popproxy.replay.fake import FakeServer, ServeConfig, ServeReport, serve_replay
+from popproxy.replay.mailbox import Maildrop
 from popproxy.replay.netguard import NetworkGuard
 from popproxy.replay.script import load_sessions
 from popproxy.replay.scrub import Scrub, scrub_capture
@@ -106,6 +107,7 @@ class Pop3Server:
         self.report = report if report is not None else ServeReport()
         self._ca = ca
         self.faults = faults if faults is not None else FaultSet()
+        self.maildrop: Maildrop | None = None  # mode="mailbox": the messages left
 
     def add_fault(self, rule: str) -> None:
         """Inject a fault (docs/faults.md) from now on, e.g. ``"RETR 1: cut after 500"``."""
@@ -341,8 +343,10 @@ def _replaying(
     host, port = thread.start()[0]
     if guard is not None:
         guard.allow_port(port)
+    handle = Pop3Server(host, port, mode, path, False, server.report, ca, faults)
+    handle.maildrop = server.maildrop
     try:
-        yield Pop3Server(host, port, mode, path, False, server.report, ca, faults)
+        yield handle
     finally:
         if recorder is not None and out_dir is not None:
             _settle(out_dir, set())
