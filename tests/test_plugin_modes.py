@@ -304,3 +304,38 @@ def test_scrub_spans_do_not_depend_on_record_boundaries(
     scrub_capture(path, [rule])
     again = b"".join(r.data or b"" for r in CaptureReader(path).records() if r.kind == "d")
     assert len(again) == len(stream) and b"corp.example" not in again
+
+
+def test_marker_match_any_plays_another_order(pytester: pytest.Pytester) -> None:
+    from tests.test_serve import _simple
+
+    _simple(pytester.path)
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(
+        test_any="""
+import poplib
+import pytest
+
+def other_order(server):
+    c = poplib.POP3(server.host, server.port, timeout=5)
+    c.user("alice"); c.pass_("x")
+    c.retr(1)
+    stats = [c.stat()]
+    c.dele(1)
+    stats.append(c.stat())
+    c.quit()
+    return stats
+
+@pytest.mark.pop3_capture("s.popcap", match="any")
+def test_any(pop3_server):
+    assert other_order(pop3_server) == [(2, 300), (1, 200)]
+
+@pytest.mark.pop3_capture("s.popcap")
+def test_ordered(pop3_server):
+    with pytest.raises(poplib.error_proto, match="not in the recording"):
+        other_order(pop3_server)
+"""
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)  # ordered: the unplayed exchanges fail it
+    assert "out of order: the next recorded command is STAT" in result.stdout.str()
