@@ -10,11 +10,12 @@ the same faults, whatever other sessions do at the same time.
 from __future__ import annotations
 
 import random
+import re
 import secrets
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
 
 from popproxy.core.events import State
 from popproxy.faults.rules import (
@@ -60,6 +61,23 @@ class FaultSet:
         self._rules: tuple[Rule, ...] = tuple(rules)
         self.seed = secrets.randbelow(1 << 32) if seed is None else seed
         self._lock = threading.Lock()
+        self._candidates: dict[str, tuple[_Compiled, ...]] = {}
+
+    def candidates(self, verb: str) -> tuple[_Compiled, ...]:
+        """The rules that may select ``verb`` (its own and ``*``), in order, compiled once:
+        a command costs the rules about its verb, not all of them."""
+        found = self._candidates.get(verb)
+        if found is None:
+            rules = self._rules
+            found = tuple(
+                _Compiled(index, rule, _glob(rule.match.args), _glob(rule.match.user))
+                for index, rule in enumerate(rules, 1)
+                if rule.match.verb == verb or (rule.match.verb == ANY and verb != GREETING)
+            )
+            # Cached unless add() replaced the rules meanwhile; bounded, as clients name verbs.
+            if rules is self._rules and len(self._candidates) < 256:
+                self._candidates[verb] = found
+        return found
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -74,6 +92,7 @@ class FaultSet:
     def add(self, rule: Rule) -> None:
         with self._lock:
             self._rules = (*self._rules, rule)
+            self._candidates = {}
 
     def session(self, number: int) -> SessionFaults:
         return SessionFaults(self, number)
@@ -103,8 +122,9 @@ class SessionFaults:
             mech = args.split(" ", 1)[0].upper()
             adv = self.advertised.get(mech)
             if adv is not None and isinstance(adv.action, Advertise):
-                refusal = Injection(adv.rule, adv.index, adv.occurrence, Answer(adv.action.reply))
-                refusal = _with_verb(refusal, verb)
+                refusal = Injection(
+                    adv.rule, adv.index, adv.occurrence, Answer(adv.action.reply), None, verb
+                )
                 self.injected.append(refusal)
                 return refusal
         return self._first(verb, " ".join((args or "").split()), state, user)
@@ -113,8 +133,14 @@ class SessionFaults:
         self, verb: str, args: str | None, state: State | None, user: str | None
     ) -> Injection | None:
         fired: Injection | None = None
-        for index, rule in enumerate(self.faults.rules, 1):
-            if not _selects(rule, verb, args, state, user, self.number):
+        for c in self.faults.candidates(verb):
+            index, rule, m = c.index, c.rule, c.rule.match
+            if (
+                (c.args is not None and c.args.match(args or "") is None)
+                or (m.session is not None and m.session != self.number)
+                or (m.state is not None and m.state is not state)
+                or (c.user is not None and (user is None or c.user.match(user) is None))
+            ):
                 continue
             count = self._counts.get(index, 0) + 1
             self._counts[index] = count
@@ -148,33 +174,17 @@ class SessionFaults:
         return rng
 
 
-def _with_verb(injection: Injection, verb: str) -> Injection:
-    return Injection(
-        injection.rule,
-        injection.index,
-        injection.occurrence,
-        injection.action,
-        injection.seconds,
-        verb,
-    )
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    index: int
+    rule: Rule
+    args: re.Pattern[str] | None
+    user: re.Pattern[str] | None
 
 
-def _selects(
-    rule: Rule, verb: str, args: str | None, state: State | None, user: str | None, session: int
-) -> bool:
-    m = rule.match
-    if m.verb == GREETING or verb == GREETING:
-        if m.verb != verb:
-            return False
-    elif m.verb != ANY and m.verb != verb:
-        return False
-    if m.args is not None and not fnmatchcase(args or "", m.args):
-        return False
-    if m.session is not None and m.session != session:
-        return False
-    if m.state is not None and m.state is not state:
-        return False
-    return m.user is None or (user is not None and fnmatchcase(user, m.user))
+def _glob(pattern: str | None) -> re.Pattern[str] | None:
+    """A glob (``*``, ``?``, ``[...]``) as a compiled, case-sensitive full match."""
+    return None if pattern is None else re.compile(translate(pattern))
 
 
 def draw(duration: Duration, rng: random.Random) -> float:

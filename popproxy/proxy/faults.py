@@ -102,6 +102,9 @@ class ProxyFaults:
         now: Callable[[], float],
     ) -> None:
         """Relay one server chunk, shaped where a rule applies."""
+        if not self.busy():
+            await send(data)  # no rule selected anything under way: relay as it is
+            return
         if not self.pending:
             self.pending_offset = start
         buf, base = self.pending + data, self.pending_offset
@@ -130,6 +133,11 @@ class ProxyFaults:
                 return
         self.pending = buf[pos:]
         self.pending_offset = base + pos
+
+    def busy(self) -> bool:
+        """Whether server bytes must be placed by the observer before they are relayed:
+        a rule selected a command whose reply is not through, or bytes are held."""
+        return bool(self._injections or self._open or self.stalled or self.pending)
 
     def wants_client(self) -> bool:
         """Whether client chunks must be parsed before they are relayed (answer rules)."""

@@ -429,7 +429,11 @@ class Session:
                 or self.config.stls is StlsMode.STRIP
                 or (self.faults is not None and self.faults.wants_client())
             )
-        return self._stls_done is not None or self._hide_stls() or self.faults is not None
+        if self._stls_done is not None or self._hide_stls():
+            return True
+        # Fault rules (docs/faults.md): parse first while a rule acts on a reply under way,
+        # or while other chunks wait to be parsed (a command a rule may select).
+        return self.faults is not None and (self.faults.busy() or len(self._unfed) > 1)
 
     async def _client_chunk(self, data: bytes, events: list[Event], start: int) -> None:
         assert self.upstream is not None and self.tap is not None
