@@ -23,9 +23,8 @@ import pytest
 from popproxy import __version__
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
-from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Direction
-from popproxy.proxy.tap import Tap
+from tests.support import captures
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs" / "show.schema.json").read_text())
@@ -87,25 +86,10 @@ def make_capture(
     keep_secrets: bool = False,
     end: bool = True,
 ) -> Path:
-    writer = CaptureWriter(
-        {"session": 1, "client": "127.0.0.1:5", "upstream": "x:110", "keep_secrets": keep_secrets},
-        keep_secrets=keep_secrets,
+    header = {"session": 1, "client": "127.0.0.1:5", "upstream": "x:110"}
+    return captures.make_capture(
+        path, captures.timed(session), header, keep_secrets=keep_secrets, end=end
     )
-    tap = Tap(writer, None)
-    t = 0.0
-    for direction, data in session:
-        t += 0.01
-        tap.data(direction, t, data)
-    if end:
-        tap.data(S, t, b"")
-        tap.data(C, t, b"")
-        writer.flush_all()
-        writer.meta({"r": fmt.END, "t": t, "how": "quit", "error": None})
-    writer.flush_all()
-    fd = create_capture_file(path)
-    fmt.write_all(fd, writer.take())
-    os.close(fd)
-    return path
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import gc
 import json
-import os
 import shutil
 import subprocess
 import tracemalloc
@@ -18,31 +17,17 @@ import pytest
 from popproxy.capture import format as fmt
 from popproxy.capture.events import replay_events
 from popproxy.capture.reader import CaptureReader
-from popproxy.capture.writer import CaptureWriter
 from popproxy.cli.main import main
-from popproxy.core import Command, Direction, Observer, SaslResponse
+from popproxy.core import Command, Direction, SaslResponse
 from popproxy.inspect.eml import export_eml, safe_part
 from popproxy.inspect.html import export_html
 from popproxy.inspect.pcap import checksum, export_pcap
 from popproxy.inspect.text import export_text
+from tests.support.captures import HEADER, Step, make_capture
 from tests.support.dovecot import STANDARD_MESSAGES, standard_uidls
 
 C, S = Direction.CLIENT, Direction.SERVER
 FIXTURES = Path(__file__).parent / "fixtures"
-HEADER: dict[str, Any] = {
-    "popproxy": "test",
-    "start": "2024-01-01T10:00:00Z",
-    "t0": 1704103200.0,
-    "session": 1,
-    "client": "127.0.0.1:54321",
-    "listen": "127.0.0.1:1110",
-    "upstream": "127.0.0.1:2110",
-    "keep_secrets": False,
-    "stls": "intercept",
-}
-
-# A step: (direction, t, bytes), or ("tls", direction, t[, decrypted]) for an STLS upgrade.
-Step = tuple[Any, ...]
 
 
 def load(name: str) -> dict[str, Any]:
@@ -58,56 +43,6 @@ def fixture_steps(fixture: dict[str, Any]) -> list[Step]:
         (C if c["dir"] == "c" else S, float(c["t"]), base64.b64decode(c["b64"]))
         for c in fixture["chunks"]
     ]
-
-
-def make_capture(path: Path, steps: list[Step], *, close: bool = True) -> Path:
-    """A capture as the proxy writes it: writer fed by a real observer, redaction included."""
-    obs = Observer()
-    writer = CaptureWriter(HEADER)
-    offsets = {C: 0, S: 0}
-    t = 0.0
-
-    def settle(events: list[Any]) -> None:
-        writer.observe(events)
-        writer.advance(obs.settled(C), obs.settled(S))
-
-    for step in steps:
-        if step[0] == "tls":
-            direction, t = step[1], step[2]
-            decrypted = step[3] if len(step) > 3 else True
-            writer.meta(
-                {
-                    "r": fmt.TLS,
-                    "d": direction.value,
-                    "t": t,
-                    "off": offsets[direction],
-                    "decrypted": decrypted,
-                    "version": "TLSv1.3",
-                    "leg": "client" if direction is C else "upstream",
-                    "mode": "stls" if decrypted else "passthrough",
-                }
-            )
-            settle(obs.start_tls(direction, decrypted=decrypted))
-            continue
-        direction, t, data = step
-        offsets[direction] += len(data)
-        writer.data(direction, t, data)
-        settle(obs.receive_data(direction, data))
-    if close:
-        for direction in (S, C):
-            writer.meta({"r": fmt.EOF, "d": direction.value, "t": t})
-            settle(obs.receive_data(direction, b""))
-        writer.flush_all()
-        writer.meta(
-            {"r": fmt.END, "t": t, "how": "quit", "octets": {"c": offsets[C], "s": offsets[S]}}
-        )
-    writer.flush_all()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        fmt.write_all(fd, writer.take())
-    finally:
-        os.close(fd)
-    return path
 
 
 def fixture_capture(tmp_path: Path, name: str) -> tuple[Path, dict[str, Any]]:
@@ -189,7 +124,7 @@ def test_eml_cut_off_body_is_partial(tmp_path: Path) -> None:
     steps = fixture_steps(load("poplib_userpass"))
     # Stop in the middle of RETR 4's body: the session's last server chunks never came.
     cut = next(i for i, s in enumerate(steps) if s[2].startswith(b"+OK 205253")) + 1
-    cap = make_capture(tmp_path / "cut.popcap", steps[:cut], close=False)
+    cap = make_capture(tmp_path / "cut.popcap", steps[:cut], end=False)
     with CaptureReader(cap) as reader:
         result = export_eml(reader, tmp_path / "mail")
     [partial] = result.partial

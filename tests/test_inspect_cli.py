@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,13 @@ import pytest
 
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
-from popproxy.capture.writer import CaptureWriter
 from popproxy.cli import diff as diff_cli
 from popproxy.cli import list as list_cli
 from popproxy.cli import stats as stats_cli
 from popproxy.cli.lint import render_findings
 from popproxy.cli.main import main
-from popproxy.core import Direction, Observer
-from popproxy.core.transcript import Exchange, TranscriptBuilder
+from popproxy.core import Direction
+from popproxy.core.transcript import Exchange
 from popproxy.inspect.lint_rules import Finding
 from popproxy.inspect.stats import StatsCollector, collect, percentile
 from popproxy.inspect.summary import row_from_end
@@ -37,6 +35,7 @@ from popproxy.replay.compare import (
     first_body_difference,
 )
 from popproxy.views.theme import make_console
+from tests.support.captures import fixture_steps, make_capture
 
 C, S = Direction.CLIENT, Direction.SERVER
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -46,77 +45,6 @@ Step = tuple[str, float, bytes]  # (direction "c"/"s", time, bytes); b"" closes 
 
 
 # ----------------------------------------------------------------- building captures
-
-
-def make_capture(
-    path: Path, steps: Iterable[Step], header: dict[str, Any] | None = None, *, end: bool = True
-) -> Path:
-    """Write a capture as the proxy would: writer + observer, settled offsets, end record.
-
-    With ``end=False`` the file stops before the directions close and the end record, like
-    a capture whose proxy died.
-    """
-    hdr = {
-        "start": "2024-01-01T10:00:00Z",
-        "client": "127.0.0.1:40000",
-        "upstream": "pop.example.org:110",
-        **(header or {}),
-    }
-    writer = CaptureWriter(hdr)
-    observer = Observer()
-    builder = TranscriptBuilder(hash_bodies=False)
-    octets = {"c": 0, "s": 0}
-    closed: set[str] = set()
-    t = 0.0
-
-    def feed(d: str, when: float, data: bytes) -> None:
-        direction = Direction(d)
-        if data:
-            writer.data(direction, when, data)
-            octets[d] += len(data)
-        else:
-            writer.meta({"r": fmt.EOF, "d": d, "t": when})
-            closed.add(d)
-        events = observer.receive_data(direction, data)
-        writer.observe(events)
-        builder.feed(when, events)
-        writer.advance(observer.settled(C), observer.settled(S))
-
-    for d, t, data in steps:
-        feed(d, t, data)
-    if end:
-        for d in ("s", "c"):
-            if d not in closed:
-                feed(d, t, b"")
-        writer.flush_all()
-        session = builder.session
-        writer.meta(
-            {
-                "r": fmt.END,
-                "t": t,
-                "how": "quit" if session.quit else "closed",
-                "error": None,
-                "octets": octets,
-                "commands": session.commands,
-                "user": session.user,
-                "mechanism": session.mechanism,
-                "anomalies": len(session.anomalies),
-                "redactions": 0,
-                "observer_error": None,
-            }
-        )
-    writer.flush_all()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        fmt.write_all(fd, writer.take())
-    finally:
-        os.close(fd)
-    return path
-
-
-def fixture_steps(name: str) -> list[Step]:
-    doc = json.loads((FIXTURES / f"{name}.json").read_text())
-    return [(c["dir"], float(c["t"]), base64.b64decode(c["b64"])) for c in doc["chunks"]]
 
 
 def script(

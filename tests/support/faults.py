@@ -29,14 +29,13 @@ from typing import Any
 
 import trio
 
-from popproxy.capture import format as fmt
-from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.cli.show import capture_json
 from popproxy.core.transcript import Item, SessionSummary
 from popproxy.inspect.streams import export_streams
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record
+from tests.support.captures import wait_ended
 from tests.support.scripted import default_answer
 
 ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -339,23 +338,6 @@ def read_capture(path: Path, work: Path) -> Capture:
     return Capture(
         path, doc, (out / "client.bin").read_bytes(), (out / "server.bin").read_bytes(), warnings
     )
-
-
-def _ended(path: Path) -> bool:
-    try:
-        with CaptureReader(path) as reader:
-            return reader.end() is not None
-    except CaptureError:
-        return False
-
-
-async def wait_ended(out: Path, count: int) -> list[Path]:
-    """Wait (the caller bounds it) until ``count`` captures in ``out`` have an end record."""
-    while True:
-        paths = sorted(out.glob(f"*{fmt.SUFFIX}"))
-        if len(paths) >= count and all(_ended(p) for p in paths):
-            return paths
-        await trio.sleep(0.02)
 
 
 class Harness:

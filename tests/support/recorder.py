@@ -8,10 +8,9 @@ from typing import Any
 
 import trio
 
-from popproxy.capture.format import CaptureError
-from popproxy.capture.reader import CaptureReader
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record
+from tests.support.captures import wait_ended
 
 
 def record(
@@ -35,8 +34,7 @@ def record(
                 addresses = await nursery.start(partial_serve, config)
                 host, port = addresses[0]
                 result.append(await trio.to_thread.run_sync(client, host, port))
-                while not _all_ended(out_dir, before):
-                    await trio.sleep(0.02)
+                await wait_ended(out_dir, 1, before)
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -49,17 +47,3 @@ async def partial_serve(
     config: ProxyConfig, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
 ) -> None:
     await serve_record(config, None, announce=False, task_status=task_status)
-
-
-def _all_ended(out_dir: Path, before: set[Path]) -> bool:
-    new = set(out_dir.glob("*.popcap")) - before
-    if not new:
-        return False
-    for path in new:
-        try:
-            with CaptureReader(path) as reader:
-                if reader.end() is None:
-                    return False
-        except CaptureError:
-            return False  # the header is not flushed yet
-    return True
