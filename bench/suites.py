@@ -321,6 +321,12 @@ def fixture(lab: Lab) -> Table:
     return fixture_bench.run(lab.runs)
 
 
+def socks(lab: Lab) -> Table:
+    from bench import socks_bench
+
+    return socks_bench.run(lab)
+
+
 SUITES: dict[str, Callable[[Lab], Table]] = {
     "throughput": throughput,
     "noop": noop,
@@ -329,6 +335,7 @@ SUITES: dict[str, Callable[[Lab], Table]] = {
     "observer": observer,
     "startup": startup,
     "fixture": fixture,
+    "socks": socks,
 }
 
 

@@ -81,17 +81,20 @@ def is_ip(host: str) -> bool:
 
 
 async def open_listeners(
-    host: str, port: int, *, announce: bool
+    host: str, port: int, *, announce: bool, note: str = ""
 ) -> tuple[list[trio.SocketListener], list[tuple[str, int]]]:
-    """Bind ``host:port`` (port 0 picks one) and print ``listening on HOST:PORT`` per
-    bound address on stdout, flushed: scripts wait for that line, even in quiet mode."""
+    """Bind ``host:port`` (port 0 picks one) and print ``listening on HOST:PORT`` (then
+    `` (note)`` if given) per bound address on stdout, flushed: scripts wait for that
+    line, even in quiet mode."""
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
     addresses: list[tuple[str, int]] = []
     for listener in listeners:
         name = listener.socket.getsockname()
         addresses.append((name[0], name[1]))
         if announce:
-            print(f"listening on {format_hostport(name[0], name[1])}", flush=True, file=sys.stdout)
+            suffix = f" ({note})" if note else ""
+            line = f"listening on {format_hostport(name[0], name[1])}{suffix}"
+            print(line, flush=True, file=sys.stdout)
     return listeners, addresses
 
 

@@ -28,12 +28,14 @@ def replay_events(
         events: list[Event] = []
         # A record whose fields are damaged is skipped (the rest still reads); the observer
         # is called outside that check, so a bug in it surfaces instead of passing for one.
-        direction = _direction(f) if kind in (fmt.DATA, fmt.TLS, fmt.EOF) else None
+        direction = _direction(f) if kind in (fmt.DATA, fmt.TLS, fmt.EOF, fmt.OPAQUE) else None
         if direction is not None:
             if kind == fmt.DATA and record.data is not None:
                 events = obs.receive_data(direction, record.data)
             elif kind == fmt.TLS:
                 events = obs.start_tls(direction, decrypted=bool(f.get("decrypted", True)))
+            elif kind == fmt.OPAQUE:
+                events = obs.go_opaque(direction, str(f.get("why", "not POP3")))
             elif kind == fmt.EOF:
                 closed.add(direction)
                 events = obs.receive_data(direction, b"")

@@ -27,6 +27,7 @@ IDENTITY = "identity"
 DROP = "drop"
 EVENT = "event"
 EOF = "eof"
+OPAQUE = "opaque"  # from "off" on, direction "d" is not interpreted (not POP3)
 END = "end"
 
 

@@ -19,6 +19,14 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "a test server with its own CA, sessions only on screen",
             "popproxy record --upstream 127.0.0.1:110 --upstream-ca test-ca.pem --quiet",
         ),
+        (
+            "a SOCKS5 proxy for mail clients: each names its server (995 = pop3s)",
+            "popproxy record --socks5 1080",
+        ),
+        (
+            "two accounts in one process",
+            "popproxy record --route 1110=pop.a.org:110 --route 1995=pop.b.org:995/tls",
+        ),
     ],
     "show": [
         ("every capture in the folder, bodies folded", "popproxy show captures/"),

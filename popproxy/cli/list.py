@@ -14,8 +14,15 @@ from rich.text import Text
 
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.capture.via import describe_via
 from popproxy.errors import report
-from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
+from popproxy.inspect.select import (
+    FILTER_HELP,
+    add_upstream_option,
+    capture_matches,
+    combined_filter,
+    filter_arg,
+)
 from popproxy.inspect.summary import row_from_end, row_from_scan
 from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
@@ -44,10 +51,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
     p.add_argument("--filter", type=filter_arg, metavar="EXPR", help=FILTER_HELP)
+    add_upstream_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.filter = combined_filter(args)
     folder = Path(args.folder)
     if not folder.exists():
         raise CaptureError(f"{folder}: no such file or folder")
@@ -119,7 +128,9 @@ def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
             str(r.get("user") or ""),
         ]
         if wide:
-            cells.append(f"{r.get('client') or '?'} → {r.get('upstream') or '?'}")
+            chosen = describe_via({"via": r.get("via")})
+            via = "" if chosen == "fixed" else f" ({chosen})"
+            cells.append(safe.text(f"{r.get('client') or '?'} → {r.get('upstream') or '?'}{via}"))
         cells += [
             _count(r.get("commands")),
             _size(r.get("client_octets")),

@@ -12,12 +12,19 @@ import trio
 
 from popproxy.cli.common import run_listening
 from popproxy.faults.options import add_fault_options, faults_from_args
+from popproxy.proxy import routing
 from popproxy.proxy.config import (
     ProxyConfig,
+    Security,
+    SocksSettings,
     StlsMode,
     UsageError,
     capture_dir,
+    format_hostport,
+    parse_credentials,
     parse_hostport,
+    parse_listen,
+    parse_route,
 )
 from popproxy.proxy.probe import exposed, probe_upstream
 from popproxy.proxy.server import serve_record
@@ -31,19 +38,59 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "record",
         help="relay a mail client to a POP3 server and record it",
         description="Listen for POP3 clients, relay each to the upstream server "
-        "byte for byte, show the session live and write a capture.",
+        "byte for byte, show the session live and write a capture.  The upstream is "
+        "fixed (--upstream), set per listener (--route), or named by each client "
+        "(--socks5); they combine in one process.",
     )
     p.add_argument(
         "--upstream",
-        required=True,
         metavar="HOST:PORT",
-        help="the real POP3 server (names, IPv4 or [IPv6]:PORT)",
+        help="the real POP3 server (names, IPv4 or [IPv6]:PORT), for clients of --listen",
     )
     p.add_argument(
         "--listen",
-        default="127.0.0.1:1110",
+        default=None,
         metavar="HOST:PORT",
-        help="where clients connect (default 127.0.0.1:1110; port 0 picks one)",
+        help="where clients of --upstream connect (default 127.0.0.1:1110; port 0 picks one)",
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="LISTEN=UPSTREAM[/tls|/stls]",
+        help="one more listener with its own upstream (repeatable); LISTEN is [HOST:]PORT; "
+        "/tls: implicit TLS on both legs, /stls: popproxy upgrades the upstream with STLS",
+    )
+    socks = p.add_argument_group("SOCKS5 (each client names its upstream)")
+    socks.add_argument(
+        "--socks5",
+        metavar="[HOST:]PORT",
+        help="a SOCKS5 listener (RFC 1928): the client's CONNECT target is the upstream",
+    )
+    socks.add_argument(
+        "--socks-auth",
+        metavar="USER:PASS",
+        help="require this SOCKS5 username and password (RFC 1929)",
+    )
+    socks.add_argument(
+        "--tls-port",
+        action="append",
+        type=int,
+        default=[],
+        metavar="PORT",
+        help="targets on PORT speak implicit TLS, like 995 (repeatable)",
+    )
+    socks.add_argument(
+        "--socks-pop3-only",
+        action="store_true",
+        help="refuse targets that do not greet like POP3 instead of relaying them opaque",
+    )
+    socks.add_argument(
+        "--sniff-timeout",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="seconds a SOCKS5 target may take to greet before it counts as not POP3 (default 3)",
     )
     p.add_argument(
         "--out",
@@ -116,15 +163,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def build_config(args: argparse.Namespace) -> ProxyConfig:
-    upstream = parse_hostport(args.upstream)
-    listen = parse_hostport(args.listen, default_port=1110)
-    if upstream[1] == 0:
-        raise UsageError("--upstream needs a real port, not 0")
-    for name in ("connect_timeout", "idle_timeout"):
+    if not (args.upstream or args.route or args.socks5):
+        raise UsageError("say where mail goes: --upstream, --route or --socks5")
+    if args.upstream:
+        upstream = parse_hostport(args.upstream)
+        if upstream[1] == 0:
+            raise UsageError("--upstream needs a real port, not 0")
+    else:
+        for flag in ("listen", "listen_tls", "upstream_tls", "upstream_stls"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} applies to --upstream: give one")
+        upstream = ("", 0)
+    listen = parse_hostport(args.listen or "127.0.0.1:1110", default_port=1110)
+    for name in ("connect_timeout", "idle_timeout", "sniff_timeout"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.upstream_tls and args.upstream_stls:
         raise UsageError("--upstream-tls and --upstream-stls exclude each other")
+    routes = [parse_route(text) for text in args.route]
+    socks = None
+    if args.socks5:
+        for port in args.tls_port:
+            if not 0 < port <= 65535:
+                raise UsageError(f"--tls-port {port}: not a port")
+        socks = SocksSettings(
+            listen=parse_listen(args.socks5),
+            credentials=parse_credentials(args.socks_auth) if args.socks_auth else None,
+            tls_ports=frozenset({995, *args.tls_port}),
+            pop3_only=args.socks_pop3_only,
+            sniff_timeout=args.sniff_timeout,
+        )
+    elif args.socks_auth or args.tls_port or args.socks_pop3_only:
+        raise UsageError("--socks-auth, --tls-port and --socks-pop3-only need --socks5")
     out = capture_dir(args.out)
     if args.upstream_ca and not os.path.isfile(args.upstream_ca):
         raise UsageError(f"--upstream-ca {args.upstream_ca}: no such file")
@@ -144,6 +214,9 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         verbose=args.verbose,
         check_upstream=not args.no_check,
         faults=faults_from_args(args),
+        serve_fixed=bool(args.upstream),
+        routes=routes,
+        socks=socks,
     )
     for rule in config.faults.rules if config.faults else ():
         from popproxy.proxy.faults import proxy_unsupported
@@ -159,9 +232,18 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     except OSError as exc:
         raise UsageError(f"--upstream-ca {args.upstream_ca}: {exc}") from None
     config.ca_dir = Path(args.ca_dir) if args.ca_dir else default_ca_dir()
-    if args.listen_tls:
+    if args.listen_tls or socks or any(r.security is Security.TLS for r in routes):
         config.certificate_authority()  # fail at start-up, not at the first client
     return config
+
+
+def listen_text(config: ProxyConfig) -> str:
+    """Every address record listens on, for a failure to bind."""
+    places = [format_hostport(*config.listen)] if config.serve_fixed else []
+    places += [format_hostport(*route.listen) for route in config.routes]
+    if config.socks is not None:
+        places.append(format_hostport(*config.socks.listen))
+    return ", ".join(places)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,24 +257,39 @@ def run(args: argparse.Namespace) -> int:
             f"fault injection: {len(config.faults)} rule(s), seed {config.faults.seed}",
             "pop.warning",
         )
-    if exposed(config.listen[0]):
+    listens = [config.listen] if config.serve_fixed else []
+    listens += [route.listen for route in config.routes]
+    for host, port in listens:
+        if exposed(host):
+            view.notice(
+                f"WARNING: listening on {format_hostport(host, port)} accepts clients from "
+                "other machines: anyone who reaches it relays through popproxy and lands in "
+                "your captures (--listen 127.0.0.1:PORT keeps it on this machine)",
+                "pop.error",
+            )
+    socks = config.socks
+    if socks is not None and socks.credentials is None and exposed(socks.listen[0]):
         view.notice(
-            f"WARNING: listening on {args.listen} accepts clients from other machines: "
-            "anyone who reaches it relays through popproxy and lands in your captures "
-            "(--listen 127.0.0.1:PORT keeps it on this machine)",
+            "WARNING: --socks5 on a non-loopback address without --socks-auth: anyone "
+            "who reaches it can relay anywhere through popproxy",
             "pop.error",
         )
     try:
-        run_listening(_main, config, view, listen=args.listen)
+        run_listening(_main, config, view, listen=listen_text(config))
     finally:
         view.close()
     return 0
 
 
 async def _check_upstream(config: ProxyConfig, view: LiveView) -> None:
-    problem = await probe_upstream(config)
-    if problem is not None:
-        view.notice(f"WARNING: {problem}", "pop.warning")
+    """The fixed upstream and each route's, checked once at start-up (SOCKS targets are
+    only known per connection)."""
+    configs = [config] if config.serve_fixed else []
+    configs += [routing.route_config(config, route) for route in config.routes]
+    for each in configs:
+        problem = await probe_upstream(each)
+        if problem is not None:
+            view.notice(f"WARNING: {problem}", "pop.warning")
 
 
 async def _main(config: ProxyConfig, view: LiveView) -> None:

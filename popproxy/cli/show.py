@@ -13,9 +13,16 @@ from popproxy.capture import format as fmt
 from popproxy.capture.events import replay_events
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.capture.via import describe_via
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
-from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
+from popproxy.inspect.select import (
+    FILTER_HELP,
+    add_upstream_option,
+    capture_matches,
+    combined_filter,
+    filter_arg,
+)
 from popproxy.views import render, safe
 from popproxy.views.theme import make_console
 
@@ -41,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--errors", action="store_true", help="only -ERR replies and anomalies")
     p.add_argument("--grep", metavar="TEXT", help="only lines containing TEXT")
     p.add_argument("--filter", type=filter_arg, metavar="EXPR", help=FILTER_HELP)
+    add_upstream_option(p)
     p.add_argument(
         "--follow",
         "-f",
@@ -56,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    args.filter = combined_filter(args)
     paths = capture_paths(args.captures)
     if not paths:
         raise CaptureError(f"no captures in {' '.join(args.captures)}")
@@ -132,6 +141,10 @@ def _header_line(reader: CaptureReader) -> Text:
         f"  {h.get('start', '?')}  {h.get('client', '?')} → {h.get('upstream', '?')}",
         "pop.muted",
     )
+    if isinstance(h.get("via"), dict) and h["via"].get("how") != "fixed":
+        safe.append(text, f" ({describe_via(h)})", "pop.muted")
+    if h.get("opaque"):
+        text.append("  not POP3: relayed opaque", style="pop.warning")
     if h.get("keep_secrets"):
         text.append("  (secrets kept)", style="pop.warning")
     if h.get("insecure"):

@@ -14,7 +14,13 @@ from rich.text import Text
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.errors import report
-from popproxy.inspect.select import FILTER_HELP, capture_matches, filter_arg
+from popproxy.inspect.select import (
+    FILTER_HELP,
+    add_upstream_option,
+    capture_matches,
+    combined_filter,
+    filter_arg,
+)
 from popproxy.inspect.stats import StatsCollector, collect
 from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
@@ -42,10 +48,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--filter", type=filter_arg, metavar="EXPR", help=FILTER_HELP)
+    add_upstream_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.filter = combined_filter(args)
     paths = capture_paths(args.captures)
     if not paths:
         raise CaptureError(f"no captures in {' '.join(args.captures)}")

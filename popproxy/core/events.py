@@ -38,6 +38,7 @@ class SecretKind(enum.Enum):
     SASL = "SASL"
     RPOP = "RPOP"
     ECHO = "ECHO"
+    OPAQUE = "OPAQUE"  # a client's bytes in a connection popproxy does not interpret
 
 
 @dataclass(frozen=True, slots=True)

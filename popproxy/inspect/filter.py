@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from popproxy.capture import format as fmt
 from popproxy.capture.format import Record
+from popproxy.capture.via import via_text
 from popproxy.core import Event
 from popproxy.core.transcript import Exchange, TranscriptBuilder
 
@@ -34,6 +35,7 @@ OPERATORS: dict[str, Operator] = {
         Operator("all", False, "session", "every session"),
         Operator("u", True, "session", "user name (USER, APOP or the SASL identity)"),
         Operator("h", True, "session", "upstream host:port"),
+        Operator("via", True, "session", "how the upstream was chosen (fixed, route, socks5)"),
         Operator("src", True, "session", "client address host:port"),
         Operator("m", True, "session", "SASL mechanism (PLAIN, LOGIN, CRAM-MD5, ...)"),
         Operator("end", True, "session", "how the session ended (quit, server-closed, ...)"),
@@ -324,6 +326,7 @@ class SessionFacts:
     path: str = ""
     client: str | None = None
     upstream: str | None = None
+    via: str = "fixed"  # the header's "via" as text: "socks5 target=h:995 user=alice"
     user: str | None = None
     mechanism: str | None = None
     how: str | None = None
@@ -340,7 +343,10 @@ class SessionFacts:
 def facts_from_end(path: str, header: dict[str, Any], end: dict[str, Any] | None) -> SessionFacts:
     """The cheap facts: a capture's header and its end record (``None`` when unfinished)."""
     facts = SessionFacts(
-        path=path, client=_str(header.get("client")), upstream=_str(header.get("upstream"))
+        path=path,
+        client=_str(header.get("client")),
+        upstream=_str(header.get("upstream")),
+        via=via_text(header),
     )
     if end is None:
         facts.how = "unfinished"
@@ -388,6 +394,8 @@ def session_value(pred: Pred, facts: SessionFacts) -> bool | None:
         return True
     if op == "h":
         return _search(pred, facts.upstream)
+    if op == "via":
+        return _search(pred, facts.via)
     if op == "src":
         return _search(pred, facts.client)
     if op == "p":

@@ -6,7 +6,16 @@ import argparse
 
 from popproxy.capture.events import replay_events
 from popproxy.capture.reader import CaptureReader
-from popproxy.inspect.filter import Expr, FilterError, Scan, SessionFacts, facts_from_end, parse
+from popproxy.inspect.filter import (
+    And,
+    Expr,
+    FilterError,
+    Scan,
+    SessionFacts,
+    facts_from_end,
+    parse,
+    quote,
+)
 from popproxy.inspect.filter import quick as quick_verdict
 
 FILTER_HELP = (
@@ -21,6 +30,35 @@ def filter_arg(text: str) -> Expr:
         return parse(text)
     except FilterError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+UPSTREAM_HELP = (
+    "only sessions whose upstream host:port, route, SOCKS5 target or SOCKS5 user matches "
+    "PATTERN (a regular expression; short for --filter '~h PATTERN | ~via PATTERN')"
+)
+
+
+def add_upstream_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--upstream",
+        type=upstream_arg,
+        dest="upstream_filter",
+        metavar="PATTERN",
+        help=UPSTREAM_HELP,
+    )
+
+
+def upstream_arg(pattern: str) -> Expr:
+    """``--upstream PATTERN`` as the filter ``~h PATTERN | ~via PATTERN``."""
+    return filter_arg(f"~h {quote(pattern)} | ~via {quote(pattern)}")
+
+
+def combined_filter(args: argparse.Namespace) -> Expr | None:
+    """``--filter`` and ``--upstream`` together (both must hold), or whichever was given."""
+    parts = [e for e in (args.filter, getattr(args, "upstream_filter", None)) if e is not None]
+    if len(parts) == 2:
+        return And(parts[0], parts[1])
+    return parts[0] if parts else None
 
 
 def reader_facts(reader: CaptureReader) -> SessionFacts:

@@ -6,6 +6,7 @@ from typing import Any
 
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
+from popproxy.capture.via import via_of
 from popproxy.core.transcript import TranscriptBuilder
 from popproxy.inspect import metered_events
 
@@ -17,6 +18,7 @@ def _base(reader: CaptureReader) -> dict[str, Any]:
         "start": h.get("start"),
         "client": h.get("client"),
         "upstream": h.get("upstream"),
+        "via": via_of(h),  # how the upstream was chosen (docs/capture-format.md)
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import ssl
 import tempfile
 from dataclasses import dataclass, field
@@ -15,12 +16,86 @@ from popproxy.tls.ca import CertificateAuthority
 
 __all__ = [
     "ProxyConfig",
+    "Route",
+    "Security",
+    "SocksSettings",
     "StlsMode",
     "UsageError",
     "capture_dir",
     "format_hostport",
+    "parse_credentials",
     "parse_hostport",
+    "parse_listen",
+    "parse_route",
 ]
+
+
+def parse_listen(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """A listening address: ``[HOST:]PORT`` (loopback unless a host is named)."""
+    text = text.strip()
+    if text.isdigit():
+        return parse_hostport(f"{default_host}:{text}")
+    return parse_hostport(text)
+
+
+class Security(enum.Enum):
+    """How a ``--route`` reaches its upstream (and so what its listener speaks)."""
+
+    PLAIN = "plain"  # POP3, a client's STLS intercepted as with --upstream
+    TLS = "tls"  # implicit TLS on both legs (pop3s), popproxy's CA towards the client
+    STLS = "stls"  # popproxy upgrades the upstream leg with STLS itself
+
+
+@dataclass(frozen=True)
+class Route:
+    """One ``--route LISTEN=UPSTREAM[/tls|/stls]``: a listener with its own upstream."""
+
+    listen: tuple[str, int]
+    upstream: tuple[str, int]
+    security: Security
+    text: str  # as written on the command line, for captures and the live view
+
+
+def parse_route(text: str) -> Route:
+    """``LISTEN=UPSTREAM[/tls|/stls]``, LISTEN being ``[HOST:]PORT``."""
+    listen_text, sep, rest = text.partition("=")
+    if not sep or not listen_text or not rest:
+        raise UsageError(f"bad route {text!r}: expected LISTEN=UPSTREAM[/tls|/stls]")
+    upstream_text, slash, mode = rest.partition("/")
+    try:
+        security = Security(mode.lower()) if slash else Security.PLAIN
+    except ValueError:
+        raise UsageError(f"bad route {text!r}: the suffix must be /tls or /stls") from None
+    if slash and security is Security.PLAIN:
+        raise UsageError(f"bad route {text!r}: the suffix must be /tls or /stls")
+    listen = parse_listen(listen_text)
+    upstream = parse_hostport(upstream_text)
+    if upstream[1] == 0:
+        raise UsageError(f"bad route {text!r}: the upstream needs a real port, not 0")
+    canonical = f"{format_hostport(*listen)}={format_hostport(*upstream)}"
+    if security is not Security.PLAIN:
+        canonical += f"/{security.value}"
+    return Route(listen, upstream, security, canonical)
+
+
+def parse_credentials(text: str) -> tuple[bytes, bytes]:
+    """``--socks-auth USER:PASS`` (RFC 1929 §2: each 1 to 255 octets)."""
+    user, sep, password = text.partition(":")
+    raw_user, raw_password = user.encode(), password.encode()
+    if not sep or not 0 < len(raw_user) <= 255 or not 0 < len(raw_password) <= 255:
+        raise UsageError("--socks-auth wants USER:PASS, each 1 to 255 octets")
+    return raw_user, raw_password
+
+
+@dataclass(frozen=True)
+class SocksSettings:
+    """The ``--socks5`` listener: clients name their upstream in a SOCKS5 CONNECT."""
+
+    listen: tuple[str, int]
+    credentials: tuple[bytes, bytes] | None = None
+    tls_ports: frozenset[int] = frozenset({995})  # implicit TLS on both legs
+    pop3_only: bool = False  # refuse what does not greet like POP3 instead of relaying it
+    sniff_timeout: float = 3.0  # how long a server may take to greet before it is not POP3
 
 
 def capture_dir(text: str) -> Path:
@@ -63,6 +138,9 @@ class ProxyConfig:
     extra_header: dict[str, object] = field(default_factory=dict)
     check_upstream: bool = False  # record's start-up probe (popproxy/proxy/probe.py)
     faults: FaultSet | None = None  # fault rules (docs/faults.md)
+    serve_fixed: bool = True  # listen on ``listen`` for ``upstream`` (off: only routes, SOCKS)
+    routes: list[Route] = field(default_factory=list)
+    socks: SocksSettings | None = None
 
     def certificate_authority(self) -> CertificateAuthority:
         """popproxy's CA, loaded (or created) on first use: plaintext runs never touch it."""
