@@ -58,3 +58,14 @@ def test_every_room_is_in_the_table() -> None:
     assert rooms <= set(LAYERS), rooms - set(LAYERS)
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     assert modules <= SHARED, modules - SHARED
+
+
+def test_every_anomaly_kind_is_documented_and_emitted() -> None:
+    from popproxy.core.events import AnomalyKind
+
+    doc = (PACKAGE.parent / "docs" / "observer.md").read_text(encoding="utf-8")
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (PACKAGE / "core").glob("*.py"))
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    for kind in AnomalyKind:
+        assert any(f"`{kind.value}`" in row.split(" | ")[0] for row in rows), kind
+        assert f"AnomalyKind.{kind.name}" in source, f"{kind} is never emitted"

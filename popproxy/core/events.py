@@ -29,6 +29,36 @@ class State(enum.Enum):
     UPDATE = "UPDATE"
 
 
+class AnomalyKind(enum.StrEnum):
+    """What an ``Anomaly`` reports (docs/observer.md lists each with its meaning)."""
+
+    BAD_GREETING = "bad-greeting"
+    BARE_LF = "bare-lf"
+    CHALLENGE_WITHOUT_RESPONSE = "challenge-without-response"
+    CHANNEL_BINDING = "channel-binding"
+    COMMAND_AFTER_QUIT = "command-after-quit"
+    COMMAND_TOO_LONG = "command-too-long"
+    CONTINUATION_OUTSIDE_AUTH = "continuation-outside-auth"
+    DATA_AFTER_CLOSE = "data-after-close"
+    DATA_AFTER_QUIT = "data-after-quit"
+    HELD_OVERFLOW = "held-overflow"
+    LINE_TOO_LONG = "line-too-long"
+    MULTILINE_REPLY_TO_SINGLE = "multiline-reply-to-single"
+    NO_REPLY = "no-reply"
+    NONSTANDARD_STATUS = "nonstandard-status"
+    OPAQUE = "opaque"
+    PIPELINE_OVERFLOW = "pipeline-overflow"
+    PLAINTEXT_AFTER_STLS = "plaintext-after-stls"
+    STATUS_CASE = "status-case"
+    STATUS_TOO_LONG = "status-too-long"
+    TLS_ON_PLAINTEXT = "tls-on-plaintext"
+    TRUNCATED_BODY = "truncated-body"
+    UNEXPECTED_LINE = "unexpected-line"
+    UNSOLICITED = "unsolicited"
+    UNSTUFFED_DOT = "unstuffed-dot"
+    UNTERMINATED_LINE = "unterminated-line"
+
+
 class SecretKind(enum.Enum):
     """Why a byte span is a credential (docs/protocol-notes.md §7)."""
 
@@ -189,7 +219,7 @@ class TlsStarted(Event):
 class Anomaly(Event):
     """Something a conforming peer would not do; never an exception."""
 
-    kind: str
+    kind: AnomalyKind
     direction: Direction
     seq: int | None
     detail: str = ""

@@ -35,6 +35,7 @@ from popproxy.core import credentials, sasl, values
 from popproxy.core.body import Body
 from popproxy.core.events import (
     Anomaly,
+    AnomalyKind,
     AuthIdentity,
     BodyChunk,
     BodyEnd,
@@ -183,7 +184,7 @@ class Observer:
             if data:
                 if self._held and direction is Direction.CLIENT:
                     self._release_held(as_secret=True)  # keep stream order
-                self._anomaly_once(side, "data-after-close", None, "bytes after EOF")
+                self._anomaly_once(side, AnomalyKind.DATA_AFTER_CLOSE, None, "bytes after EOF")
                 self._emit_raw(Opaque, side, data)
             return out
         if side.head is not None:
@@ -208,7 +209,7 @@ class Observer:
         client = side.direction is Direction.CLIENT
         hint = first_bytes_hint(head, from_client=client, leg_tls=False)
         if hint is not None:
-            self._anomaly("tls-on-plaintext", side.direction, None, hint)
+            self._anomaly(AnomalyKind.TLS_ON_PLAINTEXT, side.direction, None, hint)
 
     def start_tls(self, direction: Direction, *, decrypted: bool = True) -> list[Event]:
         """TLS starts on ``direction`` at its current offset (implicit TLS or after STLS).
@@ -224,7 +225,7 @@ class Observer:
             # RFC 2595 §4: bytes before the handshake that were not a whole line.
             self._anomaly_once(
                 side,
-                "plaintext-after-stls",
+                AnomalyKind.PLAINTEXT_AFTER_STLS,
                 None,
                 "plaintext before the TLS handshake, not forwarded",
             )
@@ -251,7 +252,7 @@ class Observer:
             side.buf = b""
         if side.mode is not _Mode.CLOSED:
             side.mode = _Mode.OPAQUE
-        self._anomaly("opaque", direction, None, reason)
+        self._anomaly(AnomalyKind.OPAQUE, direction, None, reason)
         return out
 
     def settled(self, direction: Direction) -> int:
@@ -291,10 +292,12 @@ class Observer:
         self._out.append(cls(side.direction, side.offset, raw))
         side.offset += len(raw)
 
-    def _anomaly(self, kind: str, direction: Direction, seq: int | None, detail: str = "") -> None:
+    def _anomaly(
+        self, kind: AnomalyKind, direction: Direction, seq: int | None, detail: str = ""
+    ) -> None:
         self._out.append(Anomaly(kind, direction, seq, detail))
 
-    def _anomaly_once(self, side: _Side, kind: str, seq: int | None, detail: str) -> None:
+    def _anomaly_once(self, side: _Side, kind: AnomalyKind, seq: int | None, detail: str) -> None:
         """An anomaly that could repeat per ``receive_data`` call: report it once per side, so
         events do not depend on how the stream was segmented."""
         if kind not in side.reported:
@@ -339,7 +342,7 @@ class Observer:
                 # RFC 2595 §4: nothing may follow STLS's +OK before the handshake.
                 self._anomaly_once(
                     side,
-                    "plaintext-after-stls",
+                    AnomalyKind.PLAINTEXT_AFTER_STLS,
                     None,
                     "plaintext before the TLS handshake, not forwarded",
                 )
@@ -362,7 +365,7 @@ class Observer:
     def _line(self, side: _Side, line: bytes) -> None:
         if not line.endswith(b"\r\n") and line.endswith(b"\n") and not side.bare_lf_seen:
             side.bare_lf_seen = True  # RFC 1939 §3: lines end in CRLF; reported once per side
-            self._anomaly("bare-lf", side.direction, None, "line ended by LF alone")
+            self._anomaly(AnomalyKind.BARE_LF, side.direction, None, "line ended by LF alone")
         if side.direction is Direction.CLIENT:
             self._client_line(side, line)
         elif side.mode is _Mode.GREETING:
@@ -380,14 +383,18 @@ class Observer:
 
     def _overlong_head(self, side: _Side, head: bytes) -> None:
         """Emit the head of a line with no LF in sight; the rest follows as ``LineTail``."""
-        self._anomaly("line-too-long", side.direction, None, f"no line end within {len(head)}")
+        self._anomaly(
+            AnomalyKind.LINE_TOO_LONG, side.direction, None, f"no line end within {len(head)}"
+        )
         before = len(self._out)
         offset = side.offset
         if side.direction is Direction.CLIENT:
             if self._held:
                 # The tail is emitted before the server decides held lines: release them now,
                 # conservatively, so events stay in stream order.
-                self._anomaly("held-overflow", side.direction, None, "over-long undecided line")
+                self._anomaly(
+                    AnomalyKind.HELD_OVERFLOW, side.direction, None, "over-long undecided line"
+                )
                 self._release_held(as_secret=True)
             if (self._auth_open or self._stls_open) and not self._awaiting_response:
                 self._emit_raw(Opaque, side, head)
@@ -491,7 +498,9 @@ class Observer:
             return
         if undecided:
             if self._held_bytes + len(line) > 65536 or len(self._held) >= 1000:
-                self._anomaly("held-overflow", side.direction, None, "too many undecided lines")
+                self._anomaly(
+                    AnomalyKind.HELD_OVERFLOW, side.direction, None, "too many undecided lines"
+                )
                 self._release_held(as_secret=True)
             else:
                 self._held.append((side.offset, line))
@@ -529,14 +538,16 @@ class Observer:
         args = values.decode_text(masked[arg_start:]) if has_arg else None
         if len(line) > MAX_COMMAND:
             overlong = True  # RFC 2449 §4: 255 octets including CRLF
-            self._anomaly("command-too-long", Direction.CLIENT, seq, f"{len(line)} octets")
+            self._anomaly(
+                AnomalyKind.COMMAND_TOO_LONG, Direction.CLIENT, seq, f"{len(line)} octets"
+            )
         self._out.append(Command(Direction.CLIENT, offset, line, seq, verb, args, overlong))
         pending = _Pending(seq, verb, has_arg)
         if verb == "AUTH" and has_arg:
             pending.mechanism, ir = credentials.mechanism_and_response(cmd)
             if sasl.is_plus(pending.mechanism):
                 binding = sasl.channel_binding(pending.mechanism) or ""
-                self._anomaly("channel-binding", Direction.CLIENT, seq, binding)
+                self._anomaly(AnomalyKind.CHANNEL_BINDING, Direction.CLIENT, seq, binding)
             if ir is not None:
                 pending.responses.append(ir)
                 self._maybe_identity(pending)
@@ -545,11 +556,11 @@ class Observer:
         elif verb == "STLS":
             self._stls_open += 1
         if self._quit_done:
-            self._anomaly("command-after-quit", Direction.CLIENT, seq, verb)
+            self._anomaly(AnomalyKind.COMMAND_AFTER_QUIT, Direction.CLIENT, seq, verb)
         self._pending.append(pending)
         if len(self._pending) > self.max_pending:
             self._anomaly(
-                "pipeline-overflow",
+                AnomalyKind.PIPELINE_OVERFLOW,
                 Direction.CLIENT,
                 seq,
                 f"more than {self.max_pending} commands outstanding",
@@ -584,7 +595,7 @@ class Observer:
             self._out.append(AuthIdentity(pending.seq, mech, found[0], found[1]))
             binding = sasl.channel_binding(None, values.b64decode(pending.responses[0]))
             if binding is not None and not sasl.is_plus(mech):
-                self._anomaly("channel-binding", Direction.CLIENT, pending.seq, binding)
+                self._anomaly(AnomalyKind.CHANNEL_BINDING, Direction.CLIENT, pending.seq, binding)
 
     def _remember_secret(self, token: bytes) -> None:
         """Keep the forms in which the server may echo a credential (the latest 64)."""
@@ -619,7 +630,7 @@ class Observer:
         if injected:
             self._anomaly_once(
                 self._client,
-                "plaintext-after-stls",
+                AnomalyKind.PLAINTEXT_AFTER_STLS,
                 None,
                 "plaintext before the TLS handshake, not forwarded",
             )
@@ -631,11 +642,15 @@ class Observer:
         status, odd, rest = values.classify_status(body)
         code, text = values.split_code(rest)
         if status is None or status == values.CONT:
-            self._anomaly("bad-greeting", Direction.SERVER, None, values.decode_text(body[:80]))
+            self._anomaly(
+                AnomalyKind.BAD_GREETING, Direction.SERVER, None, values.decode_text(body[:80])
+            )
         elif odd:
             self._anomaly(odd, Direction.SERVER, None, values.decode_text(body[:16]))
         if len(line) > MAX_STATUS:
-            self._anomaly("status-too-long", Direction.SERVER, None, f"{len(line)} octets")
+            self._anomaly(
+                AnomalyKind.STATUS_TOO_LONG, Direction.SERVER, None, f"{len(line)} octets"
+            )
         stamp = values.apop_timestamp(body)
         self._out.append(
             Greeting(
@@ -672,11 +687,11 @@ class Observer:
         if head is None or status is None:
             code, text = values.split_code(rest) if status else (None, values.decode_text(body))
             if self._quit_done:
-                self._anomaly("data-after-quit", Direction.SERVER, None, text[:80])
+                self._anomaly(AnomalyKind.DATA_AFTER_QUIT, Direction.SERVER, None, text[:80])
             elif head is None:
-                self._anomaly("unsolicited", Direction.SERVER, None, text[:80])
+                self._anomaly(AnomalyKind.UNSOLICITED, Direction.SERVER, None, text[:80])
             else:
-                self._anomaly("unexpected-line", Direction.SERVER, head.seq, text[:80])
+                self._anomaly(AnomalyKind.UNEXPECTED_LINE, Direction.SERVER, head.seq, text[:80])
             self._out.append(Unsolicited(Direction.SERVER, offset, line, status, code, text))
             side.offset += len(line)
             return
@@ -689,13 +704,17 @@ class Observer:
                 return
             overlong = False  # RFC 5034 §4: SASL exchanges are exempt from line limits
         elif overlong:
-            self._anomaly("status-too-long", Direction.SERVER, head.seq, f"{len(line)} octets")
+            self._anomaly(
+                AnomalyKind.STATUS_TOO_LONG, Direction.SERVER, head.seq, f"{len(line)} octets"
+            )
         code, text = values.split_code(rest)
         multiline = status == values.OK and (
             head.verb in ML_ON_OK or (head.verb in ML_ON_OK_IF_NO_ARG and not head.has_arg)
         )
         if status == values.CONT:
-            self._anomaly("continuation-outside-auth", Direction.SERVER, head.seq, head.verb)
+            self._anomaly(
+                AnomalyKind.CONTINUATION_OUTSIDE_AUTH, Direction.SERVER, head.seq, head.verb
+            )
         value: tuple[object, ...] | None = None
         if status == values.OK and head.verb == "STAT":
             value = values.parse_drop_listing(text)
@@ -734,7 +753,7 @@ class Observer:
         self._out.append(SaslChallenge(Direction.SERVER, side.offset, line, head.seq, data))
         side.offset += len(line)
         if self._awaiting_response:
-            self._anomaly("challenge-without-response", Direction.SERVER, head.seq)
+            self._anomaly(AnomalyKind.CHALLENGE_WITHOUT_RESPONSE, Direction.SERVER, head.seq)
         self._awaiting_response = True
         if self._held:
             first, self._held = self._held[0], self._held[1:]
@@ -776,7 +795,7 @@ class Observer:
             return False
         if self._pending and self._pending[0].seq != seq + 1:
             return False
-        self._anomaly("multiline-reply-to-single", Direction.SERVER, seq, verb)
+        self._anomaly(AnomalyKind.MULTILINE_REPLY_TO_SINGLE, Direction.SERVER, seq, verb)
         self._body = Body(
             seq, verb, listing=[] if verb in self.listings else None, count_lines=self.count_lines
         )
@@ -800,7 +819,9 @@ class Observer:
             first, last = data.find(b"\n", pos), data.rfind(b"\n", pos)
             if (first > pos and data[first - 1] != 13) or (last > pos and data[last - 1] != 13):
                 side.bare_lf_seen = True
-                self._anomaly("bare-lf", side.direction, body.seq, "body line ended by LF alone")
+                self._anomaly(
+                    AnomalyKind.BARE_LF, side.direction, body.seq, "body line ended by LF alone"
+                )
         stop, pieces, terminator = body.scan(data, pos, bare_lf=side.bare_lf_seen)
         for raw, unstuffed in pieces:
             self._emit_body(side, body, raw, unstuffed)
@@ -815,13 +836,13 @@ class Observer:
     def _end_body(self, side: _Side, body: Body, raw: bytes, *, truncated: bool) -> None:
         if body.unstuffed_dots:
             self._anomaly(
-                "unstuffed-dot",
+                AnomalyKind.UNSTUFFED_DOT,
                 side.direction,
                 body.seq,
                 f"{body.unstuffed_dots} body lines start with an unstuffed '.'",
             )
         if truncated:
-            self._anomaly("truncated-body", side.direction, body.seq, "closed before '.'")
+            self._anomaly(AnomalyKind.TRUNCATED_BODY, side.direction, body.seq, "closed before '.'")
         listing = body.finish()
         if body.verb == "CAPA" and listing is not None:
             self.capabilities = listing
@@ -851,7 +872,7 @@ class Observer:
                 assert self._body is not None
                 self._emit_body(side, self._body, *self._body.take_rest(rest))
             elif side.mode in (_Mode.LINES, _Mode.GREETING):
-                self._anomaly("unterminated-line", direction, None, f"{len(rest)} octets")
+                self._anomaly(AnomalyKind.UNTERMINATED_LINE, direction, None, f"{len(rest)} octets")
                 self._line(side, rest)
             elif side.mode is _Mode.TAIL:
                 self._tail_piece(side, rest, True)
@@ -871,7 +892,7 @@ class Observer:
                 head = self._pending[0]
                 # docs/protocol-notes.md §5: a close ends the head command without a reply.
                 self._anomaly(
-                    "no-reply",
+                    AnomalyKind.NO_REPLY,
                     direction,
                     head.seq,
                     f"{len(self._pending)} command(s) unanswered at close",

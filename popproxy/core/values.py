@@ -6,6 +6,8 @@ import base64
 import binascii
 import re
 
+from popproxy.core.events import AnomalyKind
+
 OK = "+OK"
 ERR = "-ERR"
 CONT = "+"
@@ -29,7 +31,7 @@ def strip_eol(line: bytes) -> bytes:
     return line
 
 
-def classify_status(line: bytes) -> tuple[str | None, str | None, bytes]:
+def classify_status(line: bytes) -> tuple[str | None, AnomalyKind | None, bytes]:
     """Split a server line into (canonical status, anomaly, rest of line).
 
     The canonical status is ``+OK``, ``-ERR``, ``+`` (SASL continuation) or None when the
@@ -45,12 +47,12 @@ def classify_status(line: bytes) -> tuple[str | None, str | None, bytes]:
     if token == b"+":
         return CONT, None, rest
     if upper == b"+OK":
-        return OK, "status-case", rest
+        return OK, AnomalyKind.STATUS_CASE, rest
     if upper == b"-ERR":
-        return ERR, "status-case", rest
+        return ERR, AnomalyKind.STATUS_CASE, rest
     if upper == b"+ERR":
         # hMailServer's "+ERR": an error, never a continuation (docs/protocol-notes.md §4).
-        return ERR, "nonstandard-status", rest
+        return ERR, AnomalyKind.NONSTANDARD_STATUS, rest
     return None, None, rest
 
 
