@@ -62,6 +62,7 @@ class FaultSet:
         self.seed = secrets.randbelow(1 << 32) if seed is None else seed
         self._lock = threading.Lock()
         self._candidates: dict[str, tuple[_Compiled, ...]] = {}
+        self._count = 0
 
     def candidates(self, verb: str) -> tuple[_Compiled, ...]:
         """The rules that may select ``verb`` (its own and ``*``), in order, compiled once:
@@ -94,7 +95,13 @@ class FaultSet:
             self._rules = (*self._rules, rule)
             self._candidates = {}
 
-    def session(self, number: int) -> SessionFaults:
+    def session(self, number: int | None = None) -> SessionFaults:
+        """One connection's faults; ``number`` defaults to this rule set's own count of
+        connections (1, 2, ...), so runs number their sessions alike."""
+        if number is None:
+            with self._lock:
+                self._count += 1
+                number = self._count
         return SessionFaults(self, number)
 
 

@@ -178,7 +178,7 @@ class Session:
             note = None
             if notice is not None:
                 note = lambda text: notice(f"#{self.number} {text}", "pop.warning")  # noqa: E731
-            self.faults = ProxyFaults(cfg.faults.session(self.number), self.tap, note)
+            self.faults = ProxyFaults(cfg.faults.session(), self.tap, note)
 
     def _finish(self) -> None:
         """Close the observer's streams and write the end record, synchronously."""
