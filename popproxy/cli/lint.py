@@ -16,7 +16,7 @@ from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.errors import report
 from popproxy.inspect import metered_events
-from popproxy.inspect.lint_rules import RANK, SEVERITIES, Finding, Linter
+from popproxy.inspect.lint_rules import RANK, SEVERITIES, Finding, Linter, Severity
 from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     paths = capture_paths(args.captures)
     if not paths:
         raise CaptureError(f"no captures in {' '.join(args.captures)}")
-    threshold = RANK[args.min_severity]
+    threshold = RANK[Severity(args.min_severity)]
     results: list[dict[str, Any]] = []
     failed = found = False
     console = None if args.json else make_console()
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 report("lint", f"{exc}")
                 failed = True
                 continue
-            found = found or any(RANK[f.severity] >= RANK["warning"] for f in findings)
+            found = found or any(RANK[f.severity] >= RANK[Severity.WARNING] for f in findings)
             shown = [f for f in findings if RANK[f.severity] >= threshold]
             if console is not None:
                 render_findings(console, str(path), shown)

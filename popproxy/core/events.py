@@ -21,7 +21,7 @@ class Direction(enum.Enum):
         return Direction.SERVER if self is Direction.CLIENT else Direction.CLIENT
 
 
-class State(enum.Enum):
+class State(enum.StrEnum):
     """The POP3 session states of RFC 1939 §3."""
 
     AUTHORIZATION = "AUTHORIZATION"

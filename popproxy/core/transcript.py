@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from popproxy.core.events import (
     SaslChallenge,
     SaslResponse,
     Secret,
+    State,
     StateChanged,
     TlsStarted,
     Unsolicited,
@@ -56,11 +58,37 @@ class MessageSummary:
         }
 
 
+class ExchangeKind(enum.StrEnum):
+    """What an exchange is: a command with its reply, or a server line answering none."""
+
+    COMMAND = "command"
+    GREETING = "greeting"
+    UNSOLICITED = "unsolicited"
+
+
+class ItemKind(enum.StrEnum):
+    """What a display item shows (``Item.what``)."""
+
+    COMMAND = "command"  # a command was sent
+    DONE = "done"  # an exchange is complete (its reply, and body if any)
+    BODY = "body"  # a piece of a body, when bodies are shown
+    SASL = "sasl"  # a SASL challenge or response
+    IDENTITY = "identity"  # who logged in, decoded from the mechanism
+    ANOMALY = "anomaly"
+    STATE = "state"  # AUTHORIZATION, TRANSACTION, UPDATE (RFC 1939 §3)
+    TLS = "tls"
+    CLOSED = "closed"
+    # export --text's own stream (inspect/text.py) adds these:
+    NOTE = "note"  # a capture record worth a line (TLS, popproxy's own bytes, the end)
+    REPLY = "reply"  # a multi-line reply's status line, before its body
+    UNFINISHED = "unfinished"  # an exchange the capture left open
+
+
 @dataclass
 class Exchange:
     """A command and everything the server answered to it (or a greeting / unsolicited line)."""
 
-    kind: str  # "greeting" | "command" | "unsolicited"
+    kind: ExchangeKind
     seq: int | None
     command: str | None = None
     args: str | None = None
@@ -79,7 +107,7 @@ class Exchange:
     t_reply: float | None = None
     t_end: float | None = None
     message: MessageSummary | None = None
-    state: str | None = None  # the session state when the command was sent
+    state: State | None = None  # the session state when the command was sent
     client_octets: int = 0
     server_octets: int = 0
     shown: int = 0
@@ -123,7 +151,7 @@ class SessionSummary:
     apop_timestamp: str | None = None
     user: str | None = None
     mechanism: str | None = None
-    state: str = "AUTHORIZATION"
+    state: State = State.AUTHORIZATION
     quit: bool = False
     commands: int = 0
     errors: int = 0  # -ERR replies
@@ -136,7 +164,7 @@ class SessionSummary:
 class Item:
     """Something a live view can show: ``what`` is command, done, anomaly, state, tls, closed."""
 
-    what: str
+    what: ItemKind
     t: float
     exchange: Exchange | None = None
     detail: Any = None
@@ -204,7 +232,7 @@ class TranscriptBuilder:
             line = decode_text(event.raw.rstrip(b"\r\n")).lstrip(" \t")
             args = line.partition(" ")[2].lstrip(" ") or args
         ex = Exchange(
-            "command",
+            ExchangeKind.COMMAND,
             event.seq,
             event.verb,
             args,
@@ -217,11 +245,11 @@ class TranscriptBuilder:
         elif event.verb == "APOP" and event.args:
             session.user = event.args.split(" ")[0]
         self._open[event.seq] = ex
-        return Item("command", t, ex)
+        return Item(ItemKind.COMMAND, t, ex)
 
     def _reply(self, t: float, event: Reply) -> Item | None:
         session = self.session
-        ex = self._open.get(event.seq) or Exchange("command", event.seq, event.verb)
+        ex = self._open.get(event.seq) or Exchange(ExchangeKind.COMMAND, event.seq, event.verb)
         ex.status, ex.code, ex.text = event.status, event.code, event.text
         if event.status == "-ERR":
             session.errors += 1
@@ -240,13 +268,13 @@ class TranscriptBuilder:
             return None
         ex.t_end = t
         self._open.pop(event.seq, None)
-        return Item("done", t, ex)
+        return Item(ItemKind.DONE, t, ex)
 
     def _chunk(self, t: float, event: BodyChunk) -> Item | None:
         found = self._open.get(event.seq)
         if found is None:  # a resynchronised body for an exchange already finished
             found = self._open[event.seq] = Exchange(
-                "command", event.seq, multiline=True, body_lines=0, body_octets=0
+                ExchangeKind.COMMAND, event.seq, multiline=True, body_lines=0, body_octets=0
             )
             found._hash = hashlib.sha256() if self.hash_bodies else None
         ex = found
@@ -264,7 +292,7 @@ class TranscriptBuilder:
         if self.body_items and ex.shown < self.body_items:
             piece = event.data[: self.body_items - ex.shown]
             ex.shown += len(piece)
-            return Item("body", t, ex, piece)
+            return Item(ItemKind.BODY, t, ex, piece)
         return None
 
     def _body_end(self, t: float, event: BodyEnd) -> Item | None:
@@ -283,7 +311,7 @@ class TranscriptBuilder:
             _summarise(ex.message, bytes(ex._head))
             ex._head = None
         ex.t_end = t
-        return Item("done", t, ex)
+        return Item(ItemKind.DONE, t, ex)
 
     def _secret(self, t: float, event: Secret) -> Item | None:
         if event.direction is Direction.SERVER:
@@ -300,7 +328,7 @@ class TranscriptBuilder:
                 raw = mask_spans(raw, event.offset, self._echoes)
             entry = sasl.server_entry(sasl_ex.args, raw, event.data)
             sasl_ex.sasl.append(entry)
-            return Item("sasl", t, sasl_ex, entry)
+            return Item(ItemKind.SASL, t, sasl_ex, entry)
         return None
 
     def _response(self, t: float, event: SaslResponse) -> Item | None:
@@ -309,17 +337,17 @@ class TranscriptBuilder:
             sasl_ex.client_octets += len(event.raw)
             entry = sasl.client_entry(sasl_ex.args, sasl_ex.sasl, event.raw)
             sasl_ex.sasl.append(entry)
-            return Item("sasl", t, sasl_ex, entry)
+            return Item(ItemKind.SASL, t, sasl_ex, entry)
         return None
 
     def _greeting(self, t: float, event: Greeting) -> Item | None:
         session = self.session
         session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
         session.apop_timestamp = event.apop_timestamp
-        return Item("done", t, _server_line("greeting", event, t))
+        return Item(ItemKind.DONE, t, _server_line(ExchangeKind.GREETING, event, t))
 
     def _unsolicited(self, t: float, event: Unsolicited) -> Item | None:
-        return Item("done", t, _server_line("unsolicited", event, t))
+        return Item(ItemKind.DONE, t, _server_line(ExchangeKind.UNSOLICITED, event, t))
 
     def _identity(self, t: float, event: AuthIdentity) -> Item | None:
         session = self.session
@@ -332,7 +360,7 @@ class TranscriptBuilder:
             "identity": event.identity,
             "details": dict(event.details),
         }
-        return Item("identity", t, self._open.get(event.seq), detail)
+        return Item(ItemKind.IDENTITY, t, self._open.get(event.seq), detail)
 
     def _anomaly(self, t: float, event: Anomaly) -> Item | None:
         session = self.session
@@ -344,28 +372,28 @@ class TranscriptBuilder:
             "t": t,
         }
         session.anomalies.append(record)
-        return Item("anomaly", t, None, record)
+        return Item(ItemKind.ANOMALY, t, None, record)
 
     def _state(self, t: float, event: StateChanged) -> Item | None:
         session = self.session
-        session.state = event.new.value
-        return Item("state", t, None, event.new.value)
+        session.state = event.new
+        return Item(ItemKind.STATE, t, None, event.new.value)
 
     def _tls(self, t: float, event: TlsStarted) -> Item | None:
-        return Item("tls", t, None, event.direction.value)
+        return Item(ItemKind.TLS, t, None, event.direction.value)
 
     def _closed(self, t: float, event: ConnectionClosed) -> Item | None:
         session = self.session
         who = "client" if event.direction is Direction.CLIENT else "server"
         session.closed.append(who)
-        return Item("closed", t, None, who)
+        return Item(ItemKind.CLOSED, t, None, who)
 
     def unfinished(self) -> list[Exchange]:
         """Exchanges still open (no reply, or a body cut off): shown at the end of a session."""
         return sorted(self._open.values(), key=lambda ex: ex.seq or 0)
 
 
-def _server_line(kind: str, event: Greeting | Unsolicited, t: float) -> Exchange:
+def _server_line(kind: ExchangeKind, event: Greeting | Unsolicited, t: float) -> Exchange:
     """An exchange of one server line that answers no command: the greeting, or unsolicited."""
     return Exchange(
         kind,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -20,8 +21,17 @@ from popproxy.core.events import (
 )
 from popproxy.core.transcript import Exchange, TranscriptBuilder
 
-ERROR, WARNING, ADVICE = "error", "warning", "advice"
-SEVERITIES = (ERROR, WARNING, ADVICE)
+
+class Severity(enum.StrEnum):
+    """How bad a finding is; ``lint`` exits 1 for warnings and errors."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    ADVICE = "advice"
+
+
+ERROR, WARNING, ADVICE = Severity.ERROR, Severity.WARNING, Severity.ADVICE
+SEVERITIES = tuple(Severity)
 RANK = {ADVICE: 0, WARNING: 1, ERROR: 2}
 MAX_PER_RULE = 100  # findings kept per rule and capture; the rest are counted
 MAX_ARG = 40  # RFC 1939 §3: each argument up to 40 characters
@@ -49,7 +59,7 @@ TRANSACTION_ONLY = {
 
 # Observer anomaly kind -> (rule, severity, RFC section, explanation).  ``{detail}`` and
 # ``{command}`` are filled in.  Kinds mapped to None are checked more exactly elsewhere.
-ANOMALY_RULES: dict[str, tuple[str, str, str, str] | None] = {
+ANOMALY_RULES: dict[str, tuple[str, Severity, str, str] | None] = {
     "truncated-body": (
         "body-truncated",
         ERROR,
@@ -157,7 +167,7 @@ class Finding:
     """One conformance problem: where (exchange, direction), how bad, and which RFC says so."""
 
     rule: str
-    severity: str
+    severity: Severity
     rfc: str
     message: str
     seq: int | None = None
@@ -541,7 +551,7 @@ class Linter:
     def add(
         self,
         rule: str,
-        severity: str,
+        severity: Severity,
         rfc: str,
         message: str,
         seq: int | None = None,
@@ -613,7 +623,7 @@ def _valid_uid(uid: str) -> bool:
     return 1 <= len(uid) <= 70 and all("!" <= ch <= "~" for ch in uid)
 
 
-def worst(findings: list[Finding]) -> str | None:
+def worst(findings: list[Finding]) -> Severity | None:
     """The highest severity among ``findings``."""
     if not findings:
         return None

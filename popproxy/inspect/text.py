@@ -13,7 +13,14 @@ from popproxy.capture import format as fmt
 from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
 from popproxy.core import BodyChunk, Reply
-from popproxy.core.transcript import MESSAGE_VERBS, Exchange, Item, TranscriptBuilder
+from popproxy.core.transcript import (
+    MESSAGE_VERBS,
+    Exchange,
+    ExchangeKind,
+    Item,
+    ItemKind,
+    TranscriptBuilder,
+)
 from popproxy.core.values import decode_text
 from popproxy.inspect import Progress, metered_events
 from popproxy.views import render, safe
@@ -83,14 +90,14 @@ def walk(reader: CaptureReader, progress: Progress | None = None) -> Iterator[It
         if record is not None:
             note = record_note(record)
             if note is not None:
-                yield Item("note", t, None, note)
+                yield Item(ItemKind.NOTE, t, None, note)
         for event in events:
             items = builder.feed(t, [event])
             if isinstance(event, Reply) and event.multiline:
                 ex = open_ex.get(event.seq)
                 if ex is None:  # no command seen for it (cannot happen with a sane observer)
                     ex = open_ex[event.seq] = Exchange(
-                        "command",
+                        ExchangeKind.COMMAND,
                         event.seq,
                         event.verb,
                         status=event.status,
@@ -99,12 +106,12 @@ def walk(reader: CaptureReader, progress: Progress | None = None) -> Iterator[It
                         multiline=True,
                         t_reply=t,
                     )
-                yield Item("reply", t, ex)
+                yield Item(ItemKind.REPLY, t, ex)
                 continue
             if isinstance(event, BodyChunk):
                 ex = open_ex.get(event.seq)
                 if ex is not None:
-                    yield Item("body", t, ex, event.data)
+                    yield Item(ItemKind.BODY, t, ex, event.data)
                 continue
             for item in items:
                 ex = item.exchange
@@ -114,7 +121,7 @@ def walk(reader: CaptureReader, progress: Progress | None = None) -> Iterator[It
                     open_ex.pop(ex.seq, None)
                 yield item
     for ex in builder.unfinished():
-        yield Item("unfinished", ex.t_sent or 0.0, ex)
+        yield Item(ItemKind.UNFINISHED, ex.t_sent or 0.0, ex)
 
 
 def is_message(ex: Exchange) -> bool:
