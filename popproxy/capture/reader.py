@@ -14,8 +14,8 @@ from popproxy.capture.validate import (
     HEADER_SCHEMA,
     Invalid,
     check_fields,
-    check_record,
     decode_line,
+    parse_record,
 )
 
 MAX_META_LINE = 1 << 20  # no metadata record comes near this; a longer line means corruption
@@ -47,7 +47,7 @@ class CaptureReader:
         except BaseException:
             self._file.close()
             raise
-        self._body_start = self._resume = self._file.tell()
+        self._body_start = self._resume = self._file.tell()  # the header line's length
 
     def _read_header(self) -> dict[str, Any]:
         try:
@@ -135,14 +135,16 @@ class CaptureReader:
     def _records_from(
         self, position: int, follow: bool, *, skip_data: bool = False
     ) -> Iterator[Record]:
+        # The offset is counted here, not asked of the file: tell() costs a system call.
         f = self._file
         f.seek(position)
-        self._resume = position
+        self._resume = pos = position
         while True:
-            start = f.tell()
+            start = pos
             line = f.readline(MAX_META_LINE + 1)
             if not line:
                 return
+            pos += len(line)
             if not line.endswith(b"\n"):
                 if len(line) > MAX_META_LINE:
                     why = f"a record line longer than {MAX_META_LINE:,} octets"
@@ -153,28 +155,20 @@ class CaptureReader:
                 self._torn(start, "an incomplete record line")
                 return
             try:
-                fields = decode_line(line)
+                kind, fields = parse_record(line)
             except Invalid as exc:
-                if f.tell() >= self.size:
-                    self._torn(start, "an unreadable last record")
-                    return
-                raise self._corrupt(start, str(exc)) from None
-            try:
-                kind = check_record(fields)
-            except Invalid as exc:
-                if f.tell() >= self.size:
+                if pos >= self.size:  # the last line: what a torn write can leave
                     self._torn(start, f"an unreadable last record ({exc})")
                     return
                 raise self._corrupt(start, str(exc)) from None
             data = None
             if kind == fmt.DATA:
                 n: int = fields["n"]
-                body = f.tell()
-                if body + n + 1 > self.size:
+                if pos + n + 1 > self.size:
                     if follow:
                         f.seek(start)
                         return
-                    left = max(self.size - body, 0)
+                    left = max(self.size - pos, 0)
                     self._torn(start, f"a data record cut short ({left:,} of {n:,} octets)")
                     return
                 if not skip_data:
@@ -185,10 +179,11 @@ class CaptureReader:
                     tail = f.read(1)
                 else:
                     tail = f.read(n + 1)[n:]
-                if tail != b"\n":
+                pos += n + 1
+                if tail != b"\n" or (data is not None and len(data) != n):
                     why = f"the data record of {n:,} octets has no LF after it"
                     raise self._corrupt(start, why)
-            self._resume = f.tell()
+            self._resume = pos
             yield Record(kind, fields, data)
 
     def _corrupt(self, offset: int, why: str) -> CaptureError:

@@ -46,19 +46,23 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def decode_line(line: bytes) -> dict[str, Any]:
-    """One record line (with or without its LF) as a dict; raises ``Invalid``."""
+def parse_record(line: bytes) -> tuple[str, dict[str, Any]]:
+    """A record line as (kind, fields), every field the format knows checked; ``Invalid``."""
     fast = _DATA_LINE.fullmatch(line)
-    if fast is not None:
-        fields: dict[str, Any] = {
-            "r": fmt.DATA,
-            "d": fast[1].decode(),
-            "t": float(fast[2]),
-            "n": int(fast[3]),
-        }
+    if fast is not None:  # the writer's own data line: its fields are valid by the pattern
+        n = int(fast[3])
+        if n > MAX_DATA:
+            raise Invalid(f"a data record of {n:,} octets (the most is {MAX_DATA:,})")
+        fields: dict[str, Any] = {"r": fmt.DATA, "d": fast[1].decode(), "t": float(fast[2]), "n": n}
         if fast[4]:
             fields["p"] = 1
-        return fields
+        return fmt.DATA, fields
+    fields = decode_line(line)
+    return check_record(fields), fields
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """One record line (with or without its LF) as a dict; raises ``Invalid``."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
