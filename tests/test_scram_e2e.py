@@ -262,3 +262,58 @@ def test_replay_tampered_server_signature_is_a_difference(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "sasl.server-signature" in result.stdout
     assert "does not verify" in result.stdout
+
+
+# ----------------------------------------------------------------- mpop against serve
+
+
+@contextlib.contextmanager
+def serving(*argv: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """``popproxy serve ARGV --listen 127.0.0.1:0``; yields the port, stops it after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "popproxy", "serve", *argv, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().decode()
+        if not first.startswith("listening on 127.0.0.1:"):
+            proc.kill()
+            raise AssertionError(first + proc.communicate(timeout=10)[1].decode())
+        yield int(first.strip().rsplit(":", 1)[1])
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("mailbox", [False, True], ids=["recorded", "mailbox"])
+@pytest.mark.parametrize("auth", AUTHS)
+def test_mpop_against_serve_gets_the_same_mail(
+    scram_dovecot: DovecotServer, tmp_path: Path, auth: str, mailbox: bool
+) -> None:
+    path, done, expected, _ = record_mpop(scram_dovecot, tmp_path, auth, "off")
+    assert done.returncode == 0, done.stderr
+    password = scram_dovecot.users[USER]
+    mode = ["--mailbox"] if mailbox else []
+    env = {"POPPROXY_PASSWORD": password}
+    with serving(str(path), *mode, "--check-password", env=env) as port:
+        served, messages = mpop_fetch(
+            "127.0.0.1", port, USER, password, tmp_path / "served", auth=auth
+        )
+    assert served.returncode == 0, served.stderr
+    assert messages == expected
+    with serving(str(path), *mode, "--check-password", env=env) as port:
+        refused, _ = mpop_fetch(
+            "127.0.0.1", port, USER, "wrong password", tmp_path / "refused", auth=auth
+        )
+    assert refused.returncode != 0 and "authentication failed" in refused.stderr.lower()
+
+
+def test_serve_refuses_scram_without_password(scram_dovecot: DovecotServer, tmp_path: Path) -> None:
+    path, done, _, _ = record_mpop(scram_dovecot, tmp_path, "scram-sha-256", "off")
+    assert done.returncode == 0, done.stderr
+    result = popproxy("serve", str(path), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "SCRAM-SHA-256" in result.stderr and "password" in result.stderr

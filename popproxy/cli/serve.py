@@ -11,11 +11,13 @@ import trio
 from rich.text import Text
 
 from popproxy.cli.common import run_listening
-from popproxy.cli.replay import add_password_options, add_tls_options
+from popproxy.cli.replay import add_password_options, add_tls_options, add_token_options
+from popproxy.core.sasl import is_plus, is_scram
 from popproxy.faults.options import add_fault_options, faults_from_args
 from popproxy.proxy.config import UsageError, parse_hostport
 from popproxy.replay.auth import read_password
 from popproxy.replay.fake import FakeServer, ServeConfig, serve_replay
+from popproxy.replay.sasl_client import read_token
 from popproxy.replay.script import load_sessions
 from popproxy.tls.ca import default_ca_dir
 from popproxy.views.theme import make_console
@@ -52,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="mailbox: deletions committed by QUIT last for later sessions of this run",
     )
     mode.add_argument("--user", metavar="NAME", help="mailbox: the only user name that may log in")
+    mode.add_argument(
+        "--persona",
+        choices=("gmail", "outlook"),
+        help="mailbox (implied): behave like Gmail or Outlook.com (greeting, CAPA before and "
+        "after TLS, XOAUTH2/OAUTHBEARER rules and errors; docs/replay.md)",
+    )
     p.add_argument(
         "--match",
         choices=("ordered", "any"),
@@ -90,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "$POPPROXY_PASSWORD or a prompt (default: accept any)",
     )
     add_password_options(p)
+    add_token_options(p)
     add_tls_options(p, listening=True)
     add_fault_options(p)
     p.set_defaults(run=run)
@@ -100,11 +109,15 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     if not math.isfinite(args.timeout) or args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
     mailbox = None
-    if args.mailbox:
+    if args.mailbox or args.persona:
         from popproxy.replay.sources import load_mailbox
 
         mailbox = load_mailbox(args.captures)
         sessions = []
+        if args.persona:
+            from popproxy.replay.personas import PERSONAS, recorded_persona
+
+            mailbox.persona = recorded_persona(PERSONAS[args.persona])
     else:
         if args.persist or args.user:
             raise UsageError("--persist and --user need --mailbox")
@@ -120,10 +133,34 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
                 "--check-password: no password given (POPPROXY_PASSWORD, "
                 "--password-file, --password)"
             )
+    scram = sorted({str(s.mechanism) for x in sessions for s in x.steps if is_scram(s.mechanism)})
+    if scram and password is None:
+        raise UsageError(
+            f"the captures log in with {', '.join(scram)}: the server's "
+            "signature needs the password (--check-password with POPPROXY_PASSWORD, "
+            "--password-file or --password)"
+        )
+    plus = sorted({str(s.mechanism) for x in sessions for s in x.steps if is_plus(s.mechanism)})
+    if plus:
+        raise UsageError(
+            f"cannot serve {', '.join(plus)}: channel binding needs the recorded server's TLS "
+            "channel (RFC 5802 §6); docs/tls.md, channel binding"
+        )
+    # Like the password, $POPPROXY_TOKEN is consulted only with --check-password.
+    token = read_token(
+        token=args.token,
+        token_file=args.token_file,
+        token_command=args.token_command,
+        env=None if args.check_password else {},
+    )
+    if token == "":
+        raise UsageError("the bearer token is empty")
     config = ServeConfig(
         sessions=sessions,
         listen=listen,
         password=password,
+        token=token,
+        persona=args.persona,
         strict=args.strict,
         tls=args.tls,
         repeat=args.repeat,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ssl
 import threading
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from popproxy.replay.mailbox import Maildrop
     from popproxy.replay.sources import MailboxSource
 
+MODERN_SERVER_MECHANISMS = frozenset({"SCRAM-SHA-1", "SCRAM-SHA-256", "XOAUTH2", "OAUTHBEARER"})
 MAX_LINE = 8192  # RFC 2449 §4 allows 255 octets a command; anything near this is garbage
 SKIPPABLE = frozenset({"CAPA", "NOOP"})  # lenient mode: a client may skip or repeat these
 
@@ -42,6 +44,8 @@ class ServeConfig:
     sessions: list[RecordedSession]
     listen: tuple[str, int] = ("127.0.0.1", 1110)
     password: str | None = None
+    token: str | None = None  # XOAUTH2 / OAUTHBEARER: the only bearer token accepted
+    persona: str | None = None  # mailbox: a provider's behaviour (popproxy/replay/personas.py)
     strict: bool = False
     tls: bool = False
     repeat: bool = False
@@ -409,6 +413,8 @@ class FakeSession:
     ) -> bool:
         """Replay the recorded SASL exchange (RFC 5034 §4), checking the password if given."""
         mech = step.mechanism or ""
+        if mech in MODERN_SERVER_MECHANISMS:
+            return await self._auth_dialog(step, index, args, shown, fault)
         parts = (args or "").split(None, 1)
         responses = [parts[1].strip()] if len(parts) > 1 else []
         challenges: list[bytes] = []
@@ -428,6 +434,41 @@ class FakeSession:
         if password is not None and not _sasl_ok(mech, password, responses, challenges):
             self.cursor = index
             self._say(f"{shown} → wrong password", "pop.err")
+            await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
+            return not self.config.strict
+        self.report.played.add(index)
+        self._say(f"{shown} → {_first_line(step.reply)}")
+        await self._reply("AUTH", args, step.reply, fault)
+        return self._more(index)
+
+    async def _auth_dialog(
+        self, step: Step, index: int, args: str | None, shown: str, fault: Injection | None
+    ) -> bool:
+        """SCRAM and OAuth answered afresh (nonces, signatures): replay/sasl_server.py."""
+        from popproxy.replay import sasl_server
+
+        parts = (args or "").split(None, 1)
+        initial = parts[1].strip() if len(parts) > 1 else None
+        recorded = [raw for kind, raw in step.sasl if kind == "s"]
+        dialog = sasl_server.recorded_dialog(
+            step.mechanism or "", initial, self.config.password, self.config.token, recorded
+        )
+        try:
+            challenge = next(dialog)
+            while True:
+                await self._send(b"+ " + base64.b64encode(challenge) + b"\r\n")
+                line = (await self._line()).rstrip(b"\r\n").decode("ascii", "replace").strip()
+                if line == "*":
+                    self.cursor = index
+                    self._say(f"{shown} cancelled by the client", "pop.warning")
+                    await self._send(b"-ERR popproxy serve: authentication cancelled\r\n")
+                    return not self.config.strict
+                challenge = dialog.send(line)
+        except StopIteration as done:
+            login = done.value
+        if not login.ok:
+            self.cursor = index
+            self._say(f"{shown} → refused: {login.why}", "pop.err")
             await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
             return not self.config.strict
         self.report.played.add(index)
@@ -616,6 +657,10 @@ class FakeServer:
         if self.log:
             self.log(Text(f"#{number} from {peer}: the mailbox", "pop.session"))
         connection = MailboxConnection(self.config, self.maildrop, stream, report, self.log)
+        if self.config.persona is not None:
+            from popproxy.replay.personas import PERSONAS, hook_for
+
+            connection.hook = hook_for(PERSONAS[self.config.persona], connection.session)
         try:
             await connection.run()
         finally:

@@ -134,6 +134,7 @@ class MailboxSession:
         self.stls = stls  # STLS can be answered (popproxy's CA is there)
         self.tls_active = tls_active
         self.offer_stls = offer_stls
+        self.max_command: int | None = MAX_COMMAND  # None: no limit (a provider persona)
         self.user: str | None = None
         self.messages: list[StoredMessage] = []
         self.deleted: set[int] = set()  # message numbers marked by DELE
@@ -173,7 +174,8 @@ class MailboxSession:
         """The answer to one client line (CRLF included or not); the only reply path."""
         if self._dialog is not None:
             return self._sasl_step(line.rstrip(b"\r\n").decode("ascii", "replace").strip())
-        if len(line) > MAX_COMMAND and self.state is not State.CLOSED:
+        too_long = self.max_command is not None and len(line) > self.max_command
+        if too_long and self.state is not State.CLOSED:
             return Answer(_err("Command line too long."))
         text = line.rstrip(b"\r\n").decode("utf-8", "backslashreplace").strip(" \t")
         verb, _, rest = text.partition(" ")

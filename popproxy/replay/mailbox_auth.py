@@ -8,8 +8,12 @@ import socket
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from popproxy.replay import auth
+
+if TYPE_CHECKING:
+    from popproxy.replay.sasl_server import OAuthRules
 
 #: A SASL dialog: yields each challenge (decoded, the server base64-encodes it), is sent
 #: each client response (still base64), and returns the login's outcome (RFC 5034 §4).
@@ -38,6 +42,7 @@ class LoginPolicy:
 
     password: str | None = None
     user: str | None = None
+    token: str | None = None  # XOAUTH2 / OAUTHBEARER: the one bearer token accepted
 
     def user_ok(self, user: str | None) -> bool:
         return self.user is None or user == self.user
@@ -48,9 +53,17 @@ class Authenticator:
 
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")
 
-    def __init__(self, policy: LoginPolicy, host: str | None = None) -> None:
+    def __init__(
+        self, policy: LoginPolicy, host: str | None = None, oauth: OAuthRules | None = None
+    ) -> None:
+        from popproxy.replay.sasl_server import RFC7628_RULES, SCRAM_SERVER_MECHANISMS
+
         self.policy = policy
         self.host = host
+        self.oauth = oauth or RFC7628_RULES
+        # SCRAM's server signature needs the password: offered only when it is known.
+        scram = SCRAM_SERVER_MECHANISMS if policy.password is not None else ()
+        self.mechanisms = (*type(self).mechanisms, *scram, "XOAUTH2", "OAUTHBEARER")
 
     def user_pass(self, user: str | None, password: str) -> Login:
         """USER then PASS (RFC 1939 §7)."""
@@ -70,7 +83,23 @@ class Authenticator:
             "CRAM-MD5": self._cram_md5,
         }
         make = dialogs.get(mechanism.upper())
-        return None if make is None else make(initial)
+        if make is None:
+            return self._modern(mechanism.upper(), initial)
+        return make(initial)
+
+    def _modern(self, mechanism: str, initial: str | None) -> SaslDialog | None:
+        """SCRAM and OAuth (popproxy/replay/sasl_server.py)."""
+        from popproxy.replay import sasl_server
+
+        if mechanism in sasl_server.SCRAM_SERVER_MECHANISMS:
+            return sasl_server.scram_dialog(
+                mechanism, initial, self.policy.password, self.policy.user_ok
+            )
+        if mechanism in sasl_server.OAUTH_SERVER_MECHANISMS:
+            return sasl_server.oauth_dialog(
+                mechanism, initial, self.policy.token, self.policy.user_ok, self.oauth
+            )
+        return None
 
     # ------------------------------------------------------------------ mechanisms
 

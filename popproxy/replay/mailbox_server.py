@@ -15,6 +15,7 @@ from popproxy.netutil import STREAM_ERRORS
 from popproxy.replay.fake import MAX_LINE, ConnectionReport, Log, NearMiss, ServeConfig
 from popproxy.replay.mailbox import Answer, MailboxSession, Maildrop, mask_command
 from popproxy.replay.mailbox_auth import Authenticator, LoginPolicy
+from popproxy.replay.sasl_server import oauth_rules
 
 #: Wraps the reply path: given the session's ``answer`` and a client line, returns the answer.
 AnswerHook = Callable[[Callable[[bytes], Answer], bytes], Answer]
@@ -26,10 +27,10 @@ class _Closed(Exception):
 
 def make_session(config: ServeConfig, maildrop: Maildrop) -> MailboxSession:
     """A fresh session on ``maildrop`` with the logins ``config`` allows."""
-    policy = LoginPolicy(password=config.password, user=config.mailbox_user)
+    policy = LoginPolicy(password=config.password, user=config.mailbox_user, token=config.token)
     return MailboxSession(
         maildrop,
-        Authenticator(policy),
+        Authenticator(policy, oauth=oauth_rules(config.persona)),
         stls=not config.tls,
         tls_active=config.tls,
         offer_stls=config.offer_stls,
