@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--persona",
         choices=("gmail", "outlook"),
         help="mailbox (implied): behave like Gmail or Outlook.com (greeting, CAPA before and "
-        "after TLS, XOAUTH2/OAUTHBEARER rules and errors; docs/replay.md)",
+        "after TLS, XOAUTH2/OAUTHBEARER rules and errors)",
     )
     p.add_argument(
         "--match",
@@ -153,8 +153,6 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         token_command=args.token_command,
         env=None if args.check_password else {},
     )
-    if token == "":
-        raise UsageError("the bearer token is empty")
     config = ServeConfig(
         sessions=sessions,
         listen=listen,

@@ -26,23 +26,26 @@ class ProviderPersona:
     failure: str  # the status line for a refused login
 
 
+_GMAIL_CAPA = (
+    "USER",
+    "RESP-CODES",
+    "EXPIRE 0",
+    "LOGIN-DELAY 300",
+    "TOP",
+    "UIDL",
+    "X-GOOGLE-RICO",
+    "SASL PLAIN XOAUTH2 OAUTHBEARER",
+)
+
 PERSONAS: dict[str, ProviderPersona] = {
     # Gmail: pop.gmail.com:995 (implicit TLS); the token may ride on the AUTH line; a
     # refused token gets a base64 JSON challenge, answered by an empty line, then -ERR.
     "gmail": ProviderPersona(
         name="gmail",
         greeting="+OK Gpop ready for requests from 127.0.0.1 popproxy",
-        capa_plain=("USER", "RESP-CODES", "EXPIRE 0", "LOGIN-DELAY 300", "TOP", "UIDL"),
-        capa_tls=(
-            "USER",
-            "RESP-CODES",
-            "EXPIRE 0",
-            "LOGIN-DELAY 300",
-            "TOP",
-            "UIDL",
-            "X-GOOGLE-RICO",
-            "SASL PLAIN XOAUTH2 OAUTHBEARER",
-        ),
+        # Gmail has no plaintext port: served without --tls, the CAPA is the same.
+        capa_plain=_GMAIL_CAPA,
+        capa_tls=_GMAIL_CAPA,
         mechanisms=("PLAIN", "XOAUTH2", "OAUTHBEARER"),
         oauth=OAuthRules(error_json=GMAIL_ERROR),
         texts={"LOGIN": "+OK Welcome.", "QUIT": "+OK Farewell."},

@@ -31,17 +31,23 @@ def read_token(
     ``passwordeval``); its standard output, without the trailing line end, is the token.
     """
     if token is not None:
-        return token.strip()
+        return _not_empty(token.strip(), "--token")
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as f:
-                return f.readline().strip()
+                return _not_empty(f.readline().strip(), f"--token-file {token_file}")
         except OSError as exc:
             raise UsageError(f"--token-file {token_file}: {exc.strerror or exc}") from None
     if token_command is not None:
         return _run_token_command(token_command)
     environ = os.environ if env is None else env
-    return environ[TOKEN_ENV].strip() if TOKEN_ENV in environ else None
+    return environ.get(TOKEN_ENV, "").strip() or None  # set but empty counts as unset
+
+
+def _not_empty(value: str, where: str) -> str:
+    if not value:
+        raise UsageError(f"{where}: the bearer token is empty")
+    return value
 
 
 def _run_token_command(command: str) -> str:
