@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Successive connections get successive captures. A command the recording "
         "does not have gets -ERR and a near-miss report. With --mailbox, a stateful "
         "mailbox rebuilt from the captures (or a Maildir, an mbox, .eml files) answers "
-        "any valid command sequence instead (docs/replay.md).",
+        "any valid command sequence instead.",
     )
     p.add_argument(
         "captures",
