@@ -68,7 +68,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--pop3-upstream", default=None, metavar="HOST:PORT", help="the POP3 server to record from"
     )
     parser.addini("pop3_record_mode", "default record mode for pop3_server", default="none")
+    group.addoption(
+        "--pop3-upstream-ca",
+        default=None,
+        metavar="FILE",
+        help="also trust this CA for the upstream while recording (pop3s with tls=True, STLS)",
+    )
     parser.addini("pop3_upstream", "the POP3 server pop3_server records from (HOST:PORT)")
+    parser.addini("pop3_upstream_ca", "as --pop3-upstream-ca")
     parser.addini("pop3_block_network", "as --pop3-block-network", type="bool", default=False)
 
 
@@ -326,7 +333,7 @@ def _replaying(
     out_dir: Path | None = None
     if episodes is not None:  # new_episodes: sessions beyond the recorded ones are recorded
         out_dir = Path(tempfile.mkdtemp(prefix="popproxy-rec-"))
-        recorder, (rhost, rport) = _start_recorder(episodes[0], mode, out_dir, guard)
+        recorder, (rhost, rport) = _start_recorder(episodes[0], mode, out_dir, guard, ca)
 
         async def fallback(stream: trio.SocketStream) -> None:
             from popproxy.replay.episodes import relay
@@ -376,14 +383,36 @@ def _check_report(report: ServeReport, path: Path, kwargs: dict[str, Any]) -> No
 
 
 def _start_recorder(
-    request: pytest.FixtureRequest, mode: str, out_dir: Path, guard: NetworkGuard | None
+    request: pytest.FixtureRequest,
+    mode: str,
+    out_dir: Path,
+    guard: NetworkGuard | None,
+    ca: Callable[[], CertificateAuthority],
 ) -> tuple[_TrioThread, tuple[str, int]]:
     from popproxy.proxy.server import serve_record
+    from popproxy.tls.contexts import client_context
 
     upstream = _upstream(request, mode)
     if guard is not None:
         guard.allow_upstream(*upstream)
-    config = ProxyConfig(upstream=upstream, listen=("127.0.0.1", 0), out_dir=out_dir, linger=0.5)
+    marker = request.node.get_closest_marker("pop3_capture")
+    tls = bool(marker is not None and marker.kwargs.get("tls"))
+    cafile = request.config.getoption("--pop3-upstream-ca") or request.config.getini(
+        "pop3_upstream_ca"
+    )
+    config = ProxyConfig(
+        upstream=upstream,
+        listen=("127.0.0.1", 0),
+        out_dir=out_dir,
+        linger=0.5,
+        listen_tls=tls,  # tls=True: pop3s on both legs, as the test's client will speak
+        upstream_tls=tls,
+    )
+    config.ca = ca()  # the CA the test trusts (pop3_server.cafile), also for STLS
+    try:
+        config.upstream_context = client_context(cafile=cafile or None)
+    except OSError as exc:
+        pytest.fail(f"--pop3-upstream-ca {cafile}: {exc}", pytrace=False)
 
     async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
         await serve_record(config, None, announce=False, task_status=task_status)
@@ -405,7 +434,7 @@ def _recording(
     faults: FaultSet,
 ) -> Iterator[Pop3Server]:
     out_dir = Path(tempfile.mkdtemp(prefix="popproxy-rec-"))  # never the capture itself
-    thread, (host, port) = _start_recorder(request, mode, out_dir, guard)
+    thread, (host, port) = _start_recorder(request, mode, out_dir, guard, ca)
     try:
         yield Pop3Server(host, port, mode, path, True, None, ca, faults)
     finally:
