@@ -29,7 +29,10 @@ from typing import IO
 from popproxy import fsutil
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
+from popproxy.core import Direction
 from popproxy.inspect import Progress, metered_records
+
+C, S = Direction.CLIENT, Direction.SERVER
 
 LINKTYPE_ETHERNET = 1
 SNAPLEN = 262144
@@ -142,14 +145,14 @@ class _Connection:
     def __init__(self, pcap: PcapWriter, client: tuple[str, int], server: tuple[str, int]) -> None:
         self.pcap = pcap
         self.ends = {
-            "c": (client[0], client[1], CLIENT_MAC),
-            "s": (server[0], server[1], SERVER_MAC),
+            C: (client[0], client[1], CLIENT_MAC),
+            S: (server[0], server[1], SERVER_MAC),
         }
-        self.next = {"c": CLIENT_ISN, "s": SERVER_ISN}  # next sequence number each side sends
-        self.closed: set[str] = set()
+        self.next = {C: CLIENT_ISN, S: SERVER_ISN}  # next sequence number each side sends
+        self.closed: set[Direction] = set()
 
-    def _send(self, ts: float, sender: str, flags: int, payload: bytes = b"") -> None:
-        other = "s" if sender == "c" else "c"
+    def _send(self, ts: float, sender: Direction, flags: int, payload: bytes = b"") -> None:
+        other = sender.other
         ack = self.next[other] if flags & ACK else 0
         self.pcap.tcp(
             ts, self.ends[sender], self.ends[other], self.next[sender], ack, flags, payload
@@ -158,25 +161,25 @@ class _Connection:
 
     def open(self, ts: float) -> None:
         # RFC 9293 §3.5: the three-way handshake.
-        self._send(ts, "c", SYN)
-        self._send(ts, "s", SYN | ACK)
-        self._send(ts, "c", ACK)
+        self._send(ts, C, SYN)
+        self._send(ts, S, SYN | ACK)
+        self._send(ts, C, ACK)
 
-    def data(self, ts: float, sender: str, data: bytes) -> None:
+    def data(self, ts: float, sender: Direction, data: bytes) -> None:
         view = memoryview(data)
         for start in range(0, len(data), MAX_PAYLOAD):
             self._send(ts, sender, PSH | ACK, bytes(view[start : start + MAX_PAYLOAD]))
-        self._send(ts, "s" if sender == "c" else "c", ACK)
+        self._send(ts, sender.other, ACK)
 
-    def fin(self, ts: float, sender: str) -> None:
+    def fin(self, ts: float, sender: Direction) -> None:
         if sender in self.closed:
             return
         self.closed.add(sender)
         self._send(ts, sender, FIN | ACK)
-        self._send(ts, "s" if sender == "c" else "c", ACK)
+        self._send(ts, sender.other, ACK)
 
     def close(self, ts: float) -> None:
-        for sender in ("c", "s"):
+        for sender in (C, S):
             self.fin(ts, sender)
 
 
@@ -220,16 +223,17 @@ def export_pcap(
             t = fields.get("t")
             if isinstance(t, int | float) and not isinstance(t, bool):
                 ts = max(ts, base + float(t))  # pcap readers expect time to run forwards
-            direction = fields.get("d")
-            if direction not in ("c", "s"):
+            d = fields.get("d")
+            if d not in ("c", "s"):
                 continue
+            direction = Direction(d)
             if record.kind == fmt.DATA and record.data:
                 conn.data(ts, direction, record.data)
             elif record.kind == fmt.EOF:
                 conn.fin(ts, direction)
             elif (
                 record.kind == fmt.TLS
-                and direction == "c"
+                and direction is C
                 and not switched
                 and fields.get("mode") == "stls"
                 and fields.get("decrypted", True)
