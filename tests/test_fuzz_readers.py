@@ -28,6 +28,7 @@ from popproxy.cli.main import main
 from popproxy.replay.fake import ServeConfig, serve_replay
 from popproxy.replay.pytest_plugin import _TrioThread
 from popproxy.replay.script import load_sessions
+from tests.support.captures import fixture_steps, make_capture
 from tests.support.mutants import DEEP, Capture, Mutator, encode, split
 from tests.test_export import FIXTURES, fixture_capture
 
@@ -141,11 +142,31 @@ def run_reader(
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Capture]]:
     """Real captures: the fixtures' sessions written by the real writer, and the demo's."""
     folder = tmp_path_factory.mktemp("seeds")
-    paths = [DEMO]
+    paths = [DEMO, tls_seed(folder / "stls.popcap")]
     for fixture in sorted(FIXTURES.glob("*.json")):
         path, _ = fixture_capture(folder, fixture.stem)
         paths.append(path)
     return [(path, split(path)) for path in paths]
+
+
+def tls_seed(path: Path) -> Path:
+    """A session upgraded by STLS, with the record kinds the other seeds lack: tls, drop,
+    and popproxy's own bytes (``p``)."""
+    steps = fixture_steps("poplib_userpass")
+    greeting, rest = steps[0], steps[1:]
+    upgrade = [
+        ("c", 0.001, b"STLS\r\n"),
+        ("s", 0.002, b"+OK Begin TLS negotiation\r\n"),
+        ("tls", "c", 0.003),
+        ("tls", "s", 0.003),
+    ]
+    make_capture(path, [greeting, *upgrade, *rest])
+    cap = split(path)
+    drop = encode({"r": fmt.DROP, "d": "c", "off": 0, "len": 6, "why": "answered by popproxy"})
+    own = b"".join(fmt.encode_data("s", 0.004, b"-ERR [SYS/TEMP] not now\r\n", proxy=True))
+    cap.records[3:3] = [drop, own]
+    path.write_bytes(cap.bytes())
+    return path
 
 
 def mutants(seeds: list[tuple[Path, Capture]], count: int) -> Iterator[tuple[Path, bytes, str]]:
