@@ -222,3 +222,17 @@ async def test_seeded_probability_gives_identical_captures(
         shapes.append(shape[2:])
     assert shapes[0] == shapes[1]
     assert any(kind == "event" and f[0].get("kind") == "fault" for kind, f in shapes[0])  # type: ignore[index, union-attr]
+
+
+async def test_getmail_reports_a_reset_mid_retr(
+    dovecot_clean: DovecotServer, tmp_path: Path
+) -> None:
+    (tmp_path / "caps").mkdir()
+    config = _config(dovecot_clean, tmp_path / "caps", "RETR 1: cut after 100 rst")
+    async with running_proxy(config) as (host, port):
+        with pytest.raises(clients.ClientError, match="getmail failed"):
+            await trio.to_thread.run_sync(
+                lambda: clients.getmail_fetch(host, port, ALICE, PW, workdir=tmp_path / "gm")
+            )
+        [path] = await finished_captures(tmp_path / "caps")
+    assert read_json(path)["session"]["end"]["how"] == "fault"
