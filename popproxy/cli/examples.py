@@ -39,6 +39,14 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("the default folder", "popproxy list"),
         ("another folder, as JSON", "popproxy list --json fixtures/"),
     ],
+    "browse": [
+        ("the default folder, watched for new captures", "popproxy browse"),
+        ("only failed logins, in two folders", "popproxy browse --filter '{~c PASS & ~e}' a/ b/"),
+        (
+            "record with the browser as the live view",
+            "popproxy record --upstream HOST:110 --browse",
+        ),
+    ],
     "stats": [
         ("all sessions of a folder", "popproxy stats captures/"),
         ("as JSON for a dashboard", "popproxy stats --json captures/"),

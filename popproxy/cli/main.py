@@ -20,6 +20,7 @@ COMMANDS = {
     "record": "relay a mail client to a POP3 server and record it",
     "show": "show the transcript of captures",
     "list": "list captures: who, when, how much, how it ended",
+    "browse": "browse sessions interactively: list, filter, open, export",
     "stats": "per-command counts, latencies, octets and error rates",
     "diff": "compare two captures exchange by exchange",
     "lint": "check captures for POP3 conformance problems",

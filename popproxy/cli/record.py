@@ -106,6 +106,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     level = p.add_mutually_exclusive_group()
     level.add_argument("--quiet", "-q", action="store_true", help="only session start and end")
     level.add_argument("--verbose", "-v", action="store_true", help="show message bodies too")
+    level.add_argument(
+        "--browse",
+        action="store_true",
+        help="the interactive browser as the live view (popproxy docs browse)",
+    )
     p.add_argument(
         "--connect-timeout",
         type=float,
@@ -248,6 +253,10 @@ def listen_text(config: ProxyConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    if args.browse:
+        from popproxy.browse.live import record_browse  # Textual loads only for --browse
+
+        return record_browse(config)
     mode = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
     view = LiveView.in_subprocess(mode)
     if config.insecure:

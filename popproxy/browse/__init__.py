@@ -1,0 +1,1 @@
+"""``popproxy browse``: the interactive inspector (Textual) for live and recorded sessions."""
