@@ -192,7 +192,7 @@ HEADER_SCHEMA: dict[str, tuple[Check, bool]] = {
     "session": (_opt_count, False),
     **{k: (_opt_str, False) for k in ("popproxy", "start", "client", "listen", "upstream", "stls")},
     **{k: (_bool, False) for k in ("keep_secrets", "listen_tls", "upstream_tls")},
-    **{k: (_bool, False) for k in ("upstream_stls", "insecure")},
+    **{k: (_bool, False) for k in ("upstream_stls", "insecure", "hide_plus")},
 }
 
 

@@ -154,6 +154,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="what to do with a client's STLS (default intercept)",
     )
     tls.add_argument(
+        "--hide-plus",
+        action="store_true",
+        help="hide SASL -PLUS mechanisms (channel binding, which cannot pass popproxy's TLS "
+        "interception) from CAPA and AUTH listings; a downgrade a careful server refuses",
+    )
+    tls.add_argument(
         "--ca-dir",
         metavar="DIR",
         help="popproxy's CA folder (default $POPPROXY_CA_DIR or ~/.popproxy)",
@@ -214,6 +220,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         upstream_tls=args.upstream_tls,
         upstream_stls=args.upstream_stls,
         stls=StlsMode(args.stls),
+        hide_plus=args.hide_plus,
         insecure=args.insecure,
         upstream_ca=args.upstream_ca,
         verbose=args.verbose,

@@ -144,7 +144,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     if plus:
         raise UsageError(
             f"cannot serve {', '.join(plus)}: channel binding needs the recorded server's TLS "
-            "channel (RFC 5802 §6); docs/tls.md, channel binding"
+            "channel (RFC 5802 §6)"
         )
     # Like the password, $POPPROXY_TOKEN is consulted only with --check-password.
     token = read_token(

@@ -306,7 +306,7 @@ def channel_binding(mechanism: str | None, client_first: bytes | None = None) ->
     if is_plus(mechanism):
         return (
             f"{mechanism} binds the login to the TLS channel (RFC 5802 §6): it fails through "
-            "a TLS-intercepting proxy; see docs/tls.md"
+            "TLS interception (record with --stls passthrough, or --hide-plus)"
         )
     if client_first is not None:
         msg = parse_scram(client_first, from_client=True)

@@ -129,6 +129,7 @@ class ProxyConfig:
     upstream_tls: bool = False
     upstream_stls: bool = False
     stls: StlsMode = StlsMode.INTERCEPT
+    hide_plus: bool = False  # hide SASL -PLUS mechanisms from the client (docs/tls.md)
     insecure: bool = False
     upstream_ca: str | None = None
     ca: CertificateAuthority | None = None

@@ -88,6 +88,7 @@ class Session:
         self._replied = trio.Event()  # set after each server chunk reached the client
         self._poke = trio.Event()  # wakes the watchdog when a direction closes
         self._capa_seqs: set[int] = set()
+        self._plus_seqs: dict[int, str] = {}  # CAPA and AUTH bodies open, for --hide-plus
         self._unfed: deque[tuple[Direction, float, bytes]] = deque()  # relayed, not parsed yet
 
     # ----------------------------------------------------------------- life cycle
@@ -157,6 +158,7 @@ class Session:
             "upstream_stls": cfg.upstream_stls,
             "stls": cfg.stls.value,
             "insecure": cfg.insecure,
+            **({"hide_plus": True} if cfg.hide_plus else {}),
             **cfg.extra_header,
         }
         writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
@@ -429,7 +431,7 @@ class Session:
                 or self.config.stls is StlsMode.STRIP
                 or (self.faults is not None and self.faults.wants_client())
             )
-        if self._stls_done is not None or self._hide_stls():
+        if self._stls_done is not None or self._hide_stls() or self.config.hide_plus:
             return True
         # Fault rules (docs/faults.md): parse first while a rule acts on a reply under way,
         # or while other chunks wait to be parsed (a command a rule may select).
@@ -480,7 +482,7 @@ class Session:
                     await self._to_client_send(data)
                 self._stls_done.set()
                 return
-        if self._hide_stls():
+        if self._hide_stls() or self.config.hide_plus:
             data = self._strip_capability(data, events, start)
         await self._to_client_send(data)
         self._replied.set()
@@ -674,13 +676,20 @@ class Session:
 
     def _strip_capability(self, data: bytes, events: list[Event], start: int) -> bytes:
         assert self.tap is not None
-        drops = control.stls_capability_spans(events, self._capa_seqs)
+        stls = control.stls_capability_spans(events, self._capa_seqs) if self._hide_stls() else []
+        plus = (
+            control.plus_mechanism_spans(events, self._plus_seqs) if self.config.hide_plus else []
+        )
+        if stls:
+            self.tap.event(self.now(), "strip", detail="STLS hidden from CAPA")
+        if plus:
+            self.tap.event(self.now(), "hide-plus", detail="-PLUS mechanisms hidden (--hide-plus)")
+        drops = sorted([(o, n, "STLS capability hidden by popproxy") for o, n in stls] + plus)
         if not drops:
             return data
-        self.tap.event(self.now(), "strip", detail="STLS hidden from CAPA")
         out, prev = [], 0
-        for offset, length in drops:
-            self.tap.drop(S, offset, length, "STLS capability hidden by popproxy")
+        for offset, length, why in drops:
+            self.tap.drop(S, offset, length, why)
             out.append(data[prev : offset - start])
             prev = offset - start + length
         out.append(data[prev:])

@@ -177,7 +177,7 @@ def refusal(mechanism: str) -> str | None:
     if sasl.is_plus(mechanism):
         return (
             f"cannot replay AUTH {mechanism}: channel binding ties the login to one TLS "
-            "channel (RFC 5802 §6) and popproxy replay does not bind; record without -PLUS "
-            "(docs/tls.md, channel binding)"
+            "channel (RFC 5802 §6) and popproxy replay does not bind; record the client "
+            "with plain SCRAM (its settings, or popproxy record --hide-plus)"
         )
     return None
