@@ -20,6 +20,8 @@ from popproxy.views.theme import THEME
 from tests.support.leaks import (
     LOGINS,
     PASSWORD,
+    SCRAM_PROOF,
+    SCRAM_SIGNATURE,
     TOKEN,
     Login,
     apop_digest,
@@ -30,7 +32,7 @@ from tests.support.leaks import (
 )
 from tests.test_credentials import run_tap
 
-SECRETS = [PASSWORD, TOKEN, apop_digest(), cram_digest()]
+SECRETS = [PASSWORD, TOKEN, apop_digest(), cram_digest(), SCRAM_PROOF, SCRAM_SIGNATURE]
 WRONG = b"Wr0ng-but-still-secret"
 
 

@@ -132,6 +132,12 @@ def decoded_secrets(mechanism: str | None, responses: list[bytes]) -> list[bytes
         _, sep, digest = decoded[0].rpartition(b" ")
         if sep:
             out.append(digest)
+    elif mechanism is not None and mechanism.startswith("SCRAM-"):
+        # RFC 5802 §5.1: the client-final's proof "p=" (the last attribute) is a verifier.
+        for data in decoded:
+            _, sep, proof = (data or b"").rpartition(b",p=")
+            if sep and proof:
+                out.append(proof)
     return [s for s in out if len(s) >= MIN_ECHO]
 
 

@@ -85,6 +85,15 @@ OAUTHBEARER = b64(
     b"n,a=" + USER + b",\x01host=pop.example.org\x01port=110\x01auth=Bearer " + TOKEN + b"\x01\x01"
 )
 PLAIN = b64(b"\x00" + USER + b"\x00" + PASSWORD)
+# RFC 5802 §5: the client proof and the server signature are password verifiers.
+SCRAM_PROOF = b"dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+SCRAM_SIGNATURE = b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+SCRAM_NONCE = b"rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+SCRAM_FIRST = b64(b"n,," + b"n=" + USER + b",r=rOprNGfwEbeRWgbNEkqO")
+SCRAM_SERVER_FIRST = b64(b"r=" + SCRAM_NONCE + b",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+SCRAM_FINAL = b64(b"c=biws,r=" + SCRAM_NONCE + b",p=" + SCRAM_PROOF)
+SCRAM_SERVER_FINAL = b64(b"v=" + SCRAM_SIGNATURE)
+OAUTH_ERROR = b64(b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}')
 
 
 def _user_pass(name: str, sep: bytes, verb: bytes = b"PASS") -> Login:
@@ -181,6 +190,36 @@ LOGINS: list[Login] = [
         TOKEN,
     ),
     _sasl("oauthbearer", b"AUTH OAUTHBEARER " + OAUTHBEARER + b"\r\n", [], TOKEN),
+    _sasl(
+        "oauthbearer-error",
+        b"AUTH OAUTHBEARER\r\n",
+        [
+            ("s", b"+ \r\n"),
+            ("c", OAUTHBEARER + b"\r\n"),
+            ("s", b"+ " + OAUTH_ERROR + b"\r\n"),
+            ("c", b"AQ==\r\n"),
+        ],
+        TOKEN,
+    ),
+    _sasl(
+        "xoauth2-error",
+        b"AUTH XOAUTH2 " + XOAUTH2 + b"\r\n",
+        [("s", b"+ " + OAUTH_ERROR + b"\r\n"), ("c", b"\r\n")],
+        TOKEN,
+    ),
+    Login(
+        "scram-sha-256",
+        [
+            ("s", GREETING),
+            ("c", b"AUTH SCRAM-SHA-256 " + SCRAM_FIRST + b"\r\n"),
+            ("s", b"+ " + SCRAM_SERVER_FIRST + b"\r\n"),
+            ("c", SCRAM_FINAL + b"\r\n"),
+            ("s", b"+ " + SCRAM_SERVER_FINAL + b"\r\n"),
+            ("c", b"\r\n"),
+            ("s", echo_line(SCRAM_PROOF)),
+        ],
+        [SCRAM_PROOF, SCRAM_SIGNATURE],
+    ),
 ]
 
 
