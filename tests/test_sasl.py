@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from pathlib import Path
 
@@ -293,3 +294,69 @@ def test_oauth_token_never_in_views(token: bytes) -> None:
         entry = sasl.client_entry(mech, [{"from": "server"}], line)
         assert entry["secret"] is True and entry["line"] == "#" * len(line)
         assert line.decode() not in json.dumps(entry)
+
+
+def _events_by(chunks: list[tuple[Direction, bytes]]) -> list[Event]:
+    obs = Observer()
+    out: list[Event] = []
+    for d, data in chunks:
+        out += obs.receive_data(d, data)
+    for d in (S, C):
+        out += obs.receive_data(d, b"")
+    return out
+
+
+def _scram_script() -> list[tuple[Direction, bytes]]:
+    return [
+        (S, b"+OK Dovecot ready.\r\n"),
+        (C, b"AUTH SCRAM-SHA-256 " + SCRAM_FIRST + b"\r\n"),
+        (S, b"+ " + SCRAM_SERVER_FIRST + b"\r\n"),
+        (C, SCRAM_FINAL + b"\r\n"),
+        (S, b"+ " + SCRAM_SERVER_FINAL + b"\r\n"),
+        (C, b"\r\n"),
+        (S, b"+OK Logged in.\r\n"),
+        (C, b"AUTH OAUTHBEARER\r\n"),
+        (S, b"+ \r\n"),
+        (C, OAUTHBEARER + b"\r\n"),
+        (S, b"+ " + GMAIL_ERROR + b"\r\n"),
+        (C, b"AQ==\r\n"),
+        (S, b"-ERR no\r\n"),
+    ]
+
+
+def _canonical(events: list[Event]) -> list[object]:
+    """Events with raw pieces joined per direction: the parts that must not depend on chunks."""
+    return [e for e in events if not hasattr(e, "raw")] + [
+        (type(e).__name__, getattr(e, "seq", None))
+        for e in events
+        if hasattr(e, "raw") and type(e).__name__ not in ("Opaque", "LineTail")
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=60))
+def test_sasl_decoding_does_not_depend_on_segmentation(cuts: list[int]) -> None:
+    script = _scram_script()
+    whole = _events_by(script)
+    pieces: list[tuple[Direction, bytes]] = []
+    sizes = itertools.cycle(cuts)
+    for d, data in script:
+        at = 0
+        while at < len(data):
+            n = next(sizes)
+            pieces.append((d, data[at : at + n]))
+            at += n
+    assert _canonical(_events_by(pieces)) == _canonical(whole)
+    secrets = sorted(
+        (e.direction.value, e.offset, e.length) for e in whole if isinstance(e, Secret)
+    )
+    split = _events_by(pieces)
+    assert (
+        sorted((e.direction.value, e.offset, e.length) for e in split if isinstance(e, Secret))
+        == secrets
+    )
+    ident = [e for e in split if isinstance(e, AuthIdentity)]
+    assert [(i.mechanism, i.identity) for i in ident] == [
+        ("SCRAM-SHA-256", "al,ice"),
+        ("OAUTHBEARER", "someone@example.com"),
+    ]
