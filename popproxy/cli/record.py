@@ -197,8 +197,12 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         for port in args.tls_port:
             if not 0 < port <= 65535:
                 raise UsageError(f"--tls-port {port}: not a port")
+        try:
+            socks_listen = parse_listen(args.socks5)
+        except UsageError as exc:
+            raise UsageError(f"--socks5: {exc}") from None
         socks = SocksSettings(
-            listen=parse_listen(args.socks5),
+            listen=socks_listen,
             credentials=parse_credentials(args.socks_auth) if args.socks_auth else None,
             tls_ports=frozenset({995, *args.tls_port}),
             pop3_only=args.socks_pop3_only,

@@ -68,8 +68,11 @@ def parse_route(text: str) -> Route:
         raise UsageError(f"bad route {text!r}: the suffix must be /tls or /stls") from None
     if slash and security is Security.PLAIN:
         raise UsageError(f"bad route {text!r}: the suffix must be /tls or /stls")
-    listen = parse_listen(listen_text)
-    upstream = parse_hostport(upstream_text)
+    try:
+        listen = parse_listen(listen_text)
+        upstream = parse_hostport(upstream_text)
+    except UsageError as exc:
+        raise UsageError(f"bad route {text!r}: {exc}") from None
     if upstream[1] == 0:
         raise UsageError(f"bad route {text!r}: the upstream needs a real port, not 0")
     canonical = f"{format_hostport(*listen)}={format_hostport(*upstream)}"
