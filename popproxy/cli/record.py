@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="one more listener with its own upstream (repeatable); LISTEN is [HOST:]PORT; "
         "/tls: implicit TLS on both legs, /stls: popproxy upgrades the upstream with STLS",
     )
-    socks = p.add_argument_group("SOCKS5 (each client names its upstream)")
+    socks = p.add_argument_group("SOCKS5 (each client names its upstream; popproxy docs socks)")
     socks.add_argument(
         "--socks5",
         metavar="[HOST:]PORT",
