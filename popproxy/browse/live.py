@@ -98,7 +98,8 @@ def record_browse(config: ProxyConfig) -> int:
     proxy = ProxyThread(config, view)
     addresses = proxy.start()
     listening = ", ".join(f"{host}:{port}" for host, port in addresses)
-    banner = f"recording: {listening} → {config.upstream_text}"
+    upstream = config.upstream_text if config.serve_fixed else "per route / SOCKS5 target"
+    banner = f"recording: {listening} → {upstream}"
     if config.insecure:
         banner += "  WARNING: --insecure: the upstream certificate is NOT verified"
     try:
