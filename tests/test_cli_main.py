@@ -78,19 +78,20 @@ def test_version_loads_no_subcommand() -> None:
     assert lines[-1] == "False False"
 
 
-def test_show_loads_neither_trio_nor_tls() -> None:
+def test_show_loads_neither_trio_nor_tls_nor_the_filter_language() -> None:
     capture = Path(popproxy.__file__).parent / "data" / "demo.popcap"
     code = (
         "import sys\n"
         "from popproxy.cli.main import main\n"
         f"main(['show', {str(capture)!r}])\n"
-        "print('trio' in sys.modules, 'popproxy.tls' in sys.modules, file=sys.stderr)\n"
+        "loaded = ('trio', 'popproxy.tls', 'popproxy.inspect.filter', 'textual')\n"
+        "print(*(m in sys.modules for m in loaded), file=sys.stderr)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert "RETR" in done.stdout
-    assert done.stderr.splitlines()[-1] == "False False"
+    assert done.stderr.splitlines()[-1] == "False False False False"
 
 
 def test_every_subcommand_has_examples_and_documented_positionals() -> None:
