@@ -182,7 +182,7 @@ def mutants(seeds: list[tuple[Path, Capture]], count: int) -> Iterator[tuple[Pat
 
 
 ALWAYS = ("show --json", "list --json")  # the widest use of every field, and the end walk
-ROTATE = 4  # further readers per mutant, in turn: each reader sees over 150 mutants
+ROTATE = 3  # further readers per mutant, in turn: each reader sees over 110 mutants
 
 
 def test_fuzz_every_reader(
@@ -245,7 +245,7 @@ def test_fuzz_replay_against_serve(
 ) -> None:
     """Mutants that still load are served by the fake server and replayed against it."""
     played = 0
-    for i, (_seed, data, why) in enumerate(mutants(seeds, MUTANTS // 8)):
+    for i, (_seed, data, why) in enumerate(mutants(seeds, MUTANTS // 12)):
         path = tmp_path / f"r{i}.popcap"
         path.write_bytes(data)
         try:
