@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,7 @@ def pop3_server(
             ca_box.append(CertificateAuthority.load_or_create(ca_dir))
         return ca_box[0]
 
-    faults = _faults(kwargs.get("faults", ()))
+    faults = _faults(kwargs.get("faults", ()), request.node.nodeid)
     rules = list(kwargs.get("before_record") or []) + list(pop3_before_record)
     guard = _guard(request.config)
     exists = _exists(path) or (kwargs.get("mode") == "mailbox" and path.exists())
@@ -251,13 +252,16 @@ def pop3_server(
         yield from _replaying(path, mode, kwargs, ca, ca_dir, guard, None, faults)
 
 
-def _faults(rules: object) -> FaultSet:
-    """The marker's ``faults=[...]``, parsed; a bad rule fails the test in one line."""
+def _faults(rules: object, nodeid: str) -> FaultSet:
+    """The marker's ``faults=[...]``, parsed; a bad rule fails the test in one line.
+
+    The run seed comes from the test's id: ``p=`` rules draw the same way every run.
+    """
     if isinstance(rules, str):
         rules = [rules]
     if not isinstance(rules, list | tuple):
         pytest.fail("pop3_capture(faults=...) takes a list of fault rules", pytrace=False)
-    parsed = FaultSet()
+    parsed = FaultSet(seed=zlib.crc32(nodeid.encode()))
     for text in rules:
         try:
             parsed.add(parse_rule(str(text)))
