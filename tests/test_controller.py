@@ -53,6 +53,7 @@ class Case:
     client_tls: bool = False
     upstream_tls: bool = False
     upstream_stls: bool = False
+    hide_plus: bool = False
     tls: dict[Leg, str | None] = field(default_factory=dict)  # leg -> failure reason
 
 
@@ -76,6 +77,7 @@ class Run:
             client_tls=case.client_tls,
             upstream_tls=case.upstream_tls,
             upstream_stls=case.upstream_stls,
+            hide_plus=case.hide_plus,
         )
         self.obs = Observer()
 
@@ -306,6 +308,7 @@ CASES = [
             Send(L, STLS_OK, "the upstream leg is TLS already"),
             StartTls(L, "stls"),
             Drop(C, 6, 8, "plaintext after STLS"),
+            TlsFact(S, decrypted=True, mode="already-tls"),
             fwd(C, b"NOOP\r\n"),
         ],
         upstream_tls=True,

@@ -9,9 +9,8 @@ from pathlib import Path
 import trio
 
 from popproxy.capture.reader import CaptureReader
-from popproxy.core import Direction, Observer
 from popproxy.proxy.config import ProxyConfig
-from popproxy.proxy.control import plus_mechanism_spans
+from popproxy.proxy.controller import Drop
 from popproxy.proxy.server import serve_record
 from tests.support.faults import wait_ended
 from tests.support.scripted import ScriptedServer
@@ -103,14 +102,20 @@ async def test_without_hide_plus_nothing_changes(tmp_path: Path) -> None:
 
 
 def test_plus_spans_in_capa_and_auth_listings_only() -> None:
-    obs = Observer()
-    obs.receive_data(Direction.SERVER, b"+OK hi\r\n")
-    obs.receive_data(Direction.CLIENT, b"CAPA\r\nAUTH\r\nLIST\r\n")
-    events = obs.receive_data(Direction.SERVER, CAPA + AUTH_LIST + b"+OK\r\nX-PLUS\r\n.\r\n")
-    spans = plus_mechanism_spans(events, {})
-    stream = b"+OK hi\r\n" + CAPA + AUTH_LIST
-    assert [stream[o : o + n] for o, n, _ in spans] == [
-        b" SCRAM-SHA-1-PLUS",
-        b"\tSCRAM-SHA-256-PLUS",
-        b"SCRAM-SHA-256-PLUS\r\n",
+    from tests.test_controller import Case, bytewise, play, whole
+
+    steps = [
+        ("s", b"+OK hi\r\n"),
+        ("c", b"CAPA\r\nAUTH\r\nLIST\r\n"),
+        ("s", CAPA + AUTH_LIST + b"+OK\r\nX-PLUS\r\n.\r\n"),
     ]
+    stream = b"+OK hi\r\n" + CAPA + AUTH_LIST
+    for split in (whole, bytewise):
+        run = play(Case("hide-plus", steps, [], hide_plus=True), split)
+        drops = [c for c in run.out if isinstance(c, Drop)]
+        assert [stream[d.offset : d.offset + d.length] for d in drops] == [
+            b" SCRAM-SHA-1-PLUS",
+            b"\tSCRAM-SHA-256-PLUS",
+            b"SCRAM-SHA-256-PLUS\r\n",
+        ]
+        assert {d.why for d in drops} == {"-PLUS mechanism hidden by popproxy (--hide-plus)"}

@@ -563,3 +563,20 @@ def test_subprocess_smoke(fixture_dir: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_list_n_answered_with_a_list_keeps_it_in_its_exchange(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    steps = script(
+        *LOGIN, (b"LIST 1\r\n", b"+OK 1 120\r\n1 120\r\n.\r\n"), (b"NOOP\r\n", b"+OK\r\n")
+    )
+    path = make_capture(tmp_path / f"list{fmt.SUFFIX}", steps)
+    _, doc = run_json(["show", "--json", str(path)], capsys)
+    commands = [(ex["command"], ex["status"]) for ex in doc["exchanges"][1:]]
+    assert commands == [("USER", "+OK"), ("PASS", "+OK"), ("LIST", "+OK"), ("NOOP", "+OK")]
+    (listed,) = [ex for ex in doc["exchanges"] if ex["command"] == "LIST"]
+    assert listed["multiline"] and listed["body_lines"] == 1
+    assert [a["kind"] for a in doc["anomalies"]] == ["multiline-reply-to-single"]
+    code = main(["show", str(path)])
+    assert code == 0 and "(no reply)" not in capsys.readouterr().out

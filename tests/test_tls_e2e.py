@@ -568,9 +568,9 @@ async def test_server_plaintext_after_stls_ok_is_dropped(tmp_path: Path) -> None
 
 
 async def test_client_plaintext_after_stls_is_flagged(tmp_path: Path) -> None:
-    """Documents: bytes a client pipelines after STLS reach the server in PLAINTEXT, before
-    the server's +OK (popproxy relays the client's chunk as it came); they never go inside
-    TLS. The capture marks them injected."""
+    """Bytes a client pipelines after STLS are held until the server answers; after its
+    +OK they are injected plaintext (RFC 2595 §4): dropped, never forwarded, in plaintext or
+    inside TLS. The capture keeps them, marked injected and dropped."""
     fake = StlsServer()
     async with trio.open_nursery() as servers:
         await servers.start(fake.serve)
@@ -595,7 +595,7 @@ async def test_client_plaintext_after_stls_is_flagged(tmp_path: Path) -> None:
     conn = fake.connections[0]
     assert begin == b"+OK Begin TLS\r\n" and leftover == b""
     assert stat.startswith(b"+OK 1 ")
-    assert conn.plain_received.endswith(b"STLS\r\nUSER evil\r\n")
+    assert conn.plain_received == b"STLS\r\n"
     assert b"evil" not in conn.tls_received
     assert conn.tls_received == b"STAT\r\nQUIT\r\n"
     cap = Capture(path)
@@ -606,6 +606,10 @@ async def test_client_plaintext_after_stls_is_flagged(tmp_path: Path) -> None:
     assert tls_c[0]["off"] == len(b"STLS\r\nUSER evil\r\n")  # the injected bytes came before
     assert not [ex for ex in cap.doc["exchanges"] if ex["command"] == "USER"]
     assert cap.commands() == ["STLS", "STAT", "QUIT"]
+    drops = [r.fields for r in cap.records if r.kind == "drop"]
+    assert [(d["d"], d["off"], d["len"], d["why"]) for d in drops] == [
+        ("c", 6, 11, "plaintext after STLS")
+    ]
 
 
 async def test_local_stls_never_forwards_client_injection(tmp_path: Path) -> None:
@@ -651,15 +655,15 @@ async def test_local_stls_never_forwards_client_injection(tmp_path: Path) -> Non
 
 
 async def test_untrusted_upstream_at_stls_intercept(dovecot: DovecotServer, tmp_path: Path) -> None:
-    """Documents: in intercept mode the server's +OK is relayed before popproxy verifies the
-    upstream; on failure the client's handshake fails (popproxy's -ERR line arrives where
-    the client expects a ServerHello) and nothing after STLS is relayed."""
+    """In intercept mode the server's +OK is held until popproxy has verified the upstream;
+    on failure it is dropped and the client's STLS gets popproxy's own -ERR instead (the
+    client stays in plaintext, nothing after STLS is relayed)."""
     config = make_config(tmp_path, dovecot, upstream_context=client_context())
     ca = str(config.certificate_authority().cert_path)
     pw = dovecot.users[ALICE]
     with trio.fail_after(20):
         async with running(config) as port:
-            with pytest.raises(ssl.SSLError):
+            with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
                 await in_thread(
                     clients.poplib_session,
                     HOST,
@@ -673,6 +677,8 @@ async def test_untrusted_upstream_at_stls_intercept(dovecot: DovecotServer, tmp_
             (path,) = await wait_captures(config, 1)
     cap = Capture(path)
     assert cap.end["how"] == "upstream-tls-error" and "certificate" in cap.end["error"]
+    (drop,) = cap.kind(fmt.DROP)
+    assert drop["why"] == "upstream TLS failed" and drop["d"] == "s"
     assert cap.commands() == ["CAPA", "STLS"]
     assert cap.stream("c") == b"CAPA\r\nSTLS\r\n"
     assert cap.stream("s").endswith(
@@ -920,3 +926,40 @@ async def test_sslkeylogfile_covers_both_legs(
     assert len(proxy_randoms) == 2  # ... and the upstream leg
     labels = {ln.split()[0] for ln in keylog.read_text().splitlines() if ln and ln[0] != "#"}
     assert "CLIENT_TRAFFIC_SECRET_0" in labels or "CLIENT_RANDOM" in labels
+
+
+async def test_stls_written_one_byte_at_a_time_is_intercepted(tmp_path: Path) -> None:
+    """A client whose STLS line arrives in six segments is intercepted exactly like one
+    that writes it at once: the TLS handshake is popproxy's, never relayed as plaintext."""
+    fake = StlsServer()
+    async with trio.open_nursery() as servers:
+        await servers.start(fake.serve)
+        config = make_config(
+            tmp_path, upstream=(HOST, fake.port), upstream_context=fake.client_context()
+        )
+        ca = str(config.certificate_authority().cert_path)
+        with trio.fail_after(20):
+            async with running(config) as port:
+                client = await LineClient.connect(port)
+                assert (await client.line()).startswith(b"+OK")
+                for byte in b"STLS\r\n":
+                    await client.send(bytes([byte]))
+                    await trio.sleep(0.02)  # one TCP segment each
+                begin = await client.line()
+                leftover = await client.start_tls(client_ssl_context(ca))
+                await client.send(b"STAT\r\n")
+                stat = await client.line()
+                await client.send(b"QUIT\r\n")
+                await client.rest()
+                await client.aclose()
+                (path,) = await wait_captures(config, 1)
+        servers.cancel_scope.cancel()
+    conn = fake.connections[0]
+    assert begin == b"+OK Begin TLS\r\n" and leftover == b""
+    assert stat.startswith(b"+OK 1 ")
+    assert conn.plain_received == b"STLS\r\n" and conn.handshake_ok
+    assert conn.tls_received == b"STAT\r\nQUIT\r\n"
+    cap = Capture(path)
+    assert [t["leg"] for t in cap.kind(fmt.TLS)] == ["upstream", "client"]
+    assert not cap.anomalies("plaintext-after-stls")
+    assert cap.commands() == ["STLS", "STAT", "QUIT"]

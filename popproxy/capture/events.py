@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from popproxy.capture import format as fmt
 from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
-from popproxy.core import AuthIdentity, Direction, Event, Observer
+from popproxy.core import AuthIdentity, Direction, Event, Observer, PopproxyClosed, PopproxySent
 
 
 def replay_events(
@@ -21,6 +21,7 @@ def replay_events(
     """
     obs = Observer()
     closed: set[Direction] = set()
+    offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
     t = 0.0
     for record in reader.records(follow=follow):
         kind, f = record.kind, record.fields
@@ -31,14 +32,22 @@ def replay_events(
         direction = _direction(f) if kind in (fmt.DATA, fmt.TLS, fmt.EOF, fmt.OPAQUE) else None
         if direction is not None:
             if kind == fmt.DATA and record.data is not None:
-                events = obs.receive_data(direction, record.data)
+                start = offsets[direction]
+                offsets[direction] += len(record.data)
+                if f.get("p"):
+                    # Three actors: these bytes are popproxy's, whatever they look like.
+                    why = str(f.get("why") or "sent by popproxy")
+                    events = [PopproxySent(direction, start, len(record.data), why)]
+                events += obs.receive_data(direction, record.data)
             elif kind == fmt.TLS:
                 events = obs.start_tls(direction, decrypted=bool(f.get("decrypted", True)))
             elif kind == fmt.OPAQUE:
                 events = obs.go_opaque(direction, str(f.get("why", "not POP3")))
             elif kind == fmt.EOF:
                 closed.add(direction)
-                events = obs.receive_data(direction, b"")
+                if f.get("by") == "popproxy":
+                    events = [PopproxyClosed(direction, str(f.get("why") or "popproxy closed"))]
+                events += obs.receive_data(direction, b"")
         elif kind == fmt.IDENTITY:
             events = _identity(f)
         yield record, t, events

@@ -53,10 +53,14 @@ def encode_meta(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
-def encode_data(direction: str, t: float, data: bytes, *, proxy: bool = False) -> list[bytes]:
+def encode_data(
+    direction: str, t: float, data: bytes, *, proxy: bool = False, why: str | None = None
+) -> list[bytes]:
     """A data record as pieces for ``os.writev``: the raw bytes are not copied."""
     # Formatted by hand: this runs once per relayed chunk, and json.dumps costs more.
     flag = b',"p":1' if proxy else b""
+    if why is not None:
+        flag += b',"why":' + json.dumps(why, ensure_ascii=True).encode()
     head = b'{"r":"d","d":"%s","t":%.6f,"n":%d%s}\n' % (direction.encode(), t, len(data), flag)
     return [head, data, b"\n"]
 

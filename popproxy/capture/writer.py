@@ -19,6 +19,7 @@ class _Chunk:
     t: float
     data: bytes
     proxy: bool
+    why: str | None = None
 
 
 @dataclass
@@ -55,9 +56,18 @@ class CaptureWriter:
         """Bytes waiting for the disk (released or not)."""
         return self._out_bytes + self._queued_bytes
 
-    def data(self, direction: Direction, t: float, data: bytes, *, proxy: bool = False) -> None:
-        """A chunk of ``direction``'s stream; ``proxy`` marks bytes popproxy itself made."""
-        self._queue.append(_Chunk(direction, self._next[direction], t, data, proxy))
+    def data(
+        self,
+        direction: Direction,
+        t: float,
+        data: bytes,
+        *,
+        proxy: bool = False,
+        why: str | None = None,
+    ) -> None:
+        """A chunk of ``direction``'s stream; ``proxy`` marks bytes popproxy itself made
+        (``why`` says what for)."""
+        self._queue.append(_Chunk(direction, self._next[direction], t, data, proxy, why))
         self._next[direction] += len(data)
         self._queued_bytes += len(data)
 
@@ -101,7 +111,11 @@ class CaptureWriter:
                 if item.offset + len(item.data) > limit:
                     break
                 data = self._redact(item)
-                out.extend(fmt.encode_data(item.direction.value, item.t, data, proxy=item.proxy))
+                out.extend(
+                    fmt.encode_data(
+                        item.direction.value, item.t, data, proxy=item.proxy, why=item.why
+                    )
+                )
                 self._out_bytes += len(data) + 48
                 self._queued_bytes -= len(data)
                 self._written[item.direction] = item.offset + len(item.data)

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -27,7 +28,7 @@ from popproxy.proxy.config import (
     parse_route,
 )
 from popproxy.proxy.probe import exposed, probe_upstream
-from popproxy.proxy.server import serve_record
+from popproxy.proxy.server import Totals, serve_record
 from popproxy.tls.ca import default_ca_dir
 from popproxy.tls.contexts import client_context
 from popproxy.views.live import NORMAL, QUIET, VERBOSE, LiveView
@@ -313,8 +314,9 @@ async def _check_upstream(config: ProxyConfig, view: LiveView) -> None:
 
 
 async def _main(config: ProxyConfig, view: LiveView) -> None:
+    totals = Totals()
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_record, config, view)
+        await nursery.start(partial(serve_record, config, view, totals=totals))
         if config.check_upstream:
             nursery.start_soon(_check_upstream, config, view)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -322,3 +324,5 @@ async def _main(config: ProxyConfig, view: LiveView) -> None:
                 view.notice("stopping: finishing open captures…", "pop.muted")
                 nursery.cancel_scope.cancel()
                 break
+    style = "pop.error" if totals.capture_errors or totals.refused else "pop.muted"
+    view.notice(f"stopped: {totals.summary()}", style)

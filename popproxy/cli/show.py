@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+SCHEMA_VERSION = 2  # docs/show.schema.json: replies and anomalies say who made them
+
+
 def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, Any]:
     """The ``show --json`` document (docs/show.schema.json)."""
     builder = TranscriptBuilder(reveal_secrets=reveal)
@@ -124,6 +127,7 @@ def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, An
         "warnings": reader.warnings,
     }
     return {
+        "schema": SCHEMA_VERSION,
         "path": str(reader.path),
         "session": session,
         "exchanges": [ex.to_json() for ex in exchanges],

@@ -231,3 +231,23 @@ class ConnectionClosed(Event):
 
     direction: Direction
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PopproxySent(Event):
+    """The next ``length`` bytes of ``direction``'s stream from ``offset`` were made by
+    popproxy itself (``why``), not by that direction's peer; not an observer event."""
+
+    direction: Direction
+    offset: int
+    length: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class PopproxyClosed(Event):
+    """popproxy, not the peer, ended ``direction`` (its own shutdown or an error); the
+    ``ConnectionClosed`` that follows is popproxy's act; not an observer event."""
+
+    direction: Direction
+    why: str

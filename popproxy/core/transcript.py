@@ -23,6 +23,8 @@ from popproxy.core.events import (
     Direction,
     Event,
     Greeting,
+    PopproxyClosed,
+    PopproxySent,
     Reply,
     SaslChallenge,
     SaslResponse,
@@ -108,11 +110,13 @@ class Exchange:
     t_end: float | None = None
     message: MessageSummary | None = None
     state: State | None = None  # the session state when the command was sent
+    reply_by: str = "server"  # or "popproxy": who made the status line
     client_octets: int = 0
     server_octets: int = 0
     shown: int = 0
     _hash: Any = None
     _head: bytearray | None = None
+    _reopened: bool = False  # a single-line reply that a body followed after all
 
     @property
     def done(self) -> bool:
@@ -136,6 +140,7 @@ class Exchange:
             "listing": [list(x) for x in self.listing] if self.listing is not None else None,
             "sasl": self.sasl,
             "state": self.state,
+            "reply_by": self.reply_by,
             "message": self.message.to_json() if self.message else None,
             "t_sent": self.t_sent,
             "t_reply": self.t_reply,
@@ -210,14 +215,24 @@ class TranscriptBuilder:
             ConnectionClosed: self._closed,
         }
         self._echoes: list[Secret] = []
+        self._by_popproxy: Direction | None = None  # whose bytes the current batch holds
+        self._last_done: Exchange | None = None  # the last exchange a status line finished
 
     def feed(self, t: float, events: list[Event]) -> list[Item]:
         items: list[Item] = []
+        self._by_popproxy = None
         for event in events:
+            if isinstance(event, (PopproxySent, PopproxyClosed)):
+                # What the observer makes of these bytes (or this close) is popproxy's act.
+                self._by_popproxy = event.direction
+                continue
             item = self._one(t, event)
             if item is not None:
                 items.append(item)
         return items
+
+    def _popproxys(self, direction: Direction) -> bool:
+        return self._by_popproxy is direction
 
     def _one(self, t: float, event: Event) -> Item | None:
         handler = self._handlers.get(type(event))
@@ -251,6 +266,8 @@ class TranscriptBuilder:
         session = self.session
         ex = self._open.get(event.seq) or Exchange(ExchangeKind.COMMAND, event.seq, event.verb)
         ex.status, ex.code, ex.text = event.status, event.code, event.text
+        if self._popproxys(event.direction):
+            ex.reply_by = "popproxy"
         if event.status == "-ERR":
             session.errors += 1
         if event.verb == "QUIT" and event.status == "+OK":
@@ -268,14 +285,13 @@ class TranscriptBuilder:
             return None
         ex.t_end = t
         self._open.pop(event.seq, None)
+        self._last_done = ex
         return Item(ItemKind.DONE, t, ex)
 
     def _chunk(self, t: float, event: BodyChunk) -> Item | None:
         found = self._open.get(event.seq)
         if found is None:  # a resynchronised body for an exchange already finished
-            found = self._open[event.seq] = Exchange(
-                ExchangeKind.COMMAND, event.seq, multiline=True, body_lines=0, body_octets=0
-            )
+            found = self._reopen(event.seq)
             found._hash = hashlib.sha256() if self.hash_bodies else None
         ex = found
         ex.server_octets += len(event.raw)
@@ -311,6 +327,8 @@ class TranscriptBuilder:
             _summarise(ex.message, bytes(ex._head))
             ex._head = None
         ex.t_end = t
+        if ex._reopened:
+            return None  # its "done" came with the status line; it is complete now
         return Item(ItemKind.DONE, t, ex)
 
     def _secret(self, t: float, event: Secret) -> Item | None:
@@ -370,6 +388,7 @@ class TranscriptBuilder:
             "seq": event.seq,
             "detail": event.detail,
             "t": t,
+            "by": "popproxy" if self._popproxys(event.direction) else _peer(event.direction),
         }
         session.anomalies.append(record)
         return Item(ItemKind.ANOMALY, t, None, record)
@@ -384,9 +403,22 @@ class TranscriptBuilder:
 
     def _closed(self, t: float, event: ConnectionClosed) -> Item | None:
         session = self.session
-        who = "client" if event.direction is Direction.CLIENT else "server"
+        who = "popproxy" if self._popproxys(event.direction) else _peer(event.direction)
         session.closed.append(who)
         return Item(ItemKind.CLOSED, t, None, who)
+
+    def _reopen(self, seq: int) -> Exchange:
+        """The exchange a resynchronised body belongs to: ``LIST n`` answered with a list
+        (the observer's ``multiline-reply-to-single``) keeps its list, in order."""
+        last = self._last_done
+        if last is not None and last.seq == seq:
+            last.multiline, last.body_lines, last.body_octets = True, 0, 0
+            last._reopened = True
+            self._open[seq] = last
+            return last
+        orphan = Exchange(ExchangeKind.COMMAND, seq, multiline=True, body_lines=0, body_octets=0)
+        self._open[seq] = orphan
+        return orphan
 
     def unfinished(self) -> list[Exchange]:
         """Exchanges still open (no reply, or a body cut off): shown at the end of a session."""
@@ -428,3 +460,7 @@ def _header(headers: Any, name: str) -> str | None:
     except Exception:  # the email package raises many kinds
         return None
     return None if value is None else " ".join(str(value).split())[:200]
+
+
+def _peer(direction: Direction) -> str:
+    return "client" if direction is Direction.CLIENT else "server"

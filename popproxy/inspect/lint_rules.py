@@ -14,8 +14,12 @@ from popproxy.core.events import (
     Anomaly,
     BodyEnd,
     Command,
+    ConnectionClosed,
+    Direction,
     Event,
     Greeting,
+    PopproxyClosed,
+    PopproxySent,
     Reply,
     StateChanged,
 )
@@ -172,7 +176,7 @@ class Finding:
     message: str
     seq: int | None = None
     command: str | None = None
-    direction: str | None = None  # "client" or "server"
+    direction: str | None = None  # "client", "server" or "popproxy"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -187,7 +191,7 @@ class Finding:
 
 
 def _who(direction: str) -> str:
-    return "client" if direction == "c" else "server"
+    return {"c": "client", "s": "server", "p": "popproxy"}.get(direction, "server")
 
 
 class Linter:
@@ -215,6 +219,8 @@ class Linter:
         self._cr_end = {"c": False, "s": False}
         self._opaque: set[str] = set()
         self._bare_seq: dict[str, int | None] = {}
+        self._closed_by: dict[str, str] = {}  # direction -> "client" | "server" | "popproxy"
+        self._cut_reported = False
 
     # ----------------------------------------------------------------- feeding
 
@@ -223,14 +229,24 @@ class Linter:
             self._record(record)
         # An over-long AUTH with an initial response has its own, more precise rule.
         long_ir = {e.seq for e in events if isinstance(e, Command) and _long_initial_response(e)}
+        popproxys: Direction | None = None  # this batch is popproxy's bytes (or close)
         for event in events:
-            if (
+            if isinstance(event, (PopproxySent, PopproxyClosed)):
+                popproxys = event.direction
+                if isinstance(event, PopproxyClosed):
+                    self._closed_by[event.direction.value] = "popproxy"
+            elif isinstance(event, Anomaly) and event.direction is popproxys:
+                self._popproxy_anomaly(event)
+            elif (
                 isinstance(event, Anomaly)
                 and event.kind == "command-too-long"
                 and event.seq in long_ir
             ):
                 continue
-            self._event(event)
+            else:
+                if isinstance(event, ConnectionClosed):
+                    self._closed_by.setdefault(event.direction.value, _who(event.direction.value))
+                self._event(event)
         for item in self._builder.feed(t, events):
             if item.what == "done" and item.exchange is not None:
                 self._exchange(item.exchange)
@@ -361,6 +377,22 @@ class Linter:
         name, severity, rfc, text = rule
         message = text.format(detail=event.detail, command=command or "the command")
         self.add(name, severity, rfc, message, event.seq, command, event.direction.value)
+
+    def _popproxy_anomaly(self, event: Anomaly) -> None:
+        """popproxy's own bytes or its own close caused this: never the peer's fault."""
+        if event.kind == "truncated-body" and not self._cut_reported:
+            self._cut_reported = True
+            command = self._verbs.get(event.seq) if event.seq is not None else None
+            self.add(
+                "cut-by-popproxy",
+                ADVICE,
+                "-",
+                "popproxy ended the session inside this reply (its own shutdown or an error): "
+                "not the server's fault",
+                event.seq,
+                command,
+                "p",
+            )
 
     # ----------------------------------------------------------------- exchanges
 
@@ -573,7 +605,17 @@ class Linter:
         for ex in self._builder.unfinished():
             if ex.kind == "command" and ex.status is None:
                 verb = ex.command or "?"
-                if verb == "QUIT":
+                if self._closed_by.get("s") == "popproxy":
+                    self.add(
+                        "cut-by-popproxy",
+                        ADVICE,
+                        "-",
+                        f"{verb} got no reply: popproxy ended the session first",
+                        ex.seq,
+                        verb,
+                        "p",
+                    )
+                elif verb == "QUIT":
                     self.add(
                         "quit-not-ok",
                         WARNING,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import trio
 
-from popproxy.netutil import open_listeners
+from popproxy.netutil import describe_error, open_listeners
 from popproxy.proxy import routing
 from popproxy.proxy.config import ProxyConfig, format_hostport
 from popproxy.proxy.session import Session
@@ -18,12 +21,62 @@ from popproxy.proxy.view import SessionView
 
 Addresses = list[tuple[str, int]]
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
+ACCEPT_REPORT_INTERVAL = 10.0  # seconds between two reports of the same accept trouble
+
+
+@dataclass
+class Totals:
+    """What the listeners did, for the shutdown summary."""
+
+    sessions: int = 0
+    refused: int = 0  # no capture could be created: told -ERR [SYS/TEMP]
+    capture_errors: int = 0  # stopped because their capture could not be written
+    unrecorded: int = 0  # record octets those sessions relayed that never reached a file
+
+    def summary(self) -> str:
+        text = f"{self.sessions} sessions"
+        if self.refused:
+            text += f", {self.refused} refused (no capture could be created)"
+        if self.capture_errors:
+            text += (
+                f", {self.capture_errors} stopped by capture write failures "
+                f"(up to {self.unrecorded:,} octets relayed unrecorded)"
+            )
+        return text
+
+
+class AcceptTrouble(logging.Filter):
+    """trio logs every failed accept (out of file descriptors) with a traceback, ten times a
+    second: one line per ACCEPT_REPORT_INTERVAL instead, naming the cause."""
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        super().__init__()
+        self.report = report
+        self.last = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < ACCEPT_REPORT_INTERVAL:
+            self.suppressed += 1
+            return False
+        self.last = now
+        exc = record.exc_info[1] if record.exc_info else None
+        cause = describe_error(exc) if exc is not None else record.getMessage()
+        more = f"; {self.suppressed} more since the last report" if self.suppressed else ""
+        self.suppressed = 0
+        self.report(
+            f"cannot accept new clients: {cause} (they wait in the listen queue; "
+            f"accepting again as soon as descriptors are free{more})"
+        )
+        return False
 
 
 async def serve_record(
     config: ProxyConfig,
     view: SessionView | None = None,
     *,
+    totals: Totals | None = None,
     announce: bool = True,
     task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -34,13 +87,14 @@ async def serve_record(
     accepting (scripts wait for that line, so it is printed even in quiet mode); a route's
     and the SOCKS5 listener's lines say what they are, in parentheses.
     """
+    totals = totals or Totals()
     plan: list[tuple[tuple[str, int], str, Handler]] = []
     if config.serve_fixed:
-        fixed: Handler = partial(_handle, routing.fixed_config(config), view)
+        fixed: Handler = partial(_handle, routing.fixed_config(config), view, totals)
         plan.append((config.listen, "", fixed))
     for route in config.routes:
         route_view = routing.LabelledView(view, f"route {route.text}") if view else None
-        handler: Handler = partial(_handle, routing.route_config(config, route), route_view)
+        handler: Handler = partial(_handle, routing.route_config(config, route), route_view, totals)
         plan.append((route.listen, f"route to {format_hostport(*route.upstream)}", handler))
     if config.socks is not None:
         socks: Handler = partial(handle_socks, config, view)
@@ -51,18 +105,41 @@ async def serve_record(
         listeners, addrs = await open_listeners(host, port, announce=announce, note=note)
         bound.append((listeners, handler))
         addresses.extend(addrs)
-    async with trio.open_nursery() as nursery:
-        for listeners, handler in bound:
-            nursery.start_soon(
-                partial(trio.serve_listeners, handler, listeners, handler_nursery=nursery)
-            )
-        task_status.started(addresses)
+    trouble = AcceptTrouble(partial(_report, view))
+    logger = logging.getLogger("trio.serve_listeners")
+    logger.addFilter(trouble)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listeners, handler in bound:
+                nursery.start_soon(
+                    partial(trio.serve_listeners, handler, listeners, handler_nursery=nursery)
+                )
+            task_status.started(addresses)
+    finally:
+        logger.removeFilter(trouble)
 
 
-async def _handle(config: ProxyConfig, view: SessionView | None, stream: trio.SocketStream) -> None:
+def _report(view: SessionView | None, message: str) -> None:
+    notice = getattr(view, "notice", None)
+    if notice is not None:
+        notice(message, "pop.error")
+    else:
+        print(f"popproxy: {message}", file=sys.stderr, flush=True)
+
+
+async def _handle(
+    config: ProxyConfig, view: SessionView | None, totals: Totals, stream: trio.SocketStream
+) -> None:
     session = Session(config, stream, view)
     try:
         await session.run()
+        totals.sessions += 1
+        recorder = session.recorder
+        if recorder is None:
+            totals.refused += 1
+        elif recorder.error is not None:
+            totals.capture_errors += 1
+            totals.unrecorded += recorder.lost
     except Exception as exc:  # a bug in one session must never end the proxy
         print(
             f"popproxy: session {session.number} failed: {type(exc).__name__}: {exc}",

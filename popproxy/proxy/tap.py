@@ -8,7 +8,15 @@ from typing import Any
 
 from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter
-from popproxy.core import Direction, Event, Observer, Reply, Secret, SecretKind
+from popproxy.core import (
+    Direction,
+    Event,
+    Observer,
+    PopproxyClosed,
+    PopproxySent,
+    Secret,
+    SecretKind,
+)
 from popproxy.core.transcript import Item, TranscriptBuilder
 
 ViewSink = Callable[[list[Item]], None]
@@ -47,23 +55,40 @@ class Tap:
         self.tls_legs: list[str] = []  # legs that went TLS, for the end record
 
     def data(
-        self, direction: Direction, t: float, data: bytes, *, proxy: bool = False
+        self,
+        direction: Direction,
+        t: float,
+        data: bytes,
+        *,
+        proxy: bool = False,
+        why: str | None = None,
     ) -> list[Event]:
-        """Account for a chunk ``direction`` sent (``proxy``: popproxy made it); b"" is EOF."""
+        """Account for a chunk ``direction`` sent (``proxy``: popproxy made it, ``why``);
+        b"" is EOF."""
+        start = self.offsets[direction]
         self.offsets[direction] += len(data)
+        mark: list[Event] = []
         if data:
-            self.writer.data(direction, t, data, proxy=proxy)
+            self.writer.data(direction, t, data, proxy=proxy, why=why)
+            if proxy:
+                mark = [PopproxySent(direction, start, len(data), why or "sent by popproxy")]
         else:
-            self.writer.meta({"r": fmt.EOF, "d": direction.value, "t": round(t, 6)})
+            fields: dict[str, Any] = {"r": fmt.EOF, "d": direction.value, "t": round(t, 6)}
+            if proxy:  # popproxy ended this direction itself (shutdown, error)
+                fields.update(by="popproxy", why=why or "popproxy closed")
+                mark = [PopproxyClosed(direction, fields["why"])]
+            self.writer.meta(fields)
         events = self._guard(
             lambda: self.observer.receive_data(direction, data), direction, len(data)
         )
+        if mark:
+            events = mark + events
         self._settle(t, events)
         return events
 
     def start_tls(
         self, direction: Direction, t: float, info: dict[str, Any], *, decrypted: bool = True
-    ) -> None:
+    ) -> list[Event]:
         leg = str(info.get("leg", ""))
         if leg and leg not in self.tls_legs:
             self.tls_legs.append(leg)
@@ -81,6 +106,7 @@ class Tap:
             lambda: self.observer.start_tls(direction, decrypted=decrypted), direction, 0
         )
         self._settle(t, events)
+        return events
 
     def drop(self, direction: Direction, offset: int, length: int, why: str) -> None:
         """Bytes of ``direction``'s stream that popproxy received but did not forward."""
@@ -91,12 +117,6 @@ class Tap:
 
     def event(self, t: float, kind: str, **fields: Any) -> None:
         self.writer.meta({"r": fmt.EVENT, "t": round(t, 6), "kind": kind, **fields})
-
-    def stls_reply(self, events: list[Event]) -> Reply | None:
-        for event in events:
-            if isinstance(event, Reply) and event.verb == "STLS":
-                return event
-        return None
 
     def _guard(
         self, call: Callable[[], list[Event]], direction: Direction, length: int

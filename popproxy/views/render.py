@@ -83,7 +83,10 @@ def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) ->
     """``S: +OK text [code]  (latency)`` plus a one-line body summary when folded."""
     t = ex.t_reply if ex.t_reply is not None else ex.t_end
     text = prefix(t, tag)
-    text.append("S: ", style="pop.server")
+    if ex.reply_by == "popproxy":  # three actors: popproxy's own line, not the server's
+        text.append("popproxy: ", style="pop.warning")
+    else:
+        text.append("S: ", style="pop.server")
     if ex.status is None:
         if ex.kind == "unsolicited":  # a line that is not a status line at all
             _append_masked(text, ex.text or "")

@@ -470,9 +470,10 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def recorder_process(
-    upstream_port: int, out: Path, *, fsize: int | None = None
+    upstream_port: int, out: Path, *, fsize: int | None = None, nofile: int | None = None
 ) -> AsyncIterator[Recorder]:
-    """Run ``popproxy record`` (quiet, keep-secrets); ``fsize`` sets its RLIMIT_FSIZE.
+    """Run ``popproxy record`` (quiet, keep-secrets); ``fsize`` sets its RLIMIT_FSIZE,
+    ``nofile`` its RLIMIT_NOFILE.
 
     On exit it is stopped with SIGINT (unless it is dead already) and waited for.
     """
@@ -481,6 +482,8 @@ async def recorder_process(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR",)}
     env.update(NO_COLOR="1", COLUMNS="400", PYTHONDONTWRITEBYTECODE="1")

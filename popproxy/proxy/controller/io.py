@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from popproxy.core.events import Direction, Event
 
@@ -98,6 +98,15 @@ class ObserverFailed(Input):
 
 
 @dataclass(frozen=True, slots=True)
+class Inserted(Input):
+    """The pump sent ``length`` bytes of popproxy's own at the end of ``direction``'s
+    stream by itself (a fault rule's line): they take their place in the offsets."""
+
+    direction: Direction
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tick(Input):
     """The clock reached ``t`` (the pump sends one at each ``Controller.deadline``)."""
 
@@ -114,10 +123,12 @@ class RelayCommand:
 
 @dataclass(frozen=True, slots=True)
 class Forward(RelayCommand):
-    """Relay ``data``, bytes ``direction``'s peer sent, unchanged to the other leg."""
+    """Relay ``data``, bytes ``direction``'s peer sent, unchanged to the other leg
+    (``offset``: where they start in that direction's stream)."""
 
     direction: Direction
     data: bytes
+    offset: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from popproxy.proxy.controller.io import (
     ForwardEof,
     HoldReads,
     Input,
+    Inserted,
     Leg,
     Note,
     ObserverFailed,
@@ -42,6 +43,12 @@ ACTIVE_ERR = b"-ERR TLS is already active.\r\n"
 OWN_STLS = b"STLS\r\n"
 # RFC 2449 §5: one capability per line; STLS (RFC 2595 §4) takes no arguments.
 _STLS_CAPABILITY = re.compile(rb"(?i)stls[ \t]*\r?\n")
+# RFC 5034 §6: "SASL" and its mechanism names; RFC 5802 §4: "-PLUS" names channel binding.
+_SASL_CAPABILITY = re.compile(rb"(?i)sasl[ \t]")
+_PLUS_WORD = re.compile(rb"(?i)[ \t]+[A-Z0-9_-]+-PLUS(?=[ \t\r\n])")
+_PLUS_LINE = re.compile(rb"(?i)[A-Z0-9_-]+-PLUS[ \t]*\r?\n")
+STLS_WHY = "STLS capability hidden by popproxy"
+PLUS_WHY = "-PLUS mechanism hidden by popproxy (--hide-plus)"
 
 
 def _line_head(head: bytes | None, data: bytes | bytearray) -> bytes | None:
@@ -112,19 +119,23 @@ class Controller:
         client_tls: bool = False,
         upstream_tls: bool = False,
         upstream_stls: bool = False,
+        hide_plus: bool = False,
         idle_timeout: float = 600.0,
         linger: float = 5.0,
+        answer_timeout: float = 10.0,
         t: float = 0.0,
     ) -> None:
         self.stls = stls
+        self.hide_plus = hide_plus  # SASL -PLUS mechanisms hidden from the client
         self.tls = {Leg.CLIENT: client_tls, Leg.UPSTREAM: upstream_tls}
         self.idle_timeout = idle_timeout
         self.linger = linger
+        self.answer_timeout = answer_timeout  # for the upstream's answers to popproxy itself
         self.ended: EndSession | None = None
         self._flows = {C: _Flow(), S: _Flow()}
         self._open: dict[int, str] = {}  # commands whose reply (and body) has not ended
         self._open_verbs: dict[str, int] = {}  # how many of each verb are open
-        self._capa: set[int] = set()  # CAPA bodies filtered for STLS lines
+        self._capa: dict[int, str] = {}  # listings being filtered (seq -> CAPA or AUTH)
         self._capa_line: int | None = None  # where the unfinished CAPA line starts
         self._upgrade: _Upgrade | None = None
         if upstream_stls:
@@ -148,6 +159,9 @@ class Controller:
         elif isinstance(event, EofReceived):
             self._last = event.t
             self._flows[event.direction].eof = True
+            if event.direction is S and self._awaiting_own():
+                self._refuse("upstream-error", "upstream closed before answering STLS")
+                return out
             self._settle()
         elif isinstance(event, TlsEstablished):
             self._tls_established(event.leg)
@@ -157,6 +171,8 @@ class Controller:
             self._observer_failed(event.reason)
         elif isinstance(event, Tick):
             self._tick(event.t)
+        elif isinstance(event, Inserted):
+            self._inserted(event.direction, event.length)
         return out
 
     def start(self) -> list[RelayCommand]:
@@ -169,12 +185,25 @@ class Controller:
     def deadline(self) -> float:
         """When the controller wants a ``Tick``: idle timeout, or linger after an EOF."""
         flows = self._flows
+        if self._awaiting_own():
+            return self._last + self.answer_timeout
         limit = self.linger if flows[C].eof or flows[S].eof else self.idle_timeout
         return self._last + limit
 
     @property
     def phase(self) -> Phase | None:
         return None if self._upgrade is None else self._upgrade.phase
+
+    @property
+    def shaping(self) -> bool:
+        """Whether the controller itself is deciding about bytes now (an STLS upgrade, a
+        CAPA filter): the pump's fault rules keep out of the way meanwhile."""
+        return (
+            self._upgrade is not None
+            or self._hiding()
+            or self._transparent
+            or self._filter_pending()
+        )
 
     def pending(self, direction: Direction) -> int:
         """Bytes of ``direction`` received and not yet decided about."""
@@ -194,7 +223,7 @@ class Controller:
         if not flow.pending and self._forward_now(direction, flow, data):
             # The common case: no decision is pending, the bytes go on before parsing.
             flow.decided = flow.received
-            self._out.append(Forward(direction, data))
+            self._out.append(Forward(direction, data, flow.received - len(data)))
             return
         flow.pending += data
         if self._transparent:
@@ -217,7 +246,7 @@ class Controller:
                 return False
             flow.head = head
             return True
-        return not self._awaiting_server() and not (self._hiding() and self._capa_open())
+        return not self._awaiting_server() and not self._filter_pending()
 
     def _gated(self) -> bool:
         """Whether popproxy answers STLS itself: client lines wait until classified."""
@@ -236,8 +265,27 @@ class Controller:
             Phase.AWAIT_REPLY,
         )
 
-    def _capa_open(self) -> bool:
-        return bool(self._capa) or self._open_verbs.get("CAPA", 0) > 0
+    def _awaiting_own(self) -> bool:
+        """Whether the upstream owes popproxy itself an answer (--upstream-stls)."""
+        upgrade = self._upgrade
+        return upgrade is not None and upgrade.phase in (Phase.GREETING, Phase.OWN_REPLY)
+
+    def _filters(self, verb: str) -> bool:
+        """Whether a listing of ``verb`` is filtered: STLS hidden from CAPA, or -PLUS
+        mechanisms hidden from CAPA's SASL line and a bare AUTH listing."""
+        if verb == "CAPA":
+            return self._hiding() or self.hide_plus
+        return verb == "AUTH" and self.hide_plus
+
+    def _filter_pending(self) -> bool:
+        """A filtered listing is open, or its command awaits a reply: parse server bytes
+        before relaying them."""
+        if self._capa:
+            return True
+        verbs = self._open_verbs
+        return (verbs.get("CAPA", 0) > 0 and self._filters("CAPA")) or (
+            verbs.get("AUTH", 0) > 0 and self.hide_plus
+        )
 
     def _blocked(self, direction: Direction) -> bool:
         upgrade = self._upgrade
@@ -267,7 +315,7 @@ class Controller:
             limit = flow.covered
         elif self._capa_line is not None:
             limit = self._capa_line
-        elif self._hiding() and self._capa_open():
+        elif self._filter_pending():
             limit = flow.covered
         return max(flow.decided, min(limit, flow.received))
 
@@ -292,10 +340,10 @@ class Controller:
             return
         data = bytes(flow.pending[:n])
         del flow.pending[:n]
-        flow.decided = offset
+        start, flow.decided = flow.decided, offset
         if direction is C:
             flow.head = _line_head(flow.head, data)
-        self._out.append(Forward(direction, data))
+        self._out.append(Forward(direction, data, start))
 
     def _drop_to(self, direction: Direction, offset: int, why: str) -> None:
         flow = self._flows[direction]
@@ -318,6 +366,15 @@ class Controller:
         flow.received += len(data)
         flow.decided = flow.received
         self._out.append(Send(leg, data, why))
+
+    def _inserted(self, direction: Direction, length: int) -> None:
+        flow = self._flows[direction]
+        # Inserting pumps act only when no decision is pending (``shaping`` is false), so
+        # the bytes land at the stream's end; were some pending, they would follow them.
+        at = flow.decided
+        flow.own.append((at, at + length))
+        flow.received += length
+        flow.decided += length
 
     def _is_own(self, direction: Direction, offset: int) -> bool:
         return any(lo <= offset < hi for lo, hi in self._flows[direction].own)
@@ -342,7 +399,7 @@ class Controller:
             elif isinstance(event, BodyEnd):
                 self._finished(event.seq)
                 if event.seq in self._capa:
-                    self._capa.discard(event.seq)
+                    del self._capa[event.seq]
                     self._capa_line = None
             elif isinstance(event, Greeting):
                 self._greeting(event)
@@ -389,13 +446,14 @@ class Controller:
             elif upgrade.phase is Phase.OWN_REPLY:
                 self._own_stls_reply(reply, upgrade)
             return
-        if reply.verb == "CAPA" and reply.multiline and self._hiding():
-            self._capa.add(reply.seq)
+        if reply.multiline and self._filters(reply.verb):
+            self._capa[reply.seq] = reply.verb
             self._capa_line = reply.offset + len(reply.raw)
 
     def _capa_chunk(self, chunk: BodyChunk) -> None:
-        """Drop each ``STLS`` capability line; an unfinished line waits for its end."""
+        """Filter a listing line by line; an unfinished line waits for its end."""
         flow = self._flows[S]
+        verb = self._capa[chunk.seq]
         line = self._capa_line if self._capa_line is not None else chunk.offset
         end = chunk.offset + len(chunk.raw)
         while True:
@@ -404,12 +462,31 @@ class Controller:
             if newline < 0:
                 break
             stop = flow.decided + newline + 1
-            if _STLS_CAPABILITY.fullmatch(flow.pending, lo, newline + 1):
-                self._forward_to(S, line)
-                self._drop_to(S, stop, "STLS capability hidden by popproxy")
-                self._out.append(Note("strip", "STLS hidden from CAPA"))
+            self._filter_line(verb, line, lo, newline + 1)
             line = stop
         self._capa_line = line
+
+    def _filter_line(self, verb: str, line: int, lo: int, hi: int) -> None:
+        """One complete listing line at stream offset ``line`` (``pending[lo:hi]``)."""
+        pending = self._flows[S].pending
+        stop = line + hi - lo
+        if verb == "CAPA" and self._hiding() and _STLS_CAPABILITY.fullmatch(pending, lo, hi):
+            self._forward_to(S, line)
+            self._drop_to(S, stop, STLS_WHY)
+            self._out.append(Note("strip", "STLS hidden from CAPA"))
+        elif not self.hide_plus:
+            return
+        elif verb == "CAPA" and _SASL_CAPABILITY.match(pending, lo, hi):
+            words = [(m.start(), m.end()) for m in _PLUS_WORD.finditer(pending, lo, hi)]
+            for start, finish in words:  # each name with the blank before it
+                self._forward_to(S, line + start - lo)
+                self._drop_to(S, line + finish - lo, PLUS_WHY)
+            if words:
+                self._out.append(Note("hide-plus", "-PLUS mechanisms hidden (--hide-plus)"))
+        elif verb == "AUTH" and _PLUS_LINE.fullmatch(pending, lo, hi):
+            self._forward_to(S, line)
+            self._drop_to(S, stop, PLUS_WHY)
+            self._out.append(Note("hide-plus", "-PLUS mechanisms hidden (--hide-plus)"))
 
     def _greeting(self, greeting: Greeting) -> None:
         upgrade = self._upgrade
@@ -500,10 +577,12 @@ class Controller:
                 self._out.append(ResumeReads(Leg.CLIENT))
                 self._settle()
                 return
-            self._out.append(Forward(S, upgrade.ok_line))
+            self._out.append(Forward(S, upgrade.ok_line, upgrade.ok_offset))
             upgrade.phase = Phase.CLIENT_HANDSHAKE
             self._out.append(StartTls(Leg.CLIENT, "stls"))
         elif leg is Leg.CLIENT and upgrade.phase is Phase.CLIENT_HANDSHAKE:
+            if not upgrade.ok_line:  # answered by popproxy: the upstream leg was TLS already
+                self._out.append(TlsFact(S, decrypted=True, mode="already-tls"))
             self._upgrade = None
             self._out.append(ResumeReads(Leg.UPSTREAM))
             self._out.append(ResumeReads(Leg.CLIENT))
@@ -551,7 +630,9 @@ class Controller:
         if t < self.deadline:
             return
         flows = self._flows
-        if flows[S].eof:
+        if self._awaiting_own():
+            self._refuse("upstream-error", "upstream did not answer")
+        elif flows[S].eof:
             self._end("server-closed", None)
         elif flows[C].eof:
             self._end("client-closed", None)
