@@ -460,3 +460,16 @@ def test_shaping_accounts_for_every_byte_whatever_the_segmentation(
     assert _wire(steps) == _wire(list(whole))  # what the client gets does not depend on reads
     ends = [type(s) for s in steps if isinstance(s, Close | Hang)]
     assert ends == [type(s) for s in whole if isinstance(s, Close | Hang)]
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=200)
+def test_any_file_bytes_read_or_fail_in_one_line(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
+    path = tmp_path_factory.mktemp("f") / "faults.txt"
+    path.write_bytes(data)
+    try:
+        load_rules(path)
+    except FaultFileError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
