@@ -31,12 +31,12 @@ CHUNK = LINE * (65536 // len(LINE))
 
 
 def small_folder(folder: Path, count: int) -> None:
-    """``count`` copies of a recorded Dovecot session (tests/fixtures), named as the proxy does."""
+    """``count`` copies of a small recorded Dovecot session (APOP, STAT ... TOP: about 2 KiB)."""
     sys.path.insert(0, str(ROOT))
     from tests.support.fixture_captures import build_capture
 
     folder.mkdir(parents=True, exist_ok=True)
-    seed = build_capture(folder / "seed.popcap", "poplib_userpass", 1)
+    seed = build_capture(folder / "seed.popcap", "poplib_apop", 1)
     data = seed.read_bytes()
     seed.unlink()
     for i in range(count):

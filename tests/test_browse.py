@@ -353,3 +353,30 @@ def test_no_color_turns_colour_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert BrowseApp([tmp_path]).no_color
     monkeypatch.delenv("NO_COLOR")
     assert not BrowseApp([tmp_path]).no_color
+
+
+@pytest.mark.dovecot
+def test_record_browse_from_the_command_line(
+    dovecot: DovecotServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``popproxy record --browse``: the relay runs beside the browser and feeds it."""
+    from popproxy.cli.main import main
+
+    dovecot.reset_mailbox("alice")
+    out = tmp_path / "captures"
+    seen: list[list[list[str]]] = []
+
+    async def drive(app: BrowseApp) -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            host, port = app.banner.split(" ")[1].rsplit(":", 1)
+            await asyncio.to_thread(
+                clients.poplib_session, host, int(port), "alice", USERS["alice"], retrieve=False
+            )
+            await _until(pilot, lambda: len(_rows(app)) == 1 and _rows(app)[0][10] == "quit")
+            seen.append(_rows(app))
+
+    monkeypatch.setattr(BrowseApp, "run", lambda self: asyncio.run(drive(self)))
+    argv = ["record", "--upstream", f"127.0.0.1:{dovecot.port}", "--listen", "127.0.0.1:0"]
+    assert main([*argv, "--out", str(out), "--browse"]) == 0
+    assert seen and seen[0][0][_column("user")] == "alice"
+    assert len(list(out.glob("*.popcap"))) == 1
