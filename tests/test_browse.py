@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popproxy.browse.app import BrowseApp
 from popproxy.browse.live import ProxyThread, QueueView
@@ -380,3 +382,76 @@ def test_record_browse_from_the_command_line(
     assert main([*argv, "--out", str(out), "--browse"]) == 0
     assert seen and seen[0][0][_column("user")] == "alice"
     assert len(list(out.glob("*.popcap"))) == 1
+
+
+def _reference_tree(data: bytes) -> list[tuple[int, str, str | None, int]]:
+    """The MIME skeleton by plain line iteration: what the fast scanner must agree with."""
+    import io
+
+    from popproxy.browse import session
+
+    f = io.BytesIO(data)
+    root, boundary = session._describe(session._header_block(f), 0)
+    parts, current = [root], root
+    stack = [(boundary.encode("latin-1", "replace"), 0)] if boundary else []
+    while line := f.readline(session.LINE_LIMIT):
+        stripped = line.rstrip(b"\r\n")
+        hit = next(
+            (
+                (i, stripped != b"--" + b)
+                for i, (b, _d) in reversed(list(enumerate(stack)))
+                if stripped in (b"--" + b, b"--" + b + b"--")
+            ),
+            None,
+        )
+        if hit is None:
+            current.octets += len(line)
+            continue
+        index, closing = hit
+        del stack[index + 1 :]
+        if closing:
+            stack.pop()
+            current = parts[0]
+            continue
+        current, inner = session._describe(session._header_block(f), stack[index][1] + 1)
+        parts.append(current)
+        if inner:
+            stack.append((inner.encode("latin-1", "replace"), stack[index][1] + 1))
+    return [(p.depth, p.content_type, p.filename, p.octets) for p in parts]
+
+
+_PIECES = [
+    b"--b\r\n",
+    b"--b--\r\n",
+    b"--c\r\n",
+    b"--c--\r\n",
+    b"Content-Type: multipart/mixed; boundary=c\r\n",
+    b'Content-Disposition: attachment; filename="x.bin"\r\n',
+    b"\r\n",
+    b"text line\r\n",
+    b"-- not a boundary\r\n",
+    b"--",
+    b"x" * 70000,
+    b"\n",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    body=st.lists(st.sampled_from(_PIECES), max_size=30),
+    block=st.integers(min_value=16, max_value=4096),
+)
+def test_mime_scanner_agrees_with_line_iteration(body: list[bytes], block: int) -> None:
+    import io
+
+    from popproxy.browse import session
+
+    data = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"".join(body)
+    session._Lines.BLOCK = block
+    try:
+        fast = [
+            (p.depth, p.content_type, p.filename, p.octets) for p in mime_tree(io.BytesIO(data))
+        ]
+    finally:
+        session._Lines.BLOCK = 1 << 20
+    assert fast == _reference_tree(data)

@@ -178,7 +178,7 @@ def extract_message(
     return message
 
 
-def _header_block(f: IO[bytes]) -> bytes:
+def _header_block(f: IO[bytes] | _Lines) -> bytes:
     block = bytearray()
     while len(block) < HEADER_BLOCK:
         line = f.readline(LINE_LIMIT)
@@ -212,26 +212,86 @@ def _describe(block: bytes, depth: int) -> tuple[Part, str | None]:
     return part, boundary
 
 
+class _Lines:
+    """Lines of a file, with a fast skip over lines that cannot be MIME boundaries."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.buf = b""
+        self.pos = 0
+        self.eof = False
+
+    def _fill(self) -> bool:
+        """Append a block to what is left; False at the end of the file."""
+        if self.eof:
+            return False
+        block = self.f.read(self.BLOCK)
+        if not block:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos :] + block
+        self.pos = 0
+        return True
+
+    def readline(self, limit: int = LINE_LIMIT) -> bytes:
+        while True:
+            nl = self.buf.find(b"\n", self.pos, self.pos + limit)
+            if nl >= 0 or len(self.buf) - self.pos >= limit or not self._fill():
+                end = nl + 1 if nl >= 0 else min(len(self.buf), self.pos + limit)
+                line, self.pos = self.buf[self.pos : end], end
+                return line
+
+    def skip(self) -> int:
+        """Consume whole lines up to the next one starting with ``--``; their octet count."""
+        total = 0
+        while True:
+            if len(self.buf) - self.pos < 2 and not self._fill():
+                total += len(self.buf) - self.pos
+                self.pos = len(self.buf)
+                return total
+            if self.buf.startswith(b"--", self.pos):
+                return total
+            found = self.buf.find(b"\n--", self.pos)
+            if found >= 0:
+                total += found + 1 - self.pos
+                self.pos = found + 1
+                return total
+            last = self.buf.rfind(b"\n", self.pos)
+            if last >= 0:
+                total += last + 1 - self.pos
+                self.pos = last + 1
+            elif len(self.buf) - self.pos > LINE_LIMIT:
+                line = self.readline()  # an endless line: it cannot be a boundary
+                total += len(line)
+            if not self._fill():
+                total += len(self.buf) - self.pos
+                self.pos = len(self.buf)
+                return total
+
+
 def mime_tree(f: IO[bytes]) -> list[Part]:
     """The MIME skeleton of a message file, in one streaming pass (payloads never kept)."""
-    root, boundary = _describe(_header_block(f), 0)
+    lines = _Lines(f)
+    root, boundary = _describe(_header_block(lines), 0)
     parts = [root]
     stack: list[tuple[bytes, int]] = []  # (boundary, depth of its multipart)
     if boundary:
         stack.append((boundary.encode("latin-1", "replace"), 0))
     current = root
     while True:
-        line = f.readline(LINE_LIMIT)
+        current.octets += lines.skip()
+        line = lines.readline()
         if not line:
             break
         stripped = line.rstrip(b"\r\n")
         hit = None
-        if stripped.startswith(b"--"):
-            for i in range(len(stack) - 1, -1, -1):
-                marker = b"--" + stack[i][0]
-                if stripped == marker or stripped == marker + b"--":
-                    hit = (i, stripped.endswith(b"--") and stripped != marker)
-                    break
+        for i in range(len(stack) - 1, -1, -1):
+            marker = b"--" + stack[i][0]
+            if stripped == marker or stripped == marker + b"--":
+                hit = (i, stripped != marker)
+                break
         if hit is None:
             current.octets += len(line)
             continue
@@ -242,7 +302,7 @@ def mime_tree(f: IO[bytes]) -> list[Part]:
             current = parts[0]
             continue
         depth = stack[index][1] + 1
-        current, inner = _describe(_header_block(f), depth)
+        current, inner = _describe(_header_block(lines), depth)
         parts.append(current)
         if inner:
             stack.append((inner.encode("latin-1", "replace"), depth))
