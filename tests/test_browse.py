@@ -91,6 +91,26 @@ async def test_list_shows_every_session_with_its_columns(samples: dict[str, Path
 
 @pytest.mark.dovecot
 @on_asyncio
+async def test_browse_dir_shows_captures_as_they_appear(
+    samples: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    app = BrowseApp([folder], poll=0.1)
+    async with app.run_test(size=SIZE) as pilot:
+        assert _rows(app) == []
+        shutil.copy(samples["bob"], folder / samples["bob"].name)
+        await _until(pilot, lambda: len(_rows(app)) == 1)
+        (folder / "not-yet.popcap").write_bytes(b"")  # a capture being created: skipped
+        shutil.copy(samples["alice"], folder / samples["alice"].name)
+        await _until(pilot, lambda: len(_rows(app)) == 2)
+        assert sorted(r[_column("user")] for r in _rows(app)) == ["alice", "bob"]
+
+
+@pytest.mark.dovecot
+@on_asyncio
 async def test_filter_key_selects_sessions(samples: dict[str, Path]) -> None:
     app = BrowseApp([samples["alice"].parent])
     async with app.run_test(size=SIZE) as pilot:
@@ -210,6 +230,12 @@ async def test_session_keys_raw_view_exports_and_help(
         await pilot.press("y")
         await pilot.pause()
         assert any("popproxy show" in str(n.message) for n in app._notifications)
+        await pilot.press("r")  # no terminal to hand over under the test driver: the command
+        await pilot.pause()
+        assert any(
+            "popproxy replay" in str(n.message) and "--server 127.0.0.1:" in str(n.message)
+            for n in app._notifications
+        )
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
