@@ -11,8 +11,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rich.console import Console, ConsoleOptions
-from rich.measure import Measurement
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult, SuspendNotSupported
@@ -39,9 +37,6 @@ Prompt, HelpScreen { align: center middle; }
 #prompt { width: 80%; height: auto; border: round $accent; background: $surface; }
 #help { width: 90%; height: 80%; border: round $accent; background: $surface; }
 """
-
-#: Messages a live feed (record --browse) puts on the queue: (kind, number, ...).
-LiveQueue = "queue.SimpleQueue[tuple[Any, ...]]"
 
 
 class BrowseApp(App[None]):
@@ -84,7 +79,6 @@ class BrowseApp(App[None]):
         self.sort_reverse = False
         self.search_text: str | None = None
         self.live_paths: dict[int, str] = {}
-        self.loaded = False
 
     # ------------------------------------------------------------------ layout
 
@@ -95,7 +89,6 @@ class BrowseApp(App[None]):
 
     def on_mount(self) -> None:
         self.refresh_rows(self.sources.poll(), initial=True)
-        self.loaded = True
         self.set_interval(self.poll_every, self.poll_sources)
         if self.live is not None:
             self.set_interval(0.2, self.drain_live)
@@ -355,18 +348,10 @@ class BrowseApp(App[None]):
             self.notify(clean(shown), title="run this to replay", severity="warning")
 
 
-class Cell(Text):
-    """A one-line cell measured by its length: DataTable measures every cell it is given."""
-
-    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        width = self.cell_len
-        return Measurement(width, width)
-
-
 def cells(row: SessionRow) -> list[Text]:
     """The row's cells, in COLUMNS order; peer-supplied values are made safe."""
     start = row.start.replace("T", " ").rstrip("Z").partition(".")[0]
-    ended = Cell(
+    ended = Text(
         row.how,
         style="green" if row.how in CLEAN_ENDINGS else "yellow" if not row.finished else "bold red",
     )
@@ -374,19 +359,19 @@ def cells(row: SessionRow) -> list[Text]:
         ended.append(f" ({clean(row.error)})", style="dim")
     anomalies, errors = row.anomalies, row.errors
     return [
-        Cell(start),
-        Cell(clean(row.client or "?")),
-        Cell(clean(row.upstream or "?")),
-        Cell(clean(row.user or "")),
-        Cell(clean(row.mechanism or "")),
-        Cell(row.tls),
-        Cell(_count(row.commands), justify="right"),
-        Cell(_size(row.client_octets), justify="right"),
-        Cell(_size(row.server_octets), justify="right"),
-        Cell(fmt_ms(row.duration) if row.duration is not None else "?", justify="right"),
+        Text(start),
+        Text(clean(row.client or "?")),
+        Text(clean(row.upstream or "?")),
+        Text(clean(row.user or "")),
+        Text(clean(row.mechanism or "")),
+        Text(row.tls),
+        Text(_count(row.commands), justify="right"),
+        Text(_size(row.client_octets), justify="right"),
+        Text(_size(row.server_octets), justify="right"),
+        Text(fmt_ms(row.duration) if row.duration is not None else "?", justify="right"),
         ended,
-        Cell(_count(anomalies), style="bold yellow" if anomalies else "", justify="right"),
-        Cell(_count(errors), style="bold red" if errors else "", justify="right"),
+        Text(_count(anomalies), style="bold yellow" if anomalies else "", justify="right"),
+        Text(_count(errors), style="bold red" if errors else "", justify="right"),
     ]
 
 
