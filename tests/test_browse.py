@@ -481,3 +481,44 @@ def test_mime_scanner_agrees_with_line_iteration(body: list[bytes], block: int) 
     finally:
         session._Lines.BLOCK = 1 << 20
     assert fast == _reference_tree(data)
+
+
+@pytest.fixture(scope="module")
+def fixture_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.fixture_captures import build_folder
+
+    folder = tmp_path_factory.mktemp("fixture-captures")
+    build_folder(folder)
+    return folder
+
+
+@on_asyncio
+async def test_sasl_is_decoded_and_masked_and_rows_answer_the_mouse(fixture_folder: Path) -> None:
+    app = BrowseApp([fixture_folder])
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one(SessionTable)
+        plain = next(i for i, r in enumerate(_rows(app)) if r[_column("mech")] == "PLAIN")
+        await pilot.click("#sessions", offset=(3, plain + 1))
+        assert table.cursor == plain
+        await pilot.click("#sessions", offset=(3, plain + 1))  # a second click opens
+        await _until(pilot, lambda: isinstance(app.screen, SessionScreen) and app.screen.transcript)
+        await pilot.pause()
+        text = screen_text(app)
+        assert "C: AUTH PLAIN" in text
+        assert "[SASL response" in text or "•••" in text  # the credentials stay masked
+        assert "alice-secret" not in text
+
+
+def test_session_exports_by_suffix(fixture_folder: Path, tmp_path: Path) -> None:
+    from popproxy.browse.actions import export_session
+    from popproxy.fsutil import Exists
+
+    capture = sorted(fixture_folder.glob("*.popcap"))[-1]
+    assert "lines" in export_session(capture, tmp_path / "s.txt")
+    assert "RETR 1" in (tmp_path / "s.txt").read_text()
+    assert "packets" in export_session(capture, tmp_path / "s.pcap")
+    assert (tmp_path / "s.pcap").read_bytes()[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
+    with pytest.raises(ValueError, match=r"\.txt, \.html or \.pcap"):
+        export_session(capture, tmp_path / "s.doc")
+    with pytest.raises(Exists):
+        export_session(capture, tmp_path / "s.txt")  # never over an existing file
