@@ -14,7 +14,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.support.dovecot import DovecotServer, find_dovecot  # noqa: E402
+from tests.support.dovecot import DovecotError, DovecotServer, find_dovecot  # noqa: E402
 
 
 def _under_ci() -> bool:
@@ -33,9 +33,16 @@ def dovecot() -> Iterator[DovecotServer]:
         if _under_ci():
             pytest.fail(reason + " and CI is set", pytrace=False)
         pytest.skip(reason)
-    server = DovecotServer()
+    for attempt in range(3):  # a free port can be taken by another program before Dovecot binds
+        server = DovecotServer()
+        try:
+            server.start()
+            break
+        except DovecotError:
+            server.cleanup()
+            if attempt == 2:
+                raise
     try:
-        server.start()
         yield server
     finally:
         server.cleanup()

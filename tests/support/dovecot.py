@@ -429,7 +429,14 @@ class DovecotServer:
                 )
             for port in list(pending):
                 try:
-                    with socket.create_connection((self.host, port), timeout=1):
+                    with socket.create_connection((self.host, port), timeout=1) as sock:
+                        if port == self.port:
+                            # Our Dovecot greets; a program that grabbed the free port
+                            # between our pick and Dovecot's bind does not.
+                            sock.settimeout(5)
+                            if not sock.recv(64).startswith(b"+OK"):
+                                self.stop()
+                                raise DovecotError(f"port {port} is held by another program")
                         pending.discard(port)
                 except OSError:
                     pass
