@@ -14,7 +14,8 @@ from popproxy.proxy.controller import Leg
 from popproxy.tls.ca import CAError
 from popproxy.tls.contexts import describe_tls, server_context
 
-_server_contexts: dict[tuple[str, str | None, str | None], ssl.SSLContext] = {}
+# Keyed by the CA itself (path and serial): a CA folder may be recreated with a new CA.
+_server_contexts: dict[tuple[str, int, str | None, str | None], ssl.SSLContext] = {}
 
 
 class HandshakeFailed(Exception):
@@ -73,8 +74,9 @@ def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:
     ca = config.certificate_authority()
     host = config.upstream[0]
     local_ip = local.rsplit(":", 1)[0].strip("[]")
-    key = (str(ca.cert_path), None if is_ip(host) else host, local_ip)
+    name = None if is_ip(host) else host
+    key = (str(ca.cert_path), ca.cert.serial_number, name, local_ip)
     ctx = _server_contexts.get(key)
     if ctx is None:
-        ctx = _server_contexts[key] = server_context(ca, default_host=key[1], local_ip=local_ip)
+        ctx = _server_contexts[key] = server_context(ca, default_host=name, local_ip=local_ip)
     return ctx
