@@ -423,11 +423,12 @@ async def test_two_routes_to_two_dovecots_in_one_process(
         config.routes = [
             parse_route(f"{HOST}:0={first.host}:{first.port}"),
             parse_route(f"{HOST}:0=localhost:{second.pop3s_port}/tls"),
+            parse_route(f"{HOST}:0=localhost:{second.port}/stls"),
         ]
         ca = str(config.certificate_authority().cert_path)
         watcher = Watcher()
         async with running(config, watcher) as addrs:
-            (_, p1), (_, p2) = addrs
+            (_, p1), (_, p2), (_, p3) = addrs
             got1 = await in_thread(clients.poplib_session, HOST, p1, ALICE, first.users[ALICE])
             got2 = await in_thread(
                 clients.poplib_session,
@@ -438,12 +439,18 @@ async def test_two_routes_to_two_dovecots_in_one_process(
                 tls="implicit",
                 cafile=ca,
             )
-            paths = await wait_captures(config, 2)
+            # /stls: the client speaks plaintext, popproxy upgrades the upstream leg
+            got3 = await in_thread(clients.poplib_session, HOST, p3, ALICE, second.users[ALICE])
+            paths = await wait_captures(config, 3)
     assert got1["messages"] == list(STANDARD_MESSAGES)
-    assert got2["messages"] == list(STANDARD_MESSAGES[:1])
+    assert got2["messages"] == got3["messages"] == list(STANDARD_MESSAGES[:1])
     caps = {header(c)["upstream"]: c for c in (Capture(p) for p in paths)}
     one = caps[f"{first.host}:{first.port}"]
     two = caps[f"localhost:{second.pop3s_port}"]
+    three = caps[f"localhost:{second.port}"]
+    assert header(three)["upstream_stls"] and not header(three)["listen_tls"]
+    assert [r["leg"] for r in three.kind(fmt.TLS) if r.get("version")] == ["upstream"]
+    assert three.end["how"] == "quit" and three.end["user"] == ALICE
     assert header(one)["via"] == {"how": "route", "route": config.routes[0].text}
     assert header(two)["via"] == {"how": "route", "route": config.routes[1].text}
     assert header(two)["listen_tls"] and header(two)["upstream_tls"]
@@ -452,7 +459,7 @@ async def test_two_routes_to_two_dovecots_in_one_process(
         f"{r.upstream[0]}:{r.upstream[1]} (route {r.text})" for r in config.routes
     )
     # --upstream picks sessions by upstream or route, in list, show and stats
-    assert len(listed(config.out_dir, "route=", capsys)) == 2
+    assert len(listed(config.out_dir, "route=", capsys)) == 3
     [tls_row] = listed(config.out_dir, "/tls", capsys)
     assert tls_row["upstream"] == f"localhost:{second.pop3s_port}"
     capsys.readouterr()
