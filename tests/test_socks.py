@@ -322,6 +322,7 @@ def test_parse_listen_and_credentials() -> None:
     assert parse_listen("1080") == ("127.0.0.1", 1080)
     assert parse_listen("[::1]:1080") == ("::1", 1080)
     assert parse_credentials("u:p:q") == (b"u", b"p:q")
+    assert parse_credentials("u", {"POPPROXY_SOCKS_PASSWORD": "from env"}) == (b"u", b"from env")
     for bad in ("nopass", ":p", "u:", "u:" + "x" * 256):
         with pytest.raises(UsageError):
-            parse_credentials(bad)
+            parse_credentials(bad, {})

@@ -29,7 +29,7 @@ from tests.test_cli import ROOT, TIMEOUT, _readline, _TinyServer, assert_one_lin
         ([], "--upstream, --route or --socks5"),
         (["--listen", "127.0.0.1:0", "--socks5", "0"], "--listen applies to --upstream"),
         (["--upstream", "h:110", "--socks-auth", "u:p"], "need --socks5"),
-        (["--socks5", "0", "--socks-auth", "nopassword"], "USER:PASS"),
+        (["--socks5", "0", "--socks-auth", "nopassword"], "POPPROXY_SOCKS_PASSWORD"),
         (["--route", "1110=h"], "bad route"),
         (["--route", "1110=h:110/ssl"], "/tls or /stls"),
         (["--socks5", "0", "--tls-port", "70000"], "not a port"),

@@ -71,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     socks.add_argument(
         "--socks-auth",
         metavar="USER:PASS",
-        help="require this SOCKS5 username and password (RFC 1929)",
+        help="require this SOCKS5 username and password (RFC 1929); give USER alone to read "
+        "the password from $POPPROXY_SOCKS_PASSWORD instead of the command line",
     )
     socks.add_argument(
         "--tls-port",

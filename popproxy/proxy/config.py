@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import os
 import ssl
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,12 +83,24 @@ def parse_route(text: str) -> Route:
     return Route(listen, upstream, security, canonical)
 
 
-def parse_credentials(text: str) -> tuple[bytes, bytes]:
-    """``--socks-auth USER:PASS`` (RFC 1929 §2: each 1 to 255 octets)."""
+SOCKS_PASSWORD_ENV = "POPPROXY_SOCKS_PASSWORD"
+
+
+def parse_credentials(text: str, environ: Mapping[str, str] | None = None) -> tuple[bytes, bytes]:
+    """``--socks-auth USER:PASS``, or ``USER`` alone with the password in the environment
+    variable ``POPPROXY_SOCKS_PASSWORD`` (kept out of ``ps``); RFC 1929 §2: each 1 to 255
+    octets."""
     user, sep, password = text.partition(":")
+    if not sep:
+        env = os.environ if environ is None else environ
+        password = env.get(SOCKS_PASSWORD_ENV, "")
+        if not password:
+            raise UsageError(
+                f"--socks-auth wants USER:PASS, or USER with the password in ${SOCKS_PASSWORD_ENV}"
+            )
     raw_user, raw_password = user.encode(), password.encode()
-    if not sep or not 0 < len(raw_user) <= 255 or not 0 < len(raw_password) <= 255:
-        raise UsageError("--socks-auth wants USER:PASS, each 1 to 255 octets")
+    if not 0 < len(raw_user) <= 255 or not 0 < len(raw_password) <= 255:
+        raise UsageError("--socks-auth: the user and the password must be 1 to 255 octets each")
     return raw_user, raw_password
 
 
