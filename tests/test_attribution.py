@@ -153,3 +153,28 @@ async def test_ctrl_c_mid_retr_is_popproxys_cut(tmp_path: Path) -> None:
     truncated = [a for a in doc["anomalies"] if a["kind"] == "truncated-body"]
     assert [a["by"] for a in truncated] == ["popproxy"]
     assert blamed_on_server(findings) == []
+
+
+def test_replay_and_serve_leave_popproxys_commands_out(tmp_path: Path) -> None:
+    """--upstream-stls: popproxy's own STLS is not a client command to replay or serve;
+    strip mode: popproxy's -ERR to the client's STLS is marked as popproxy's."""
+    from popproxy.replay.script import load_session
+    from tests.support.captures import make_capture
+
+    steps = [
+        ("s", 0.01, GREETING),
+        ("p", "c", 0.02, b"STLS\r\n", "popproxy upgrades the upstream leg (--upstream-stls)"),
+        ("s", 0.03, b"+OK Begin TLS\r\n"),
+        ("tls", "s", 0.04),
+        ("tls", "c", 0.04),
+        ("c", 0.05, b"STLS\r\n"),
+        ("p", "s", 0.06, b"-ERR STLS not available.\r\n", "strip mode: popproxy refuses STLS"),
+        ("c", 0.07, b"QUIT\r\n"),
+        ("s", 0.08, b"+OK bye\r\n"),
+    ]
+    path = make_capture(tmp_path / f"own{fmt.SUFFIX}", steps)
+    session = load_session(path)
+    assert [(s.verb, s.reply_by) for s in session.steps] == [
+        ("STLS", "popproxy"),
+        ("QUIT", "server"),
+    ]

@@ -276,11 +276,13 @@ class Session:
             await self._implicit_tls(Leg.UPSTREAM)
         self._reading[Leg.CLIENT].set()
         self._reading[Leg.UPSTREAM].set()
-        async with trio.open_nursery() as pumps:
-            await self._execute(self.ctl.start())
-            pumps.start_soon(self._watchdog)
-            pumps.start_soon(self._pump, Leg.CLIENT)
-            pumps.start_soon(self._pump, Leg.UPSTREAM)
+        async with trio.open_nursery() as timers:
+            timers.start_soon(self._watchdog)
+            async with trio.open_nursery() as pumps:
+                await self._execute(self.ctl.start())
+                pumps.start_soon(self._pump, Leg.CLIENT)
+                pumps.start_soon(self._pump, Leg.UPSTREAM)
+            timers.cancel_scope.cancel()  # both directions are done: the session is over
 
     async def _implicit_tls(self, leg: Leg) -> None:
         stream = self.client if leg is Leg.CLIENT else self.upstream
@@ -378,6 +380,8 @@ class Session:
                 return
             events, self._backlog = tuple(self._backlog), []
             commands = ctl.handle(Parsed(events))
+            if not commands and not self._unfed:
+                return  # the common case: the events changed nothing
 
     def _record(self, commands: list[RelayCommand]) -> None:
         tap = self.tap

@@ -17,6 +17,7 @@ from popproxy.core import (
     Direction,
     Greeting,
     LineTail,
+    PopproxySent,
     Reply,
     SaslChallenge,
     SaslResponse,
@@ -45,6 +46,7 @@ class Step:
     sasl: list[tuple[str, bytes]] = field(default_factory=list)
     tls_after: bool = False
     exchange: Exchange | None = None
+    reply_by: str = "server"  # "popproxy": the recorded status line was popproxy's own
 
     @property
     def command_text(self) -> str:
@@ -113,7 +115,12 @@ def load_session(path: str | Path) -> RecordedSession:
             if record is not None and record.kind == fmt.IDENTITY:
                 session.identity = str(record.fields.get("identity") or "") or None
                 session.mechanism = str(record.fields.get("mech") or "") or None
+            # Three actors: popproxy's own commands (--upstream-stls) are not the client's,
+            # so they are not replayed; its own replies are marked as such.
+            own = next((e.direction for e in events if isinstance(e, PopproxySent)), None)
             for event in events:
+                if isinstance(event, Command) and own is Direction.CLIENT:
+                    continue
                 if isinstance(event, Greeting):
                     session.greeting = event.raw
                 elif isinstance(event, Command):
@@ -125,6 +132,8 @@ def load_session(path: str | Path) -> RecordedSession:
                     step = steps[event.seq]
                     step.reply += event.raw
                     step.status = event.status
+                    if own is Direction.SERVER:
+                        step.reply_by = "popproxy"
                 elif isinstance(event, BodyChunk | BodyEnd) and event.seq in steps:
                     steps[event.seq].reply += event.raw
                 elif isinstance(event, SaslChallenge) and event.seq in steps:

@@ -33,7 +33,8 @@ HEADER: dict[str, Any] = {
 }
 
 # A step: (direction, t, bytes) with the direction a Direction or "c"/"s"; b"" closes that
-# direction; or ("tls", direction, t[, decrypted]) for TLS starting there (STLS, passthrough).
+# direction; or ("tls", direction, t[, decrypted]) for TLS starting there (STLS, passthrough);
+# or ("p", direction, t, bytes, why) for bytes popproxy sent itself.
 Step = tuple[Any, ...]
 
 
@@ -82,9 +83,12 @@ def make_capture(
             )
             settle(t, observer.start_tls(direction, decrypted=decrypted))
             continue
+        proxy = step[0] == "p"  # ("p", direction, t, bytes, why): popproxy's own bytes
+        if proxy:
+            step = step[1:]
         direction, t, data = Direction(step[0]), step[1], step[2]
         if data:
-            writer.data(direction, t, data)
+            writer.data(direction, t, data, proxy=proxy, why=step[3] if proxy else None)
             offsets[direction] += len(data)
         else:
             writer.meta({"r": fmt.EOF, "d": direction.value, "t": t})
