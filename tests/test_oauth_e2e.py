@@ -299,3 +299,22 @@ async def test_replay_answers_the_error_continuation_as_the_mechanism_requires(
     assert GOOD.encode() in decoded
     request = sasl.parse_xoauth2(decoded) if auth == "xoauth2" else sasl.parse_oauthbearer(decoded)
     assert request is not None and request.user == USER
+
+
+@pytest.mark.parametrize("ir", [True, False], ids=["one-line", "two-step"])
+async def test_curl_answers_a_scripted_refusal_with_aq(ir: bool) -> None:
+    """A server that follows RFC 7628 §3.2.2 to the letter, scripted: curl's acknowledgement."""
+    server = refusing_server("OAUTHBEARER")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        result = await trio.to_thread.run_sync(
+            lambda: curl(port, BAD, *(["--sasl-ir"] if ir else []))
+        )
+        nursery.cancel_scope.cancel()
+    assert result.returncode == 67, result.stderr
+    lines = bytes(server.connections[0].received).split(b"\r\n")
+    auth = next(i for i, line in enumerate(lines) if line.startswith(b"AUTH "))
+    assert (len(lines[auth].split()) == 3) is ir
+    token_at = auth if ir else auth + 1
+    assert BAD.encode() in base64.b64decode(lines[token_at].split()[-1])
+    assert lines[token_at + 1] == b"AQ=="  # RFC 7628 §3.2.3
