@@ -176,6 +176,7 @@ async def test_answer_instead_of_the_server(dovecot_clean: DovecotServer, tmp_pa
     doc = read_json(path)
     [pass_ex] = [ex for ex in doc["exchanges"] if ex["command"] == "PASS"]
     assert pass_ex["status"] == "-ERR" and pass_ex["code"] == "IN-USE"
+    assert pass_ex["reply_by"] == "popproxy"  # three actors: never the server's
     assert any(e.get("kind") == "fault" for e in doc["events"])
 
 
@@ -236,3 +237,24 @@ async def test_getmail_reports_a_reset_mid_retr(
             )
         [path] = await finished_captures(tmp_path / "caps")
     assert read_json(path)["session"]["end"]["how"] == "fault"
+
+
+async def test_greeting_replaced(dovecot_clean: DovecotServer, tmp_path: Path) -> None:
+    import socket
+
+    config = _config(dovecot_clean, tmp_path, "greeting: -ERR [SYS/TEMP] too busy")
+    async with running_proxy(config) as (host, port):
+
+        def greeting() -> bytes:
+            with socket.create_connection((host, port), timeout=5) as s:
+                return s.recv(200)
+
+        got = await trio.to_thread.run_sync(greeting)
+        [path] = await finished_captures(tmp_path)
+    assert got == b"-ERR [SYS/TEMP] too busy\r\n"
+    with CaptureReader(path) as reader:
+        records = list(reader.records())
+    own = [r.data for r in records if r.kind == "d" and r.fields.get("p")]
+    assert own == [b"-ERR [SYS/TEMP] too busy\r\n"]
+    withheld = [r.fields for r in records if r.kind == "drop" and r.fields["d"] == "s"]
+    assert withheld and withheld[0]["off"] == 0  # the server's greeting never reached the client

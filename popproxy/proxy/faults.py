@@ -281,7 +281,7 @@ class ProxyFaults:
             self.tap.drop(S, at, len(step.data), step.why)
             return at + len(step.data)
         if isinstance(step, Originate):  # the greeting answered by popproxy
-            self.tap.data(S, now(), step.data, proxy=True)
+            self.tap.data(S, now(), step.data, proxy=True, why=step.why)
             await send(step.data)
         if isinstance(step, Pause):
             await trio.sleep(step.seconds)
