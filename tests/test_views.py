@@ -188,7 +188,14 @@ def test_tls_and_note_lines() -> None:
             {"leg": "client", "mode": "stls", "version": "TLSv1.3", "decrypted": False}, 2.0
         )
     )
-    assert "TLS client mode=stls version=TLSv1.3" in line and "passthrough" in line
+    assert "TLS client ⇄ popproxy mode=stls version=TLSv1.3" in line and "passthrough" in line
+    line = plain(
+        render.tls_line(
+            {"leg": "upstream", "mode": "implicit", "peer_issuer": "CN=Test CA", "verified": True},
+            2.0,
+        )
+    )
+    assert "TLS popproxy ⇄ server mode=implicit issuer=CN=Test CA verified" in line
 
 
 # --------------------------------------------------------------------------- live view

@@ -66,7 +66,9 @@ def tls_info(stream: trio.SSLStream[Any], leg: str, mode: str) -> dict[str, Any]
         "cipher": info.cipher,
         "sni": info.sni,
         "peer_subject": info.peer_subject,
+        "peer_issuer": info.peer_issuer,
         "peer_sha256": info.peer_fingerprint_sha256,
+        "verified": info.verified,
     }
 
 

@@ -392,8 +392,15 @@ class Session:
                 self._unfed.append((direction, self.now(), command.data, command.why))
             elif isinstance(command, DropCommand):
                 tap.drop(command.direction, command.offset, command.length, command.why)
+                who = "client" if command.direction is C else "server"
+                tap.note(
+                    self.now(),
+                    f"✂ popproxy did not forward {command.length} octets from the {who}: "
+                    f"{command.why}",
+                )
             elif isinstance(command, Note):
                 tap.event(self.now(), command.kind, detail=command.detail)
+                tap.note(self.now(), f"● popproxy: {command.kind} {command.detail or ''}".rstrip())
             elif isinstance(command, TlsFact):
                 self._observe()
                 leg = "upstream" if command.direction is S else "client"

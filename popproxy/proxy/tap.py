@@ -17,7 +17,7 @@ from popproxy.core import (
     Secret,
     SecretKind,
 )
-from popproxy.core.transcript import Item, TranscriptBuilder
+from popproxy.core.transcript import Item, ItemKind, TranscriptBuilder
 
 ViewSink = Callable[[list[Item]], None]
 LIVE_LISTINGS = frozenset({"CAPA", "AUTH"})
@@ -47,7 +47,7 @@ class Tap:
         self.builder = TranscriptBuilder(
             hash_bodies=False,
             body_items=body_items,
-            scan_attachments=False,
+            scan_attachments=summaries and view is not None,  # names only: a cheap find
             summarise_messages=summaries and view is not None,
         )
         self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
@@ -92,21 +92,25 @@ class Tap:
         leg = str(info.get("leg", ""))
         if leg and leg not in self.tls_legs:
             self.tls_legs.append(leg)
-        self.writer.meta(
-            {
-                "r": fmt.TLS,
-                "d": direction.value,
-                "t": round(t, 6),
-                "off": self.offsets[direction],
-                "decrypted": decrypted,
-                **info,
-            }
-        )
+        fields = {
+            "r": fmt.TLS,
+            "d": direction.value,
+            "t": round(t, 6),
+            "off": self.offsets[direction],
+            "decrypted": decrypted,
+            **info,
+        }
+        self.writer.meta(fields)
         events = self._guard(
             lambda: self.observer.start_tls(direction, decrypted=decrypted), direction, 0
         )
-        self._settle(t, events)
+        self._settle(t, events, tls=fields)
         return events
+
+    def note(self, t: float, text: str) -> None:
+        """Show one of popproxy's own actions (a drop, a strip, a note) in the live view."""
+        if self.view is not None:
+            self.view([Item(ItemKind.NOTE, t, None, text)])
 
     def drop(self, direction: Direction, offset: int, length: int, why: str) -> None:
         """Bytes of ``direction``'s stream that popproxy received but did not forward."""
@@ -136,7 +140,7 @@ class Tap:
             return [Secret(direction, start, length, SecretKind.SASL)]
         return []
 
-    def _settle(self, t: float, events: list[Event]) -> None:
+    def _settle(self, t: float, events: list[Event], tls: dict[str, Any] | None = None) -> None:
         writer = self.writer
         writer.observe(events)
         if self.broken is None:
@@ -147,5 +151,9 @@ class Tap:
             writer.advance(self.offsets[Direction.CLIENT], self.offsets[Direction.SERVER])
         if events:
             items = self.builder.feed(t, events)
+            if tls is not None:  # the live view shows what the capture's TLS record says
+                items = [
+                    Item(i.what, i.t, i.exchange, tls) if i.what == "tls" else i for i in items
+                ]
             if items and self.view is not None:
                 self.view(items)

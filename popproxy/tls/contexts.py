@@ -173,18 +173,24 @@ class TlsInfo:
     peer_subject: str | None
     peer_fingerprint_sha256: str | None
     alpn: str | None
+    peer_issuer: str | None = None
+    verified: bool | None = None  # the peer's certificate was checked (None: none was asked)
 
 
 def describe_tls(stream: trio.SSLStream[_S]) -> TlsInfo:
     """Summarise a stream whose handshake is done (trio raises NeedHandshakeError before)."""
     cipher = stream.cipher()
     der: bytes | None = stream.getpeercert(binary_form=True)
-    subject: str | None = None
+    subject = issuer = None
     if der:
         try:
-            subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+            cert = x509.load_der_x509_certificate(der)
+            subject, issuer = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
         except ValueError:
-            subject = None  # a peer's odd certificate must not spoil the record
+            subject = issuer = None  # a peer's odd certificate must not spoil the record
+    # Towards the upstream popproxy is the client: the handshake succeeded, so the server's
+    # certificate was verified exactly when the context required it (not with --insecure).
+    verified = None if stream.server_side else stream.context.verify_mode == ssl.CERT_REQUIRED
     return TlsInfo(
         version=stream.version(),
         cipher=cipher[0] if cipher else None,
@@ -192,4 +198,6 @@ def describe_tls(stream: trio.SSLStream[_S]) -> TlsInfo:
         peer_subject=subject,
         peer_fingerprint_sha256=hashlib.sha256(der).hexdigest() if der else None,
         alpn=stream.selected_alpn_protocol(),
+        peer_issuer=issuer,
+        verified=verified,
     )

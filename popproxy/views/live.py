@@ -242,8 +242,12 @@ class LineRenderer:
         if item.what == "state":
             return render.state_line(item.detail, item.t, tag)
         if item.what == "tls":
+            if isinstance(item.detail, dict):  # the proxy's TLS record: leg, version, peer
+                return render.tls_line(item.detail, item.t, tag)
             side = "client" if item.detail == "c" else "server"
             return render.note_line(f"🔒 TLS from here on ({side} side)", item.t, "pop.tls", tag)
+        if item.what == "note":
+            return render.note_line(str(item.detail), item.t, "pop.warning", tag)
         if item.what == "closed":
             return render.note_line(
                 f"{item.detail} closed the connection", item.t, "pop.muted", tag

@@ -195,13 +195,28 @@ def state_line(state: str, t: float | None, tag: Text | None = None) -> Text:
 def tls_line(detail: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
     leg = detail.get("leg", "?")
-    safe.append(text, f"🔒 TLS {leg}", "pop.tls")
-    for key in ("mode", "version", "cipher", "sni", "peer_subject"):
+    side = {"client": "client ⇄ popproxy", "upstream": "popproxy ⇄ server"}.get(str(leg), leg)
+    safe.append(text, f"🔒 TLS {side}", "pop.tls")
+    for key, label in TLS_FIELDS:
         if detail.get(key):
-            safe.append(text, f" {key}={detail[key]}", "pop.muted")
+            safe.append(text, f" {label}={detail[key]}", "pop.muted")
+    if detail.get("verified") is True:
+        text.append(" verified", style="pop.ok")
+    elif detail.get("verified") is False:
+        text.append(" NOT verified (--insecure)", style="pop.error")
     if detail.get("decrypted") is False:
-        text.append(" (passthrough: the rest is opaque)", style="pop.warning")
+        text.append(" (passthrough: not decrypted, the rest is opaque)", style="pop.warning")
     return text
+
+
+TLS_FIELDS = (
+    ("mode", "mode"),
+    ("version", "version"),
+    ("cipher", "cipher"),
+    ("sni", "sni"),
+    ("peer_subject", "peer"),
+    ("peer_issuer", "issuer"),
+)
 
 
 def note_line(message: str, t: float | None, style: str, tag: Text | None = None) -> Text:
