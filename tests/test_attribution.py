@@ -15,7 +15,7 @@ from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
 from popproxy.cli.lint import lint_capture
 from popproxy.cli.main import main
-from popproxy.cli.show import capture_json
+from popproxy.inspect.document import capture_json
 from popproxy.inspect.lint_rules import ERROR, Finding
 from popproxy.proxy.config import ProxyConfig, StlsMode
 from popproxy.proxy.session import Session

@@ -13,8 +13,8 @@ from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
 from popproxy.capture.writer import CaptureWriter, create_capture_file
-from popproxy.cli.show import capture_json
 from popproxy.core import Direction, Observer, Secret, SecretKind
+from popproxy.inspect.document import capture_json
 from popproxy.proxy.tap import Tap
 
 C, S = Direction.CLIENT, Direction.SERVER

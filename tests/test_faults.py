@@ -34,8 +34,8 @@ from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
 from popproxy.capture.recorder import UNRECORDED_BUDGET
 from popproxy.capture.writer import CaptureWriter, create_capture_file
-from popproxy.cli.show import capture_json
 from popproxy.core import Direction
+from popproxy.inspect.document import capture_json
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.session import Session
 from popproxy.proxy.tap import Tap

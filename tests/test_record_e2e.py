@@ -27,7 +27,7 @@ import trio
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
-from popproxy.cli.show import capture_json
+from popproxy.inspect.document import capture_json
 from popproxy.inspect.streams import export_streams
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record

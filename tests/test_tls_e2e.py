@@ -21,7 +21,7 @@ import trio
 
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
-from popproxy.cli.show import capture_json
+from popproxy.inspect.document import capture_json
 from popproxy.proxy.config import ProxyConfig, StlsMode
 from popproxy.proxy.server import serve_record
 from popproxy.tls.contexts import client_context

@@ -16,6 +16,7 @@ from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.capture.via import describe_via
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
+from popproxy.inspect.document import capture_json
 from popproxy.inspect.select import (
     FILTER_HELP,
     add_upstream_option,
@@ -89,52 +90,6 @@ def run(args: argparse.Namespace) -> int:
             status = 2
     sys.stdout.flush()
     return status
-
-
-SCHEMA_VERSION = 2  # docs/show.schema.json: replies and anomalies say who made them
-
-
-def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, Any]:
-    """The ``show --json`` document (docs/show.schema.json)."""
-    builder = TranscriptBuilder(reveal_secrets=reveal)
-    exchanges: list[Exchange] = []
-    tls: list[dict[str, Any]] = []
-    end: dict[str, Any] | None = None
-    events_out: list[dict[str, Any]] = []
-    for record, t, events in replay_events(reader):
-        if record is not None and record.kind == fmt.TLS:
-            tls.append({k: v for k, v in record.fields.items() if k != "r"})
-        elif record is not None and record.kind == fmt.END:
-            end = {k: v for k, v in record.fields.items() if k != "r"}
-        elif record is not None and record.kind in (fmt.EVENT, fmt.DROP):
-            events_out.append(dict(record.fields))
-        for item in builder.feed(t, events):
-            if item.what == "done" and item.exchange is not None:
-                exchanges.append(item.exchange)
-    exchanges.extend(builder.unfinished())
-    exchanges.sort(key=lambda ex: ex.t_sent if ex.t_sent is not None else ex.t_reply or 0.0)
-    summary = builder.session
-    header = {k: v for k, v in reader.header.items() if k != "r"}
-    session = {
-        **header,
-        "greeting": summary.greeting,
-        "apop_timestamp": summary.apop_timestamp,
-        "user": summary.user,
-        "mechanism": summary.mechanism,
-        "state": summary.state,
-        "commands": summary.commands,
-        "end": end,
-        "warnings": reader.warnings,
-    }
-    return {
-        "schema": SCHEMA_VERSION,
-        "path": str(reader.path),
-        "session": session,
-        "exchanges": [ex.to_json() for ex in exchanges],
-        "tls": tls,
-        "events": events_out,
-        "anomalies": summary.anomalies,
-    }
 
 
 def _header_line(reader: CaptureReader) -> Text:

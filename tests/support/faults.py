@@ -30,8 +30,8 @@ from typing import Any
 import trio
 
 from popproxy.capture.reader import CaptureReader
-from popproxy.cli.show import capture_json
 from popproxy.core.transcript import Item, SessionSummary
+from popproxy.inspect.document import capture_json
 from popproxy.inspect.streams import export_streams
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.server import serve_record
