@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from rich.text import Text
@@ -520,26 +520,32 @@ class FakeSession:
         raise FaultEnded(why)
 
     async def _handshake(self) -> None:
-        from popproxy.tls.contexts import server_context
-
-        local = getattr(self.stream, "socket", None)
-        local_ip = local.getsockname()[0] if local is not None else "127.0.0.1"
-        ctx = server_context(
-            self.config.certificate_authority(), default_host="localhost", local_ip=local_ip
-        )
-        tls = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=True)
-        try:
-            with trio.fail_after(self.config.timeout):
-                await tls.do_handshake()
-        except trio.TooSlowError:
-            hint = client_silent_hint("--tls")
-            self.report.ended = f"TLS handshake failed: timed out (hint: {hint})"
-            raise _Closed from None
-        except (*STREAM_ERRORS, ssl.SSLError) as exc:
-            reason = describe_error(exc, Leg.CLIENT, listen_flag="--tls")
-            self.report.ended = f"TLS handshake failed: {reason}"
-            raise _Closed from None
+        tls = await accept_tls(self.stream, self.config)
+        if isinstance(tls, str):
+            self.report.ended = tls
+            raise _Closed
         self.stream = tls
+
+
+async def accept_tls(stream: trio.abc.Stream, config: ServeConfig) -> trio.SSLStream[Any] | str:
+    """TLS towards a client with popproxy's CA (pop3s, or after STLS); on failure the
+    reason, with the flag that fixes it when it is known."""
+    from popproxy.tls.contexts import server_context
+
+    local = getattr(stream, "socket", None)
+    local_ip = local.getsockname()[0] if local is not None else "127.0.0.1"
+    ctx = server_context(
+        config.certificate_authority(), default_host="localhost", local_ip=local_ip
+    )
+    tls = trio.SSLStream(stream, ctx, server_side=True, https_compatible=True)
+    try:
+        with trio.fail_after(config.timeout):
+            await tls.do_handshake()
+    except trio.TooSlowError:
+        return f"TLS handshake failed: timed out (hint: {client_silent_hint('--tls')})"
+    except (*STREAM_ERRORS, ssl.SSLError) as exc:
+        return f"TLS handshake failed: {describe_error(exc, Leg.CLIENT, listen_flag='--tls')}"
+    return tls
 
 
 def _sasl_ok(mech: str, password: str, responses: list[str], challenges: list[bytes]) -> bool:

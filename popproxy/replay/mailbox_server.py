@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 
 import trio
@@ -12,7 +11,14 @@ from popproxy.faults.fake import FakeFaults, FaultEnded
 from popproxy.faults.matcher import Injection
 from popproxy.faults.rules import Answer as FaultAnswer
 from popproxy.netutil import STREAM_ERRORS
-from popproxy.replay.fake import MAX_LINE, ConnectionReport, Log, NearMiss, ServeConfig
+from popproxy.replay.fake import (
+    MAX_LINE,
+    ConnectionReport,
+    Log,
+    NearMiss,
+    ServeConfig,
+    accept_tls,
+)
 from popproxy.replay.mailbox import Answer, MailboxSession, Maildrop, mask_command
 from popproxy.replay.mailbox_auth import Authenticator, LoginPolicy
 from popproxy.replay.sasl_server import oauth_rules
@@ -179,18 +185,8 @@ class MailboxConnection:
         return line
 
     async def _handshake(self) -> None:
-        from popproxy.tls.contexts import server_context
-
-        local = getattr(self.stream, "socket", None)
-        local_ip = local.getsockname()[0] if local is not None else "127.0.0.1"
-        ctx = server_context(
-            self.config.certificate_authority(), default_host="localhost", local_ip=local_ip
-        )
-        tls = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=True)
-        try:
-            with trio.fail_after(self.config.timeout):
-                await tls.do_handshake()
-        except (*STREAM_ERRORS, trio.TooSlowError, ssl.SSLError) as exc:
-            self.report.ended = f"TLS handshake failed: {exc or type(exc).__name__}"
-            raise _Closed from None
+        tls = await accept_tls(self.stream, self.config)
+        if isinstance(tls, str):
+            self.report.ended = tls
+            raise _Closed
         self.stream = tls
