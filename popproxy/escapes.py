@@ -94,3 +94,19 @@ def json_dumps(value: Any, **options: Any) -> str:
     """
     options.setdefault("ensure_ascii", False)
     return _JSON_UNSAFE.sub(_json_escape, json.dumps(value, **options))
+
+
+def escape_bytes(data: bytes) -> str:
+    """Raw octets as text: printable ASCII as is, CR and LF as ``\\r`` ``\\n``, every other
+    octet (and the backslash) as ``\\xNN``: what ``show --raw`` and the browser print."""
+    out = []
+    for b in data:
+        if b == 13:
+            out.append("\\r")
+        elif b == 10:
+            out.append("\\n")
+        elif 32 <= b < 127 and b != 92:
+            out.append(chr(b))
+        else:
+            out.append(f"\\x{b:02x}")
+    return "".join(out)

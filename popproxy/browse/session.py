@@ -17,6 +17,7 @@ from popproxy.capture.events import replay_events
 from popproxy.capture.reader import CaptureReader
 from popproxy.core import BodyChunk, BodyEnd
 from popproxy.core.transcript import MESSAGE_VERBS, Item, SessionSummary, TranscriptBuilder
+from popproxy.escapes import escape_bytes
 from popproxy.views import render
 from popproxy.views.safe import ONE_LINE, sanitise
 from popproxy.views.safe import escape as clean
@@ -342,19 +343,7 @@ def raw_records(path: Path, limit: int = MAX_RAW_RECORDS) -> tuple[list[RawRecor
     return out, False
 
 
-def escaped(data: bytes) -> str:
-    """Printable ASCII as is, CR and LF as \\r \\n, every other octet as \\xNN."""
-    out = []
-    for b in data:
-        if b == 13:
-            out.append("\\r")
-        elif b == 10:
-            out.append("\\n")
-        elif 32 <= b < 127 and b != 92:
-            out.append(chr(b))
-        else:
-            out.append(f"\\x{b:02x}")
-    return "".join(out)
+escaped = escape_bytes  # the same escaping as show --raw
 
 
 def hexdump(data: bytes, width: int = 16) -> list[str]:

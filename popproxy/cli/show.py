@@ -16,6 +16,7 @@ from popproxy.capture.reader import CaptureReader, capture_paths
 from popproxy.capture.via import describe_via
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
+from popproxy.escapes import escape_bytes
 from popproxy.inspect.document import capture_json
 from popproxy.inspect.select import (
     FILTER_HELP,
@@ -273,17 +274,3 @@ def show_raw(console: Console, reader: CaptureReader, *, follow: bool) -> None:
         if len(record.data) > 4096:
             text.append(f" … +{len(record.data) - 4096} octets", style="pop.muted")
         console.print(text, overflow="fold")
-
-
-def escape_bytes(data: bytes) -> str:
-    out = []
-    for b in data:
-        if b == 13:
-            out.append("\\r")
-        elif b == 10:
-            out.append("\\n")
-        elif 32 <= b < 127 and b != 92:
-            out.append(chr(b))
-        else:
-            out.append(f"\\x{b:02x}")
-    return "".join(out)
