@@ -89,23 +89,24 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(safe.json_dumps(rows, ensure_ascii=True) + "\n")
     else:
-        render_list(make_console(), rows)
+        render_list(make_console(), rows, base=folder)
     return status
 
 
-def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
+def render_list(console: Console, rows: list[dict[str, Any]], base: Path | None = None) -> None:
+    """The table; capture paths are shown relative to ``base`` (``--json`` has them whole)."""
     table = Table(
         title=f"{len(rows)} capture(s)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
     )
     table.add_column("start", min_width=10)
     table.add_column("ended", overflow="fold", min_width=6)
-    table.add_column("anom.", justify="right")
+    table.add_column("anom.", justify="right", min_width=5)
     table.add_column("user", overflow="fold", min_width=5)
     wide = console.width >= 110  # narrower terminals lose the addresses (--json has them)
     if wide:
         table.add_column("client → upstream", overflow="fold", min_width=12)
     for name in ("cmds", "C→S", "S→C", "duration"):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", min_width=len(name), no_wrap=True)
     table.add_column("capture", overflow="fold", min_width=8)  # which file: rows can look alike
     for r in rows:
         how = str(r.get("how") or "?")
@@ -136,7 +137,7 @@ def render_list(console: Console, rows: list[dict[str, Any]]) -> None:
             _size(r.get("client_octets")),
             _size(r.get("server_octets")),
             fmt_ms(float(r["duration"])) if r.get("duration") is not None else "?",
-            Text(str(r["path"]), style="pop.muted"),
+            Text(_shown_path(str(r["path"]), base), style="pop.muted"),
         ]
         table.add_row(*safe.row(*cells))
     console.print(table)
@@ -148,3 +149,12 @@ def _count(value: Any) -> str:
 
 def _size(value: Any) -> str:
     return fmt_size(value) if isinstance(value, int) else "?"
+
+
+def _shown_path(path: str, base: Path | None) -> str:
+    if base is not None:
+        try:
+            return str(Path(path).relative_to(base))
+        except ValueError:
+            pass
+    return path
