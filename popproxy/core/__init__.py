@@ -26,7 +26,8 @@ from popproxy.core.events import (
     TlsStarted,
     Unsolicited,
 )
-from popproxy.core.observer import Observer, ObserverError
+from popproxy.core.observer import Observer
+from popproxy.core.state import ObserverError
 
 __all__ = [
     "Anomaly",

@@ -21,13 +21,15 @@ server's next reply tells whether they were SASL responses, commands, or plainte
 injected before TLS.  ``settled(direction)`` is the offset up to which events (and the
 credential spans among them) are final; a recorder writes bytes only below it.
 
+The session state and each side's read mode change only through the tables of
+``core/state.py``: the methods below say what happened, the tables say where it leads.
+
 Every input byte lands in exactly one ``RawEvent``; nothing here raises on bad input:
 oddities become ``Anomaly`` events, and a direction that cannot be followed goes opaque.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +58,16 @@ from popproxy.core.events import (
     StateChanged,
     TlsStarted,
     Unsolicited,
+)
+from popproxy.core.state import (
+    INITIAL_MODE,
+    OK_REPLY_EVENTS,
+    Mode,
+    ObserverError,
+    SessionEvent,
+    Trigger,
+    next_mode,
+    next_state,
 )
 from popproxy.hints import first_bytes_hint
 
@@ -92,21 +104,8 @@ MAX_COMMAND = 255  # RFC 2449 §4, including CRLF
 MAX_STATUS = 512  # RFC 1939 §3 / RFC 2449 §4, first line of a response incl. CRLF
 FILLER = ord("#")
 FILLER_BYTE = b"#"
-
-
-class ObserverError(Exception):
-    """The one error the observer raises: the caller misused the API (never bad input)."""
-
-
-class _Mode(enum.Enum):
-    LINES = "lines"  # client commands, or server status lines
-    GREETING = "greeting"
-    BODY = "body"
-    TAIL = "tail"  # inside an over-long line whose head was emitted
-    TLS_WAIT = "tls-wait"  # after STLS's +OK, before the handshake
-    OPAQUE = "opaque"
-    SCAN = "scan"  # lost sync with plaintext: lines are only scanned for credentials
-    CLOSED = "closed"
+_LINE_OVERLONG = Trigger.LINE_OVERLONG  # read once: Enum class attributes are slow (3.11)
+INJECTED_DETAIL = "plaintext before the TLS handshake, not forwarded"
 
 
 @dataclass
@@ -122,10 +121,10 @@ class _Pending:
 @dataclass
 class _Side:
     direction: Direction
-    mode: _Mode
+    mode: Mode
     offset: int = 0  # stream offset of the first byte not yet accounted for
     buf: bytes = b""
-    after_tail: _Mode = _Mode.LINES
+    after_tail: Mode = Mode.LINES
     tail_secret: SecretKind | None = None
     scan_tail: bool | None = None  # SCAN: inside an over-long line (True: a credential)
     bare_lf_seen: bool = False
@@ -153,8 +152,8 @@ class Observer:
         self.max_line = max_line
         self.state = State.AUTHORIZATION
         self.capabilities: tuple[tuple[str, ...], ...] | None = None
-        self._client = _Side(Direction.CLIENT, _Mode.LINES)
-        self._server = _Side(Direction.SERVER, _Mode.GREETING)
+        self._client = _Side(Direction.CLIENT, INITIAL_MODE[Direction.CLIENT])
+        self._server = _Side(Direction.SERVER, INITIAL_MODE[Direction.SERVER])
         self._pending: deque[_Pending] = deque()
         self._held: list[tuple[int, bytes]] = []
         self._held_bytes = 0
@@ -180,7 +179,7 @@ class Observer:
             if not isinstance(data, (bytearray, memoryview)):
                 raise ObserverError(f"data must be bytes, not {type(data).__name__}")
             data = bytes(data)
-        if side.mode is _Mode.CLOSED:
+        if side.mode is Mode.CLOSED:
             if data:
                 if self._held and direction is Direction.CLIENT:
                     self._release_held(as_secret=True)  # keep stream order
@@ -223,21 +222,12 @@ class Observer:
         side.head = None  # TLS from here on: what follows is not sniffed
         if side.buf:
             # RFC 2595 §4: bytes before the handshake that were not a whole line.
-            self._anomaly_once(
-                side,
-                AnomalyKind.PLAINTEXT_AFTER_STLS,
-                None,
-                "plaintext before the TLS handshake, not forwarded",
-            )
-            self._emit_raw(Injected, side, side.buf)
+            self._injected(side, side.buf)
             side.buf = b""
         out.append(TlsStarted(direction, side.offset))
         if direction is Direction.SERVER:
             self.capabilities = None  # RFC 2595 §4: discard cached capabilities
-        if not decrypted:
-            side.mode = _Mode.OPAQUE
-        elif side.mode in (_Mode.TLS_WAIT, _Mode.LINES):
-            side.mode = _Mode.LINES
+        self._move(side, Trigger.TLS_DECRYPTED if decrypted else Trigger.TLS_PASSTHROUGH)
         return out
 
     def go_opaque(self, direction: Direction, reason: str) -> list[Event]:
@@ -250,8 +240,7 @@ class Observer:
                 self._secret(direction, side.offset, len(side.buf), SecretKind.SASL)
             self._emit_raw(Opaque, side, side.buf)
             side.buf = b""
-        if side.mode is not _Mode.CLOSED:
-            side.mode = _Mode.OPAQUE
+        self._move(side, Trigger.OPAQUE_REQUESTED)
         self._anomaly(AnomalyKind.OPAQUE, direction, None, reason)
         return out
 
@@ -265,9 +254,9 @@ class Observer:
         return side.offset
 
     def _cannot_hold_secret(self, side: _Side) -> bool:
-        if side.mode is _Mode.BODY:
+        if side.mode is Mode.BODY:
             return True
-        if side.mode is not _Mode.LINES:
+        if side.mode is not Mode.LINES:
             return False
         if side.direction is Direction.SERVER:
             return not self._secrets and not self._auth_open
@@ -308,7 +297,16 @@ class Observer:
         if length > 0:
             self._out.append(Secret(direction, offset, length, kind))
 
-    def _set_state(self, new: State) -> None:
+    def _move(self, side: _Side, trigger: Trigger) -> None:
+        """Change ``side``'s read mode as the table says (core/state.py)."""
+        new = next_mode(side.direction, side.mode, trigger, side.after_tail)
+        if trigger is _LINE_OVERLONG:
+            side.after_tail = side.mode
+        side.mode = new
+
+    def _session(self, event: SessionEvent) -> None:
+        """Change the session state as the table says (core/state.py)."""
+        new = next_state(self.state, event)
         if new is not self.state:
             self._out.append(StateChanged(self.state, new))
             self.state = new
@@ -317,36 +315,24 @@ class Observer:
         pos, end = 0, len(data)
         while pos < end:
             mode = side.mode
-            if mode is _Mode.BODY:
+            if mode is Mode.BODY:
                 pos = self._body_data(side, data, pos)
-                if side.mode is _Mode.BODY:
+                if side.mode is Mode.BODY:
                     break  # the rest (at most ".\r") waits for more data
-            elif mode is _Mode.TAIL:
-                nl = data.find(b"\n", pos)
-                stop = end if nl < 0 else nl + 1
-                if nl < 0 and data.endswith(b"\r"):
-                    stop -= 1  # a CR that may end the line: decide with the next byte
-                if stop > pos:
-                    self._tail_piece(side, data[pos:stop], nl >= 0)
-                pos = stop
-                if nl < 0:
-                    break
-            elif mode is _Mode.SCAN:
+            elif mode is Mode.TAIL:
+                pos = self._tail(side, data, pos)
+                if side.mode is Mode.TAIL:
+                    break  # the line goes on in the next data
+            elif mode is Mode.SCAN:
                 pos = self._scan(side, data, pos)
                 if pos < end:
                     break  # an unfinished line waits for more data
-            elif mode is _Mode.OPAQUE:
+            elif mode is Mode.OPAQUE:
                 self._emit_raw(Opaque, side, data[pos:])
                 pos = end
-            elif mode is _Mode.TLS_WAIT:
+            elif mode is Mode.TLS_WAIT:
                 # RFC 2595 §4: nothing may follow STLS's +OK before the handshake.
-                self._anomaly_once(
-                    side,
-                    AnomalyKind.PLAINTEXT_AFTER_STLS,
-                    None,
-                    "plaintext before the TLS handshake, not forwarded",
-                )
-                self._emit_raw(Injected, side, data[pos:])
+                self._injected(side, data[pos:])
                 pos = end
             else:
                 nl = data.find(b"\n", pos)
@@ -368,10 +354,25 @@ class Observer:
             self._anomaly(AnomalyKind.BARE_LF, side.direction, None, "line ended by LF alone")
         if side.direction is Direction.CLIENT:
             self._client_line(side, line)
-        elif side.mode is _Mode.GREETING:
+        elif side.mode is Mode.GREETING:
             self._greeting(side, line)
         else:
             self._server_line(side, line)
+
+    def _injected(self, side: _Side, raw: bytes) -> None:
+        """Plaintext sent where the TLS handshake was due: not forwarded (RFC 2595 §4)."""
+        self._anomaly_once(side, AnomalyKind.PLAINTEXT_AFTER_STLS, None, INJECTED_DETAIL)
+        self._emit_raw(Injected, side, raw)
+
+    def _tail(self, side: _Side, data: bytes, pos: int) -> int:
+        """TAIL mode: the rest of an over-long line, up to and including its LF."""
+        nl = data.find(b"\n", pos)
+        stop = len(data) if nl < 0 else nl + 1
+        if nl < 0 and data.endswith(b"\r"):
+            stop -= 1  # a CR that may end the line: decide with the next byte
+        if stop > pos:
+            self._tail_piece(side, data[pos:stop], nl >= 0)
+        return stop
 
     def _tail_piece(self, side: _Side, piece: bytes, last: bool) -> None:
         if side.tail_secret is not None:
@@ -379,7 +380,7 @@ class Observer:
             self._secret(side.direction, side.offset, content, side.tail_secret)
         self._emit_raw(LineTail, side, piece)
         if last:
-            side.mode = side.after_tail
+            self._move(side, Trigger.TAIL_ENDED)
 
     def _overlong_head(self, side: _Side, head: bytes) -> None:
         """Emit the head of a line with no LF in sight; the rest follows as ``LineTail``."""
@@ -396,23 +397,22 @@ class Observer:
                     AnomalyKind.HELD_OVERFLOW, side.direction, None, "over-long undecided line"
                 )
                 self._release_held(as_secret=True)
-            if (self._auth_open or self._stls_open) and not self._awaiting_response:
+            if self._undecided():
                 self._emit_raw(Opaque, side, head)
                 self._secret(side.direction, offset, len(head), SecretKind.SASL)
             else:
                 self._client_line(side, head, overlong=True)
-        elif side.mode is _Mode.GREETING:
+        elif side.mode is Mode.GREETING:
             self._greeting(side, head)
         else:
             self._server_line(side, head)
-        if side.mode is _Mode.BODY and isinstance(self._out[-1], BodyChunk):
+        if side.mode is Mode.BODY and isinstance(self._out[-1], BodyChunk):
             return  # resynchronised into a body, which takes lines of any length
         side.tail_secret = None
         for event in self._out[before:]:
             if isinstance(event, Secret) and event.offset + event.length >= offset + len(head) - 1:
                 side.tail_secret = event.kind  # the secret runs on to the line's end
-        side.after_tail = side.mode
-        side.mode = _Mode.TAIL
+        self._move(side, Trigger.LINE_OVERLONG)
 
     # ----------------------------------------------------------------- lost sync
 
@@ -486,11 +486,18 @@ class Observer:
 
     # ----------------------------------------------------------------- client side
 
-    def _client_line(self, side: _Side, line: bytes, overlong: bool = False) -> None:
-        undecided = self._held or (
-            (self._auth_open or self._stls_open) and not self._awaiting_response
+    def _undecided(self) -> bool:
+        """Whether a client line arriving now is held: only the server's next reply can tell
+        a SASL response, a command or plaintext injected before TLS apart
+        (docs/protocol-notes.md §3.2).  True while earlier lines are held, or an AUTH or
+        STLS is outstanding with no challenge waiting for its response."""
+        return bool(self._held) or (
+            bool(self._auth_open or self._stls_open) and not self._awaiting_response
         )
-        if undecided and self._server.mode is _Mode.CLOSED:
+
+    def _client_line(self, side: _Side, line: bytes, overlong: bool = False) -> None:
+        undecided = self._undecided()
+        if undecided and self._server.mode is Mode.CLOSED:
             # No reply will ever decide this line's role: treat it as a credential.
             self._out.append(Opaque(side.direction, side.offset, line))
             self._secret(side.direction, side.offset, len(values.strip_eol(line)), SecretKind.SASL)
@@ -522,19 +529,7 @@ class Observer:
         has_arg = bool(rest.strip(credentials.BLANKS))
         self._seq += 1
         seq = self._seq
-        # RFC 1939 §7: a password is the rest of the line and may hold blanks
-        # (docs/protocol-notes.md §7).
-        span = credentials.credential_span(cmd, body)
-        if span is not None and span[2] is SecretKind.AUTH_IR:
-            mech, ir = credentials.mechanism_and_response(cmd)
-            if not sasl.client_data_is_secret(mech, 0, ir or b""):
-                span = None  # a SCRAM client-first: user name and nonce, no credential
-        masked = body
-        if span is not None:
-            start, stop, kind = span
-            self._secret(Direction.CLIENT, offset + start, stop - start, kind)
-            self._remember_secret(body[start:stop])
-            masked = body[:start] + FILLER_BYTE * (stop - start) + body[stop:]
+        masked = self._mask_credential(offset, cmd, body)
         args = values.decode_text(masked[arg_start:]) if has_arg else None
         if len(line) > MAX_COMMAND:
             overlong = True  # RFC 2449 §4: 255 octets including CRLF
@@ -544,31 +539,55 @@ class Observer:
         self._out.append(Command(Direction.CLIENT, offset, line, seq, verb, args, overlong))
         pending = _Pending(seq, verb, has_arg)
         if verb == "AUTH" and has_arg:
-            pending.mechanism, ir = credentials.mechanism_and_response(cmd)
-            if sasl.is_plus(pending.mechanism):
-                binding = sasl.channel_binding(pending.mechanism) or ""
-                self._anomaly(AnomalyKind.CHANNEL_BINDING, Direction.CLIENT, seq, binding)
-            if ir is not None:
-                pending.responses.append(ir)
-                self._maybe_identity(pending)
-                self._remember_decoded(pending)
-            self._auth_open += 1
+            self._open_auth(pending, cmd)
         elif verb == "STLS":
             self._stls_open += 1
         if self._quit_done:
             self._anomaly(AnomalyKind.COMMAND_AFTER_QUIT, Direction.CLIENT, seq, verb)
+        self._push(pending)
+
+    def _mask_credential(self, offset: int, cmd: credentials.CommandLine, body: bytes) -> bytes:
+        """Report a command's credential as a ``Secret``; return the line with it masked."""
+        # RFC 1939 §7: a password is the rest of the line and may hold blanks
+        # (docs/protocol-notes.md §7).
+        span = credentials.credential_span(cmd, body)
+        if span is not None and span[2] is SecretKind.AUTH_IR:
+            mech, ir = credentials.mechanism_and_response(cmd)
+            if not sasl.client_data_is_secret(mech, 0, ir or b""):
+                span = None  # a SCRAM client-first: user name and nonce, no credential
+        if span is None:
+            return body
+        start, stop, kind = span
+        self._secret(Direction.CLIENT, offset + start, stop - start, kind)
+        self._remember_secret(body[start:stop])
+        return body[:start] + FILLER_BYTE * (stop - start) + body[stop:]
+
+    def _open_auth(self, pending: _Pending, cmd: credentials.CommandLine) -> None:
+        """``AUTH mech [initial-response]``: a SASL exchange starts (RFC 5034 §4)."""
+        pending.mechanism, ir = credentials.mechanism_and_response(cmd)
+        if sasl.is_plus(pending.mechanism):
+            binding = sasl.channel_binding(pending.mechanism) or ""
+            self._anomaly(AnomalyKind.CHANNEL_BINDING, Direction.CLIENT, pending.seq, binding)
+        if ir is not None:
+            pending.responses.append(ir)
+            self._maybe_identity(pending)
+            self._remember_decoded(pending)
+        self._auth_open += 1
+
+    def _push(self, pending: _Pending) -> None:
+        """Queue a command for its reply (RFC 2449 §6.6: order is the only key)."""
         self._pending.append(pending)
         if len(self._pending) > self.max_pending:
             self._anomaly(
                 AnomalyKind.PIPELINE_OVERFLOW,
                 Direction.CLIENT,
-                seq,
+                pending.seq,
                 f"more than {self.max_pending} commands outstanding",
             )
             self._pending.clear()
             # Redaction never switches off: both sides are still scanned line by line.
-            self._client.mode = _Mode.SCAN
-            self._server.mode = _Mode.SCAN
+            self._move(self._client, Trigger.PIPELINE_OVERFLOW)
+            self._move(self._server, Trigger.PIPELINE_OVERFLOW)
 
     def _sasl_response(self, offset: int, line: bytes) -> None:
         head = self._pending[0]
@@ -621,7 +640,7 @@ class Observer:
                 self._secret(Direction.CLIENT, offset, len(line), SecretKind.SASL)
             elif self._awaiting_response and self._pending:
                 self._sasl_response(offset, line)
-            elif (self._auth_open or self._stls_open) and not self._awaiting_response:
+            elif self._undecided():
                 self._held = held[i:]  # another AUTH/STLS is outstanding: keep waiting
                 self._held_bytes = sum(len(x[1]) for x in self._held)
                 return
@@ -629,10 +648,7 @@ class Observer:
                 self._command(offset, line)
         if injected:
             self._anomaly_once(
-                self._client,
-                AnomalyKind.PLAINTEXT_AFTER_STLS,
-                None,
-                "plaintext before the TLS handshake, not forwarded",
+                self._client, AnomalyKind.PLAINTEXT_AFTER_STLS, None, INJECTED_DETAIL
             )
 
     # ----------------------------------------------------------------- server side
@@ -664,7 +680,7 @@ class Observer:
             )
         )
         side.offset += len(line)
-        side.mode = _Mode.LINES
+        self._move(side, Trigger.GREETING_READ)
 
     def _mask_echo(self, side: _Side, body: bytes) -> bytes:
         """Mask a server line's echo of a credential (docs/protocol-notes.md §7, Dovecot's %s)."""
@@ -678,32 +694,47 @@ class Observer:
         return body if masked is None else bytes(masked)
 
     def _server_line(self, side: _Side, line: bytes) -> None:
+        """A line where a status line is due: the head of the FIFO says what it answers."""
         body = self._mask_echo(side, values.strip_eol(line))
         status, odd, rest = values.classify_status(body)
-        head = self._pending[0] if self._pending else None
-        offset = side.offset
         if status is None and self._resync_into_body(side, line):
             return
+        head = self._pending[0] if self._pending else None
         if head is None or status is None:
-            code, text = values.split_code(rest) if status else (None, values.decode_text(body))
-            if self._quit_done:
-                self._anomaly(AnomalyKind.DATA_AFTER_QUIT, Direction.SERVER, None, text[:80])
-            elif head is None:
-                self._anomaly(AnomalyKind.UNSOLICITED, Direction.SERVER, None, text[:80])
-            else:
-                self._anomaly(AnomalyKind.UNEXPECTED_LINE, Direction.SERVER, head.seq, text[:80])
-            self._out.append(Unsolicited(Direction.SERVER, offset, line, status, code, text))
-            side.offset += len(line)
+            self._unsolicited(side, line, body, status, rest, head)
             return
         if odd:
             self._anomaly(odd, Direction.SERVER, head.seq, values.decode_text(body[:16]))
-        overlong = len(line) > MAX_STATUS
-        if head.mechanism is not None:
-            if status == values.CONT:
-                self._challenge(side, line, rest, head)
-                return
-            overlong = False  # RFC 5034 §4: SASL exchanges are exempt from line limits
-        elif overlong:
+        if head.mechanism is not None and status == values.CONT:
+            self._challenge(side, line, rest, head)
+        else:
+            self._reply(side, line, rest, head, status)
+
+    def _unsolicited(
+        self,
+        side: _Side,
+        line: bytes,
+        body: bytes,
+        status: str | None,
+        rest: bytes,
+        head: _Pending | None,
+    ) -> None:
+        """A server line that answers nothing: no command pending, or not a status line."""
+        code, text = values.split_code(rest) if status else (None, values.decode_text(body))
+        if self._quit_done:
+            self._anomaly(AnomalyKind.DATA_AFTER_QUIT, Direction.SERVER, None, text[:80])
+        elif head is None:
+            self._anomaly(AnomalyKind.UNSOLICITED, Direction.SERVER, None, text[:80])
+        else:
+            self._anomaly(AnomalyKind.UNEXPECTED_LINE, Direction.SERVER, head.seq, text[:80])
+        self._out.append(Unsolicited(Direction.SERVER, side.offset, line, status, code, text))
+        side.offset += len(line)
+
+    def _reply(self, side: _Side, line: bytes, rest: bytes, head: _Pending, status: str) -> None:
+        """The status line answering ``head``; a body follows when ``multiline`` (RFC 1939 §3)."""
+        # RFC 5034 §4: SASL exchanges are exempt from line limits.
+        overlong = len(line) > MAX_STATUS and head.mechanism is None
+        if overlong:
             self._anomaly(
                 AnomalyKind.STATUS_TOO_LONG, Direction.SERVER, head.seq, f"{len(line)} octets"
             )
@@ -723,7 +754,7 @@ class Observer:
         self._out.append(
             Reply(
                 Direction.SERVER,
-                offset,
+                side.offset,
                 line,
                 head.seq,
                 head.verb,
@@ -740,9 +771,7 @@ class Observer:
         self._last = (head.seq, head.verb, head.has_arg, status)
         self._after_reply(side, head, status)
         if multiline:
-            listing: list[tuple[str, ...]] | None = [] if head.verb in self.listings else None
-            self._body = Body(head.seq, head.verb, listing=listing, count_lines=self.count_lines)
-            side.mode = _Mode.BODY
+            self._open_body(side, head.seq, head.verb)
 
     def _challenge(self, side: _Side, line: bytes, rest: bytes, head: _Pending) -> None:
         data = values.b64decode(rest.strip()) if rest.strip() else b""
@@ -769,18 +798,15 @@ class Observer:
             self._stls_open -= 1
             if ok:
                 # RFC 2595 §4: TLS begins right after this line's CRLF, on both sides.
-                side.mode = _Mode.TLS_WAIT
-                self._client.mode = (
-                    _Mode.TLS_WAIT if self._client.mode is _Mode.LINES else self._client.mode
-                )
+                self._move(side, Trigger.STLS_ACCEPTED)
+                self._move(self._client, Trigger.STLS_ACCEPTED)
                 self._release_held(injected=True)
                 return
-        if ok and head.verb in ("PASS", "APOP", "AUTH") and (head.verb != "AUTH" or head.has_arg):
-            self._set_state(State.TRANSACTION)
-        if head.verb == "QUIT" and ok:
-            self._quit_done = True
-            if self.state is State.TRANSACTION:
-                self._set_state(State.UPDATE)  # RFC 1939 §6
+        event = OK_REPLY_EVENTS.get((head.verb, head.has_arg)) if ok else None
+        if event is not None:
+            self._session(event)
+            if event is SessionEvent.QUIT_ACCEPTED:
+                self._quit_done = True
         if self._held and not self._auth_open and not self._stls_open:
             self._release_held()
 
@@ -796,16 +822,19 @@ class Observer:
         if self._pending and self._pending[0].seq != seq + 1:
             return False
         self._anomaly(AnomalyKind.MULTILINE_REPLY_TO_SINGLE, Direction.SERVER, seq, verb)
-        self._body = Body(
-            seq, verb, listing=[] if verb in self.listings else None, count_lines=self.count_lines
-        )
         self._last = None
-        side.mode = _Mode.BODY
+        self._open_body(side, seq, verb)
         self._feed(side, line)  # re-read this line as body data
         if side.buf:  # a lone "." at close: body data after all
             rest, side.buf = side.buf, b""
+            assert self._body is not None
             self._emit_body(side, self._body, *self._body.take_rest(rest))
         return True
+
+    def _open_body(self, side: _Side, seq: int, verb: str) -> None:
+        listing: list[tuple[str, ...]] | None = [] if verb in self.listings else None
+        self._body = Body(seq, verb, listing=listing, count_lines=self.count_lines)
+        self._move(side, Trigger.BODY_OPENED)
 
     # ----------------------------------------------------------------- bodies
 
@@ -860,49 +889,58 @@ class Observer:
         )
         side.offset += len(raw)
         self._body = None
-        side.mode = _Mode.LINES
+        self._move(side, Trigger.BODY_ENDED)
 
     # ----------------------------------------------------------------- close
 
     def _close(self, side: _Side) -> None:
-        direction = side.direction
         if side.buf:
             rest, side.buf = side.buf, b""
-            if side.mode is _Mode.BODY:
-                assert self._body is not None
-                self._emit_body(side, self._body, *self._body.take_rest(rest))
-            elif side.mode in (_Mode.LINES, _Mode.GREETING):
-                self._anomaly(AnomalyKind.UNTERMINATED_LINE, direction, None, f"{len(rest)} octets")
-                self._line(side, rest)
-            elif side.mode is _Mode.TAIL:
-                self._tail_piece(side, rest, True)
-            elif side.mode is _Mode.SCAN:
-                if side.scan_tail is not None:
-                    self._scan_tail_piece(side, rest, True)
-                else:
-                    self._scan_line(side, rest)
-            else:
-                self._feed(side, rest)
-                side.buf = b""
-        if side.mode is _Mode.BODY and self._body is not None:
+            self._flush(side, rest)
+        if side.mode is Mode.BODY and self._body is not None:
             self._end_body(side, self._body, b"", truncated=True)
-        if direction is Direction.SERVER:
-            auth_open = self._auth_open
-            if self._pending:
-                head = self._pending[0]
-                # docs/protocol-notes.md §5: a close ends the head command without a reply.
-                self._anomaly(
-                    AnomalyKind.NO_REPLY,
-                    direction,
-                    head.seq,
-                    f"{len(self._pending)} command(s) unanswered at close",
-                )
-                self._pending.clear()
-                self._auth_open = self._stls_open = 0
-                self._awaiting_response = False
-            if self._held:
-                # Lines sent during an AUTH the server never finished: their role stays
-                # unknown, so treat them as credentials (docs/protocol-notes.md §7).
-                self._release_held(as_secret=bool(auth_open))
-        side.mode = _Mode.CLOSED
-        self._out.append(ConnectionClosed(direction, side.offset))
+        if side.direction is Direction.SERVER:
+            self._server_gone()
+        self._move(side, Trigger.EOF)
+        self._out.append(ConnectionClosed(side.direction, side.offset))
+
+    def _flush(self, side: _Side, rest: bytes) -> None:
+        """The bytes a close left unframed: a partial line or the last bytes of a body."""
+        if side.mode is Mode.BODY:
+            assert self._body is not None
+            self._emit_body(side, self._body, *self._body.take_rest(rest))
+        elif side.mode in (Mode.LINES, Mode.GREETING):
+            self._anomaly(
+                AnomalyKind.UNTERMINATED_LINE, side.direction, None, f"{len(rest)} octets"
+            )
+            self._line(side, rest)
+        elif side.mode is Mode.TAIL:
+            self._tail_piece(side, rest, True)
+        elif side.mode is Mode.SCAN:
+            if side.scan_tail is not None:
+                self._scan_tail_piece(side, rest, True)
+            else:
+                self._scan_line(side, rest)
+        else:
+            self._feed(side, rest)
+            side.buf = b""
+
+    def _server_gone(self) -> None:
+        """The server closed: what it left unanswered gets no reply."""
+        auth_open = self._auth_open
+        if self._pending:
+            head = self._pending[0]
+            # docs/protocol-notes.md §5: a close ends the head command without a reply.
+            self._anomaly(
+                AnomalyKind.NO_REPLY,
+                Direction.SERVER,
+                head.seq,
+                f"{len(self._pending)} command(s) unanswered at close",
+            )
+            self._pending.clear()
+            self._auth_open = self._stls_open = 0
+            self._awaiting_response = False
+        if self._held:
+            # Lines sent during an AUTH the server never finished: their role stays
+            # unknown, so treat them as credentials (docs/protocol-notes.md §7).
+            self._release_held(as_secret=bool(auth_open))
