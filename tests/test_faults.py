@@ -41,6 +41,7 @@ from popproxy.proxy.session import Session
 from popproxy.proxy.tap import Tap
 from tests.support.faults import (
     GREETING,
+    ROOT,
     Bystander,
     Capture,
     FaultServer,
@@ -903,3 +904,48 @@ async def test_out_of_descriptors_is_reported_once_and_service_resumes(tmp_path:
     for line in refused:
         assert line.startswith(b"-ERR [SYS/TEMP] ") and b"Too many open files" in line, line
     assert greeting.startswith(b"+OK"), (greeting, stdout[-2000:], stderr[-2000:])
+
+
+@pytest.mark.parametrize("streams", ["stdout", "both"])
+async def test_sigint_ends_within_2s_with_stdout_a_blocked_pipe(
+    tmp_path: Path, streams: str
+) -> None:
+    """Nobody reads the proxy's stdout (and stderr): the view blocks, the relay does not,
+    and SIGINT still finishes every capture within 2 s."""
+    server = FaultServer()
+    out = tmp_path / "captures"
+    out.mkdir()
+    r, w = os.pipe()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        argv = [sys.executable, "-m", "popproxy", "record", "--upstream", f"127.0.0.1:{port}"]
+        argv += ["--listen", "127.0.0.1:0", "--out", str(out), "--no-check", "--verbose"]
+        stderr = w if streams == "both" else subprocess.DEVNULL
+        proc = await trio.lowlevel.open_process(argv, stdout=w, stderr=stderr, cwd=ROOT)
+        os.close(w)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += os.read(r, 1)  # "listening on HOST:PORT", then never read again
+        addr = ("127.0.0.1", int(line.decode().strip().rsplit(":", 1)[1]))
+        clients = [await RawClient.connect(addr) for _ in range(20)]
+        for _ in range(100):  # far more display lines than a pipe holds
+            for client in clients:
+                await client.send(b"NOOP\r\n")
+        await trio.sleep(1.5)
+        t0 = trio.current_time()
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            await proc.wait()
+        elapsed = trio.current_time() - t0
+        for client in clients:
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    os.close(r)
+    assert proc.returncode == 0
+    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    paths = list(out.glob("*.popcap"))
+    assert len(paths) == 20
+    for path in paths:
+        with CaptureReader(path) as reader:
+            end = reader.end()
+        assert end is not None and end["how"] == "proxy-shutdown"

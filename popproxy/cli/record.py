@@ -175,6 +175,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(run=run)
 
 
+CLOSE_TIMEOUT = 0.6  # for the view's thread, then again for its renderer process
+
+
 def build_config(args: argparse.Namespace) -> ProxyConfig:
     if not (args.upstream or args.route or args.socks5):
         raise UsageError("say where mail goes: --upstream, --route or --socks5")
@@ -299,7 +302,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_listening(_main, config, view, listen=listen_text(config))
     finally:
-        view.close()
+        # SIGINT/SIGTERM end within 2 s even when nobody drains stdout or stderr (a pipe
+        # nobody reads): display lines still queued then are dropped; captures are done.
+        view.close(timeout=CLOSE_TIMEOUT)
     return 0
 
 

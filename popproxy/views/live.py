@@ -172,14 +172,21 @@ class ProcessSink:
         return True
 
     def close(self, timeout: float) -> None:
+        # The stop message is sent from a helper thread: with a renderer stuck on a stdout
+        # nobody reads, the pipe to it is full and a send would block for ever.
+        stopper = threading.Thread(target=self._say_stop, name="popproxy-view-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+
+    def _say_stop(self) -> None:
         try:
             self._conn.send(None)
             self._conn.close()
         except (OSError, ValueError):
             pass
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
 
 
 def _render_child(conn: Connection, mode: str) -> None:
