@@ -42,12 +42,14 @@ SESSION = [
     ("s", b"+OK message follows\r\n" + MSG1 + b".\r\n"),
     ("c", b"RETR 2\r\n"),
     ("s", b"+OK message follows\r\n" + MSG2 + b".\r\n"),
+    ("c", b"UIDL\r\n"),  # last: getmail6 needs it (mailbox mode), poplib_run skips it
+    ("s", b"+OK\r\n1 uid-one\r\n2 uid-two\r\n.\r\n"),
     ("c", b"QUIT\r\n"),
     ("s", b"+OK Logging out.\r\n"),
 ]
 
 
-CURL_SESSION = SESSION[:7] + SESSION[11:13] + SESSION[15:]  # CAPA, USER, PASS, RETR 1, QUIT
+CURL_SESSION = SESSION[:7] + SESSION[11:13] + SESSION[17:]  # CAPA, USER, PASS, RETR 1, QUIT
 
 
 @pytest.fixture
@@ -327,7 +329,24 @@ async def test_seeded_probability_gives_the_same_session_twice(capture: Path) ->
 
 
 async def test_fetchmail_logs_the_error_and_keeps_the_mail(capture: Path, tmp_path: Path) -> None:
-    async with serving(capture, "RETR 2: cut after 10") as (server, port):
+    from popproxy.replay.sources import load_mailbox
+
+    # The mailbox answers fetchmail's own command order; --persist keeps deletions across
+    # sessions, so a second session sees whether fetchmail's DELE survived the cut.
+    config = ServeConfig(
+        [],
+        listen=("127.0.0.1", 0),
+        mailbox=load_mailbox([str(capture)]),
+        persist=True,
+        faults=FaultSet([parse_rule("RETR 2: cut after 10 rst")]),
+    )
+    server = FakeServer(config)
+
+    async def serve(task_status: trio.TaskStatus[Any]) -> None:
+        await serve_replay(config, None, announce=False, server=server, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        port = (await nursery.start(serve))[0][1]
         with pytest.raises(clients.ClientError) as info:
             await run(
                 clients.fetchmail_fetch,
@@ -338,18 +357,38 @@ async def test_fetchmail_logs_the_error_and_keeps_the_mail(capture: Path, tmp_pa
                 workdir=tmp_path,
                 keep=False,
             )
+        after = await run(poplib_run, port)
+        nursery.cancel_scope.cancel()
     text = str(info.value)
-    assert "exit code" in text and ("EOF" in text or "socket error" in text or "error" in text)
-    played = {server.report.connections[0].capture}
-    assert played and not any("DELE" in line for line in server.report.faults)
-    assert all(m.received[:4] != "DELE" for m in server.report.near_misses)
+    assert "POP3> RETR 2" in text and "DELE 1" in text  # it fetched 1, marked it, then the cut
+    assert "socket error" in text or "Connection reset" in text or "EOF" in text, text[-800:]
+    assert after["stat"][0] == 2  # the cut session never reached UPDATE: nothing deleted
+    assert len(server.report.connections[0].faults) == 1
 
 
 async def test_getmail_reports_a_cut(capture: Path, tmp_path: Path) -> None:
-    async with serving(capture, "RETR 1: cut after 100 rst") as (_, port):
+    from popproxy.replay.sources import load_mailbox
+
+    config = ServeConfig(
+        [],
+        listen=("127.0.0.1", 0),
+        mailbox=load_mailbox([str(capture)]),
+        faults=FaultSet([parse_rule("RETR 1: cut after 100 rst")]),
+    )
+    server = FakeServer(config)
+
+    async def serve(task_status: trio.TaskStatus[Any]) -> None:
+        await serve_replay(config, None, announce=False, server=server, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        port = (await nursery.start(serve))[0][1]
         with pytest.raises(clients.ClientError) as info:
             await run(clients.getmail_fetch, "127.0.0.1", port, "alice", "x", workdir=tmp_path)
+        nursery.cancel_scope.cancel()
     assert "getmail failed" in str(info.value)
+    assert "reset" in str(info.value).lower() or "error" in str(info.value).lower()
+    [line] = server.report.faults  # the cut itself, not a command the fake did not know
+    assert "cut 100 bytes into the reply (RST)" in line
 
 
 # ------------------------------------------------------------------ CLI and plugin
