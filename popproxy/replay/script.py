@@ -94,8 +94,30 @@ class RecordedSession:
         return bool(self.header.get("listen_tls"))
 
 
+MAX_HELD = 48 << 20  # serve and replay hold a recording's server side in memory
+
+
+class HeldBytes:
+    """What serve and replay keep in memory, bounded: past ``MAX_HELD`` the input is refused
+    in one line (docs/replay.md, "Limits") instead of growing the process without end."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, size: int, where: str | Path) -> None:
+        self.total += size
+        if self.total > MAX_HELD:
+            raise CaptureError(
+                f"{where}: more than {MAX_HELD >> 20} MiB of recorded mail to hold in memory; "
+                "serve and replay keep it all (docs/replay.md, Limits)"
+            )
+
+
 def load_session(path: str | Path) -> RecordedSession:
-    """Read one capture into a ``RecordedSession``; raises ``CaptureError`` if unusable."""
+    """Read one capture into a ``RecordedSession``; raises ``CaptureError`` if unusable or
+    if its server side is larger than ``MAX_HELD``."""
+    held = HeldBytes()
+    replies: dict[int, bytearray] = {}  # appended chunk by chunk: no quadratic copying
     with CaptureReader(path) as reader:
         session = RecordedSession(Path(path), dict(reader.header))
         builder = TranscriptBuilder(hash_bodies=True, keep_listings=True)
@@ -130,12 +152,14 @@ def load_session(path: str | Path) -> RecordedSession:
                     session.steps.append(last)
                 elif isinstance(event, Reply) and event.seq in steps:
                     step = steps[event.seq]
-                    step.reply += event.raw
+                    held.add(len(event.raw), path)
+                    replies.setdefault(event.seq, bytearray()).extend(event.raw)
                     step.status = event.status
                     if own is Direction.SERVER:
                         step.reply_by = "popproxy"
                 elif isinstance(event, BodyChunk | BodyEnd) and event.seq in steps:
-                    steps[event.seq].reply += event.raw
+                    held.add(len(event.raw), path)
+                    replies.setdefault(event.seq, bytearray()).extend(event.raw)
                 elif isinstance(event, SaslChallenge) and event.seq in steps:
                     steps[event.seq].sasl.append(("s", event.raw))
                 elif isinstance(event, SaslResponse) and event.seq in steps:
@@ -146,7 +170,8 @@ def load_session(path: str | Path) -> RecordedSession:
                     if event.direction is Direction.CLIENT:
                         last.line += event.raw
                     else:
-                        last.reply += event.raw
+                        held.add(len(event.raw), path)
+                        replies.setdefault(last.seq, bytearray()).extend(event.raw)
             for item in builder.feed(t, events):
                 ex = item.exchange
                 if item.what != "done" or ex is None:
@@ -159,6 +184,8 @@ def load_session(path: str | Path) -> RecordedSession:
             if ex.seq is not None and ex.seq in steps and steps[ex.seq].exchange is None:
                 steps[ex.seq].exchange = ex
         session.warnings.extend(reader.warnings)
+    for seq, reply in replies.items():
+        steps[seq].reply = bytes(reply)
     return session
 
 

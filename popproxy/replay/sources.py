@@ -10,7 +10,7 @@ from pathlib import Path
 
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
-from popproxy.replay.script import RecordedSession, Step, load_session
+from popproxy.replay.script import HeldBytes, RecordedSession, Step, load_session
 
 # RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _UID_RE = re.compile(r"^[\x21-\x7e]{1,70}$")
@@ -319,19 +319,27 @@ def _uid_for(name: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:40]
 
 
-def from_maildir(path: Path) -> MailboxSource:
+def _read(file: Path, held: HeldBytes) -> bytes:
+    """A mail file's octets, counted against what the fake mailbox may hold in memory."""
+    held.add(file.stat().st_size, file)
+    return crlf(file.read_bytes())
+
+
+def from_maildir(path: Path, held: HeldBytes | None = None) -> MailboxSource:
     """A Maildir's ``new`` and ``cur`` messages by file name; the UID is the base name."""
+    held = held or HeldBytes()
     source = MailboxSource(origins=[str(path)])
     files = [p for sub in ("new", "cur") for p in (path / sub).iterdir() if p.is_file()]
     for file in sorted(files, key=lambda p: p.name):
-        data = crlf(file.read_bytes())
+        data = _read(file, held)
         base = file.name.split(":", 1)[0]  # the Maildir info (":2,S") is not part of the name
         source.messages.append(StoredMessage(uid=_uid_for(base, data), data=data, origin=str(file)))
     return source
 
 
-def from_mbox(path: Path) -> MailboxSource:
+def from_mbox(path: Path, held: HeldBytes | None = None) -> MailboxSource:
     """An mbox file's messages in file order (stdlib ``mailbox``); the UID is a digest."""
+    (held or HeldBytes()).add(path.stat().st_size, path)
     source = MailboxSource(origins=[str(path)])
     box = stdlib_mailbox.mbox(str(path), create=False)
     try:
@@ -344,11 +352,12 @@ def from_mbox(path: Path) -> MailboxSource:
     return source
 
 
-def from_eml_folder(path: Path) -> MailboxSource:
+def from_eml_folder(path: Path, held: HeldBytes | None = None) -> MailboxSource:
     """Each ``*.eml`` file of a folder, by name; the UID is the file's stem."""
+    held = held or HeldBytes()
     source = MailboxSource(origins=[str(path)])
     for file in sorted(path.glob("*.eml")):
-        data = crlf(file.read_bytes())
+        data = _read(file, held)
         source.messages.append(
             StoredMessage(uid=_uid_for(file.stem, data), data=data, origin=str(file))
         )
@@ -384,17 +393,18 @@ def _load_mailbox(targets: list[str]) -> MailboxSource:
     """
     sessions: list[RecordedSession] = []
     files: list[MailboxSource] = []
+    held = HeldBytes()  # mail files together; each capture has its own bound (load_session)
     for target in targets:
         path = Path(target).expanduser()
         if not path.exists():
             raise CaptureError(f"{target}: no such file or folder")
         if path.is_dir():
             if (path / "cur").is_dir() or (path / "new").is_dir():
-                files.append(from_maildir(path))
+                files.append(from_maildir(path, held))
             elif any(path.glob(f"*{fmt.SUFFIX}")):
                 sessions.extend(load_session(p) for p in sorted(path.glob(f"*{fmt.SUFFIX}")))
             elif any(path.glob("*.eml")):
-                files.append(from_eml_folder(path))
+                files.append(from_eml_folder(path, held))
             else:
                 raise CaptureError(
                     f"{target}: neither a Maildir (cur/, new/) nor a folder of captures or .eml"
@@ -402,7 +412,7 @@ def _load_mailbox(targets: list[str]) -> MailboxSource:
         elif _is_capture(path):
             sessions.append(load_session(path))
         elif path.suffix.lower() == ".eml":
-            data = crlf(path.read_bytes())
+            data = _read(path, held)
             files.append(
                 MailboxSource(
                     messages=[
@@ -417,7 +427,7 @@ def _load_mailbox(targets: list[str]) -> MailboxSource:
                     raise CaptureError(
                         f"{target}: not a capture, an mbox (first line 'From ') or an .eml file"
                     )
-            files.append(from_mbox(path))
+            files.append(from_mbox(path, held))
     source = from_sessions(sessions) if sessions else MailboxSource()
     for extra in files:
         source.messages.extend(extra.messages)
