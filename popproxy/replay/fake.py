@@ -142,11 +142,70 @@ def _matches(step: Step, verb: str, args: str | None) -> bool:
     return (args or "").split() == (step.args or "").split()
 
 
-class _Closed(Exception):
-    pass
+class ClientGone(Exception):
+    """The client closed, went silent past the timeout, or failed its TLS handshake."""
 
 
-class FakeSession:
+class ClientIO:
+    """A fake server's side of one client connection: send, read a line, accept TLS.
+
+    Shared by the recorded replay (``FakeSession``) and the mailbox
+    (``replay/mailbox_server.py``); a subclass sets ``stream``, ``config``, ``report``.
+    """
+
+    stream: trio.abc.Stream
+    config: ServeConfig
+    report: ConnectionReport
+    _buf: bytes = b""
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            with trio.fail_after(self.config.timeout):
+                await self.stream.send_all(data)
+        except (*STREAM_ERRORS, trio.TooSlowError):
+            raise ClientGone from None
+
+    async def _read_line(
+        self,
+        idle_limit: float | None = None,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> bytes:
+        """The next client line (with its LF, at most MAX_LINE octets), b"" at EOF.
+
+        A client silent past ``--timeout`` ends the session; past ``idle_limit`` (a fault's,
+        when shorter) ``on_idle`` runs first.
+        """
+        limit = self.config.timeout if idle_limit is None else idle_limit
+        timeout = min(self.config.timeout, limit)
+        while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
+            try:
+                with trio.fail_after(timeout):
+                    data = bytes(await self.stream.receive_some(65536))
+            except trio.TooSlowError:
+                if on_idle is not None and limit <= self.config.timeout:
+                    await on_idle()
+                self.report.ended = f"idle for {self.config.timeout:g} s"
+                raise ClientGone from None
+            except STREAM_ERRORS:
+                data = b""
+            if not data:
+                rest, self._buf = self._buf, b""
+                return rest
+            self._buf += data
+        end = self._buf.find(b"\n")
+        end = MAX_LINE if end < 0 else end + 1
+        line, self._buf = self._buf[:end], self._buf[end:]
+        return line
+
+    async def _handshake(self) -> None:
+        tls = await accept_tls(self.stream, self.config)
+        if isinstance(tls, str):
+            self.report.ended = tls
+            raise ClientGone
+        self.stream = tls
+
+
+class FakeSession(ClientIO):
     """One client connection answered from one recorded session."""
 
     def __init__(
@@ -180,38 +239,16 @@ class FakeSession:
 
     # ------------------------------------------------------------------ IO
 
-    async def _send(self, data: bytes) -> None:
-        try:
-            with trio.fail_after(self.config.timeout):
-                await self.stream.send_all(data)
-        except (*STREAM_ERRORS, trio.TooSlowError):
-            raise _Closed from None
-
     async def _line(self) -> bytes:
         """The next client line (with its LF), b"" at EOF; a silent client ends the session."""
         watching = self.faults.watching if self.faults else None
-        timeout = min(self.config.timeout, watching.seconds) if watching else self.config.timeout
-        while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
-            try:
-                with trio.fail_after(timeout):
-                    data = bytes(await self.stream.receive_some(65536))
-            except trio.TooSlowError:
-                if watching is not None and watching.seconds <= self.config.timeout:
-                    await self._watched(watching.reply, watching.why)
-                self.report.ended = f"idle for {self.config.timeout:g} s"
-                raise _Closed from None
-            except STREAM_ERRORS:
-                data = b""
-            if not data:
-                rest, self._buf = self._buf, b""
-                return rest
-            self._buf += data
-        if watching is not None:
-            assert self.faults is not None
-            self.faults.watching = None  # one wait only
-        end = self._buf.find(b"\n")
-        end = MAX_LINE if end < 0 else end + 1
-        line, self._buf = self._buf[:end], self._buf[end:]
+        if watching is None:
+            return await self._read_line()
+        line = await self._read_line(
+            watching.seconds, lambda: self._watched(watching.reply, watching.why)
+        )
+        assert self.faults is not None
+        self.faults.watching = None  # one wait only
         return line
 
     def _say(self, text: str, style: str = "pop.muted") -> None:
@@ -238,7 +275,7 @@ class FakeSession:
                     break
                 if not await self._command(line):
                     break
-        except _Closed:
+        except ClientGone:
             if self.report.ended == "open":
                 self.report.ended = "connection lost"
         except FaultEnded as end:
@@ -513,18 +550,11 @@ class FakeSession:
         """The client stayed silent past a fault's idle limit: say so (maybe), close."""
         assert self.faults is not None
         if reply:
-            with contextlib.suppress(_Closed):
+            with contextlib.suppress(ClientGone):
                 await self._send(reply)
         self.faults.log.append(why)
         self.faults.note(why)
         raise FaultEnded(why)
-
-    async def _handshake(self) -> None:
-        tls = await accept_tls(self.stream, self.config)
-        if isinstance(tls, str):
-            self.report.ended = tls
-            raise _Closed
-        self.stream = tls
 
 
 async def accept_tls(stream: trio.abc.Stream, config: ServeConfig) -> trio.SSLStream[Any] | str:

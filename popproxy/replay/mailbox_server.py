@@ -10,14 +10,13 @@ from rich.text import Text
 from popproxy.faults.fake import FakeFaults, FaultEnded
 from popproxy.faults.matcher import Injection
 from popproxy.faults.rules import Answer as FaultAnswer
-from popproxy.netutil import STREAM_ERRORS
 from popproxy.replay.fake import (
-    MAX_LINE,
+    ClientGone,
+    ClientIO,
     ConnectionReport,
     Log,
     NearMiss,
     ServeConfig,
-    accept_tls,
 )
 from popproxy.replay.mailbox import Answer, MailboxSession, Maildrop, mask_command
 from popproxy.replay.mailbox_auth import Authenticator, LoginPolicy
@@ -25,10 +24,6 @@ from popproxy.replay.sasl_server import oauth_rules
 
 #: Wraps the reply path: given the session's ``answer`` and a client line, returns the answer.
 AnswerHook = Callable[[Callable[[bytes], Answer], bytes], Answer]
-
-
-class _Closed(Exception):
-    pass
 
 
 def make_session(config: ServeConfig, maildrop: Maildrop) -> MailboxSession:
@@ -43,7 +38,7 @@ def make_session(config: ServeConfig, maildrop: Maildrop) -> MailboxSession:
     )
 
 
-class MailboxConnection:
+class MailboxConnection(ClientIO):
     """One client served by the fake mailbox."""
 
     def __init__(
@@ -103,7 +98,7 @@ class MailboxConnection:
                 elif answer.then == "close":
                     self.report.ended = "quit"
                     return
-        except _Closed:
+        except ClientGone:
             if self.report.ended == "open":
                 self.report.ended = "connection lost"
         except FaultEnded as end:
@@ -152,41 +147,11 @@ class MailboxConnection:
 
     # ------------------------------------------------------------------ IO
 
-    async def _send(self, data: bytes) -> None:
-        try:
-            with trio.fail_after(self.config.timeout):
-                await self.stream.send_all(data)
-        except (*STREAM_ERRORS, trio.TooSlowError):
-            raise _Closed from None
-
     async def _line(self) -> bytes:
-        watching = self.faults.watching if self.faults is not None else None
-        timeout = min(self.config.timeout, watching.seconds) if watching else self.config.timeout
-        while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
-            try:
-                with trio.fail_after(timeout):
-                    data = bytes(await self.stream.receive_some(65536))
-            except trio.TooSlowError:
-                if self.faults is not None and watching is not None:
-                    await self.faults.watched(watching, self._send)
-                self.report.ended = f"idle for {self.config.timeout:g} s"
-                raise _Closed from None
-            except STREAM_ERRORS:
-                data = b""
-            if not data:
-                rest, self._buf = self._buf, b""
-                return rest
-            self._buf += data
-        if self.faults is not None:
-            self.faults.watching = None  # a fault's idle limit covers one wait
-        end = self._buf.find(b"\n")
-        end = MAX_LINE if end < 0 else end + 1
-        line, self._buf = self._buf[:end], self._buf[end:]
+        faults = self.faults
+        watching = faults.watching if faults is not None else None
+        if faults is None or watching is None:
+            return await self._read_line()
+        line = await self._read_line(watching.seconds, lambda: faults.watched(watching, self._send))
+        faults.watching = None  # a fault's idle limit covers one wait
         return line
-
-    async def _handshake(self) -> None:
-        tls = await accept_tls(self.stream, self.config)
-        if isinstance(tls, str):
-            self.report.ended = tls
-            raise _Closed
-        self.stream = tls
