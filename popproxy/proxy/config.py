@@ -8,8 +8,9 @@ import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from popproxy.errors import UsageError
 from popproxy.netutil import format_hostport, parse_hostport
@@ -171,3 +172,29 @@ class ProxyConfig:
     @property
     def upstream_text(self) -> str:
         return format_hostport(*self.upstream)
+
+    def capture_header(
+        self, number: int, client: str, listen: str, started: datetime
+    ) -> tuple[str, dict[str, Any]]:
+        """A session's capture file name and header record (docs/capture-format.md)."""
+        from popproxy import __version__
+
+        name = f"{started:%Y%m%dT%H%M%S}.{started:%f}Z-{number:05d}.popcap"
+        header: dict[str, Any] = {
+            "popproxy": __version__,
+            "start": started.isoformat().replace("+00:00", "Z"),
+            "t0": started.timestamp(),
+            "session": number,
+            "client": client,
+            "listen": listen,
+            "upstream": self.upstream_text,
+            "keep_secrets": self.keep_secrets,
+            "listen_tls": self.listen_tls,
+            "upstream_tls": self.upstream_tls,
+            "upstream_stls": self.upstream_stls,
+            "stls": self.stls.value,
+            "insecure": self.insecure,
+            **({"hide_plus": True} if self.hide_plus else {}),
+            **self.extra_header,
+        }
+        return name, header

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from datetime import UTC, datetime
-from typing import Any
 
 import trio
 
-from popproxy import __version__
 from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Direction, Secret, SecretKind
@@ -69,7 +66,10 @@ class OpaqueRelay:
     async def run(self) -> None:
         cfg = self.config
         started = datetime.now(UTC)
-        path = cfg.out_dir / f"{started:%Y%m%dT%H%M%S}.{started:%f}Z-{self.number:05d}{fmt.SUFFIX}"
+        local = stream_address(self.client, peer=False)
+        name, header = cfg.capture_header(self.number, self.peer, local, started)
+        header.update(listen_tls=False, upstream_tls=False, upstream_stls=False, opaque=True)
+        path = cfg.out_dir / name
         try:
             self._fd = create_capture_file(path)
         except OSError as exc:
@@ -78,23 +78,6 @@ class OpaqueRelay:
                 self.view.failed(self.number, self.peer, reason)
             await self._close()
             return
-        header: dict[str, Any] = {
-            "popproxy": __version__,
-            "start": started.isoformat().replace("+00:00", "Z"),
-            "t0": time.time(),
-            "session": self.number,
-            "client": self.peer,
-            "listen": stream_address(self.client, peer=False),
-            "upstream": cfg.upstream_text,
-            "keep_secrets": cfg.keep_secrets,
-            "listen_tls": False,
-            "upstream_tls": False,
-            "upstream_stls": False,
-            "stls": cfg.stls.value,
-            "insecure": cfg.insecure,
-            "opaque": True,
-            **cfg.extra_header,
-        }
         self._writer = writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
         addr = stream_address(self.upstream, peer=True)
         writer.meta({"r": fmt.EVENT, "t": 0.0, "kind": "upstream-connected", "addr": addr})

@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import socket
 import struct
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -16,8 +15,6 @@ from typing import Any
 
 import trio
 
-from popproxy import __version__
-from popproxy.capture import format as fmt
 from popproxy.capture.recorder import (
     MIN_ROOM,
     UNRECORDED_BUDGET,
@@ -171,24 +168,7 @@ class Session:
     def _open_capture(self) -> None:
         cfg = self.config
         started = datetime.now(UTC)
-        name = f"{started:%Y%m%dT%H%M%S}.{started:%f}Z-{self.number:05d}{fmt.SUFFIX}"
-        header: dict[str, Any] = {
-            "popproxy": __version__,
-            "start": started.isoformat().replace("+00:00", "Z"),
-            "t0": time.time(),
-            "session": self.number,
-            "client": self.peer,
-            "listen": self.local,
-            "upstream": cfg.upstream_text,
-            "keep_secrets": cfg.keep_secrets,
-            "listen_tls": cfg.listen_tls,
-            "upstream_tls": cfg.upstream_tls,
-            "upstream_stls": cfg.upstream_stls,
-            "stls": cfg.stls.value,
-            "insecure": cfg.insecure,
-            **({"hide_plus": True} if cfg.hide_plus else {}),
-            **cfg.extra_header,
-        }
+        name, header = cfg.capture_header(self.number, self.peer, self.local, started)
         path = cfg.out_dir / name
         self.recorder = Recorder.create(path, header, keep_secrets=cfg.keep_secrets)
         self.path = path
