@@ -323,10 +323,7 @@ class FakeSession(ClientIO):
         step = self.steps[index]
         self.cursor = index + 1
         if verb in ("PASS", "RPOP", "APOP") and not self._credentials_ok(step, verb, args):
-            self.cursor = index  # the client may try again
-            self._say(f"{shown} → wrong password", "pop.err")
-            await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
-            return not self.config.strict
+            return await self._refuse_login(index, f"{shown} → wrong password")
         if verb == "AUTH":
             return await self._auth(step, index, args, shown, fault)
         self.report.played.add(index)
@@ -462,17 +459,28 @@ class FakeSession(ClientIO):
                 continue
             line = (await self._line()).rstrip(b"\r\n").decode("utf-8", "replace")
             if line.strip() == "*":
-                self.cursor = index
-                self._say(f"{shown} cancelled by the client", "pop.warning")
-                await self._send(b"-ERR popproxy serve: authentication cancelled\r\n")
-                return not self.config.strict
+                return await self._refuse_login(
+                    index, f"{shown} cancelled by the client", cancelled=True
+                )
             responses.append(line)
         password = self.config.password
         if password is not None and not _sasl_ok(mech, password, responses, challenges):
-            self.cursor = index
-            self._say(f"{shown} → wrong password", "pop.err")
+            return await self._refuse_login(index, f"{shown} → wrong password")
+        return await self._accept_login(step, index, args, shown, fault)
+
+    async def _refuse_login(self, index: int, said: str, *, cancelled: bool = False) -> bool:
+        """A login that failed or was cancelled: the client may try again (RFC 1939 §7)."""
+        self.cursor = index
+        self._say(said, "pop.warning" if cancelled else "pop.err")
+        if cancelled:
+            await self._send(b"-ERR popproxy serve: authentication cancelled\r\n")
+        else:
             await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
-            return not self.config.strict
+        return not self.config.strict
+
+    async def _accept_login(
+        self, step: Step, index: int, args: str | None, shown: str, fault: Injection | None
+    ) -> bool:
         self.report.played.add(index)
         self._say(f"{shown} → {_first_line(step.reply)}")
         await self._reply("AUTH", args, step.reply, fault)
@@ -496,22 +504,15 @@ class FakeSession(ClientIO):
                 await self._send(b"+ " + base64.b64encode(challenge) + b"\r\n")
                 line = (await self._line()).rstrip(b"\r\n").decode("ascii", "replace").strip()
                 if line == "*":
-                    self.cursor = index
-                    self._say(f"{shown} cancelled by the client", "pop.warning")
-                    await self._send(b"-ERR popproxy serve: authentication cancelled\r\n")
-                    return not self.config.strict
+                    return await self._refuse_login(
+                        index, f"{shown} cancelled by the client", cancelled=True
+                    )
                 challenge = dialog.send(line)
         except StopIteration as done:
             login = done.value
         if not login.ok:
-            self.cursor = index
-            self._say(f"{shown} → refused: {login.why}", "pop.err")
-            await self._send(b"-ERR [AUTH] popproxy serve: authentication failed.\r\n")
-            return not self.config.strict
-        self.report.played.add(index)
-        self._say(f"{shown} → {_first_line(step.reply)}")
-        await self._reply("AUTH", args, step.reply, fault)
-        return self._more(index)
+            return await self._refuse_login(index, f"{shown} → refused: {login.why}")
+        return await self._accept_login(step, index, args, shown, fault)
 
     # ------------------------------------------------------------------ faults (docs/faults.md)
 
