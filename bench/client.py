@@ -112,20 +112,25 @@ async def _session(host: str, port: int, gate: asyncio.Semaphore, timeout: float
         )
         try:
             async with asyncio.timeout(timeout):
-                for command in (None, b"USER bench\r\n", b"PASS bench\r\n", b"STAT\r\n"):
-                    if command:
-                        writer.write(command)
-                    line = await reader.readuntil(b"\r\n")
-                    if not line.startswith(b"+OK"):
-                        raise ProtocolError(f"unexpected reply {line[:80]!r}")
-                writer.write(b"RETR 1\r\n")
-                body = await reader.readuntil(TERMINATOR)
-                if not body.startswith(b"+OK"):
-                    raise ProtocolError(f"unexpected reply {body[:80]!r}")
-                writer.write(b"QUIT\r\n")
-                await reader.readuntil(b"\r\n")
+                await pop3_session(reader, writer)
         finally:
             writer.close()
+
+
+async def pop3_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The benchmark's session: greeting, USER, PASS, STAT, RETR 1, QUIT, each checked."""
+    for command in (None, b"USER bench\r\n", b"PASS bench\r\n", b"STAT\r\n"):
+        if command:
+            writer.write(command)
+        line = await reader.readuntil(b"\r\n")
+        if not line.startswith(b"+OK"):
+            raise ProtocolError(f"unexpected reply {line[:80]!r}")
+    writer.write(b"RETR 1\r\n")
+    body = await reader.readuntil(TERMINATOR)
+    if not body.startswith(b"+OK"):
+        raise ProtocolError(f"unexpected reply {body[:80]!r}")
+    writer.write(b"QUIT\r\n")
+    await reader.readuntil(b"\r\n")
 
 
 async def _sessions(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import client, procs
-from bench.client import TERMINATOR, ProtocolError
+from bench.client import ProtocolError, pop3_session
 from bench.pop3server import raise_nofile
 from bench.report import Table, fmt, median, percentile
 
@@ -89,18 +89,7 @@ async def _socks_session(port: int, upstream: int, gate: asyncio.Semaphore, time
                 reply = await reader.readexactly(10)
                 if reply[:2] != b"\x05\x00":
                     raise ProtocolError(f"SOCKS5 CONNECT failed: {reply!r}")
-                for command in (None, b"USER bench\r\n", b"PASS bench\r\n", b"STAT\r\n"):
-                    if command:
-                        writer.write(command)
-                    line = await reader.readuntil(b"\r\n")
-                    if not line.startswith(b"+OK"):
-                        raise ProtocolError(f"unexpected reply {line[:80]!r}")
-                writer.write(b"RETR 1\r\n")
-                body = await reader.readuntil(TERMINATOR)
-                if not body.startswith(b"+OK"):
-                    raise ProtocolError(f"unexpected reply {body[:80]!r}")
-                writer.write(b"QUIT\r\n")
-                await reader.readuntil(b"\r\n")
+                await pop3_session(reader, writer)
         finally:
             writer.close()
 
