@@ -209,3 +209,11 @@ def capture_paths(targets: list[str]) -> list[Path]:
         else:
             paths.append(path)
     return paths
+
+
+def some_capture_paths(targets: list[str]) -> list[Path]:
+    """``capture_paths``, and a ``CaptureError`` when the targets hold no capture at all."""
+    paths = capture_paths(targets)
+    if not paths:
+        raise CaptureError(f"no captures in {' '.join(targets)}")
+    return paths

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from popproxy.capture.format import CaptureError
-from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.capture.reader import CaptureReader, some_capture_paths
 from popproxy.errors import report
 from popproxy.inspect import metered_events
 from popproxy.inspect.lint_rules import RANK, SEVERITIES, Finding, Linter, Severity
@@ -49,9 +49,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = capture_paths(args.captures)
-    if not paths:
-        raise CaptureError(f"no captures in {' '.join(args.captures)}")
+    paths = some_capture_paths(args.captures)
     threshold = RANK[Severity(args.min_severity)]
     results: list[dict[str, Any]] = []
     failed = found = False

@@ -12,7 +12,7 @@ from rich.text import Text
 from popproxy.capture import format as fmt
 from popproxy.capture.events import replay_events
 from popproxy.capture.format import CaptureError
-from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.capture.reader import CaptureReader, some_capture_paths
 from popproxy.capture.via import describe_via
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
@@ -67,9 +67,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     args.filter = combined_filter(args)
-    paths = capture_paths(args.captures)
-    if not paths:
-        raise CaptureError(f"no captures in {' '.join(args.captures)}")
+    paths = some_capture_paths(args.captures)
     console = make_console()
     status = 0
     for path in paths:

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from popproxy.capture.format import CaptureError
-from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.capture.reader import CaptureReader, some_capture_paths
 from popproxy.errors import report
 from popproxy.inspect.select import (
     FILTER_HELP,
@@ -54,9 +54,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     args.filter = combined_filter(args)
-    paths = capture_paths(args.captures)
-    if not paths:
-        raise CaptureError(f"no captures in {' '.join(args.captures)}")
+    paths = some_capture_paths(args.captures)
     stats = StatsCollector()
     status, read = 0, []
     with ScanProgress("stats", paths) as progress:

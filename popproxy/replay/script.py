@@ -9,7 +9,7 @@ from typing import Any
 from popproxy.capture import format as fmt
 from popproxy.capture.events import replay_events
 from popproxy.capture.format import CaptureError
-from popproxy.capture.reader import CaptureReader, capture_paths
+from popproxy.capture.reader import CaptureReader, some_capture_paths
 from popproxy.core import (
     BodyChunk,
     BodyEnd,
@@ -191,9 +191,7 @@ def load_session(path: str | Path) -> RecordedSession:
 
 def load_sessions(targets: list[str]) -> list[RecordedSession]:
     """Every capture named by files and folders, in order; a folder without any is an error."""
-    paths = capture_paths(targets)
-    if not paths:
-        raise CaptureError(f"no captures in {' '.join(targets)}")
+    paths = some_capture_paths(targets)
     return [load_session(path) for path in paths]
 
 
