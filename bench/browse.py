@@ -46,12 +46,13 @@ def small_folder(folder: Path, count: int) -> None:
 def big_capture(path: Path, octets: int) -> None:
     """A capture with one RETR of ``octets`` body octets, written record by record."""
     from popproxy.capture import format as fmt
+    from popproxy.core import Direction
 
     def meta(fields: dict[str, object]) -> bytes:
         return fmt.encode_meta(fields)
 
     def data(d: str, t: float, payload: bytes) -> bytes:
-        return b"".join(fmt.encode_data(d, t, payload))
+        return b"".join(fmt.encode_data(Direction(d), t, payload))
 
     body_octets = (octets // len(CHUNK)) * len(CHUNK)
     with path.open("wb") as f:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from popproxy.capture import format as fmt  # noqa: E402
 from popproxy.capture.reader import CaptureReader  # noqa: E402
 from popproxy.cli.demo import DEMO_PASSWORD, DEMO_USER, demo_client  # noqa: E402
+from popproxy.core import Direction  # noqa: E402
 from tests.support.dovecot import STANDARD_MESSAGES, DovecotServer  # noqa: E402
 from tests.support.recorder import record  # noqa: E402
 
@@ -50,17 +51,14 @@ def scrub(src: Path, dst: Path) -> None:
         greeting_done = False
         for record_ in reader.records():
             fields = dict(record_.fields)
-            if record_.kind == fmt.DATA and record_.data is not None:
+            direction = record_.direction
+            if record_.kind == fmt.DATA and record_.data is not None and direction is not None:
                 data = record_.data
-                if fields["d"] == "s" and not greeting_done:
+                if direction is Direction.SERVER and not greeting_done:
                     # The APOP timestamp (RFC 1939 §7) names the host: keep its shape.
                     data = _APOP_HOST.sub(rb"\1" + HOST.encode() + b">", data)
                     greeting_done = True
-                pieces.extend(
-                    fmt.encode_data(
-                        fields["d"], float(fields.get("t", 0.0)), data, proxy=bool(fields.get("p"))
-                    )
-                )
+                pieces.extend(fmt.encode_data(direction, record_.t, data, proxy=record_.proxy))
                 continue
             if record_.kind == fmt.EVENT and "addr" in fields:
                 fields["addr"] = f"{HOST}:110"

@@ -35,12 +35,12 @@ def sample_writer(*, end: bool = True) -> CaptureWriter:
     w = CaptureWriter(HEADER)
     big = bytes(range(256)) * 40 + b'\n\n{"r":"end"}\n'  # binary, with LFs and a fake record
     w.data(S, 0.001, b"+OK ready\r\n")
-    w.meta({"r": fmt.EVENT, "t": 0.002, "kind": "upstream-connected", "addr": "x"})
+    w.event(0.002, "upstream-connected", addr="x")
     w.data(C, 0.003, b"STAT\r\n")
     w.data(S, 0.004, b"+OK 1 10240\r\n")
     w.data(S, 0.005, big)
     w.data(S, 0.007, b"-ERR [SYS/TEMP] popproxy made this\r\n", proxy=True)
-    w.meta({"r": fmt.EOF, "d": "s", "t": 0.008})
+    w.eof(S, 0.008)
     if end:
         w.meta({"r": fmt.END, "t": 0.009, "how": "quit", "error": None})
     w.advance(1 << 40, 1 << 40)
@@ -60,6 +60,9 @@ def test_round_trip(tmp_path: Path) -> None:
     data = [r for r in records if r.kind == fmt.DATA]
     assert data[0].data == b"+OK ready\r\n" and data[0].fields["d"] == "s"
     assert data[1].data == b"STAT\r\n" and data[1].fields["d"] == "c"
+    assert [r.direction for r in data] == [S, C, S, S, S]
+    assert [r.proxy for r in data] == [False, False, False, False, True]
+    assert records[6].kind == fmt.EOF and records[6].direction is S and not records[6].proxy
     assert data[3].data is not None and data[3].data.startswith(bytes(range(256)))
     assert data[4].fields.get("p") == 1 and "p" not in data[0].fields
     assert [r.t for r in data] == [0.001, 0.003, 0.004, 0.005, 0.007]

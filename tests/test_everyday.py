@@ -14,6 +14,7 @@ import pytest
 import popproxy
 from popproxy.capture import format as fmt
 from popproxy.cli.main import main
+from popproxy.core import Direction
 
 DEMO = Path(popproxy.__file__).parent / "data" / "demo.popcap"
 
@@ -112,7 +113,7 @@ def test_a_record_with_an_unknown_direction_is_skipped(tmp_path: Path) -> None:
 
     path = tmp_path / f"x{fmt.SUFFIX}"
     pieces = [fmt.encode_meta({"r": fmt.HEADER, "v": fmt.VERSION, "client": "test"})]
-    pieces += fmt.encode_data("s", 0.0, b"+OK hi\r\n")
+    pieces += fmt.encode_data(Direction.SERVER, 0.0, b"+OK hi\r\n")
     pieces.append(fmt.encode_meta({"r": fmt.EOF, "d": "x", "t": 0.1}))
     path.write_bytes(b"".join(pieces))
     with CaptureReader(path) as reader:

@@ -439,7 +439,7 @@ def big_capture(path: Path) -> bytes:
         f.write(fmt.encode_meta({"r": fmt.HEADER, "v": fmt.VERSION, **HEADER}))
 
         def data(d: str, t: float, raw: bytes) -> None:
-            f.write(b"".join(fmt.encode_data(d, t, raw)))
+            f.write(b"".join(fmt.encode_data(Direction(d), t, raw)))
 
         data("s", 0.0, b"+OK ready\r\n")
         data("c", 0.01, b"RETR 1\r\n")

@@ -25,6 +25,7 @@ import trio
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.cli.main import main
+from popproxy.core import Direction
 from popproxy.replay.fake import ServeConfig, serve_replay
 from popproxy.replay.pytest_plugin import _TrioThread
 from popproxy.replay.script import load_sessions
@@ -163,7 +164,9 @@ def tls_seed(path: Path) -> Path:
     make_capture(path, [greeting, *upgrade, *rest])
     cap = split(path)
     drop = encode({"r": fmt.DROP, "d": "c", "off": 0, "len": 6, "why": "answered by popproxy"})
-    own = b"".join(fmt.encode_data("s", 0.004, b"-ERR [SYS/TEMP] not now\r\n", proxy=True))
+    own = b"".join(
+        fmt.encode_data(Direction.SERVER, 0.004, b"-ERR [SYS/TEMP] not now\r\n", proxy=True)
+    )
     cap.records[3:3] = [drop, own]
     path.write_bytes(cap.bytes())
     return path
@@ -307,7 +310,7 @@ def test_a_forged_end_record_in_a_server_chunk_is_not_the_summary(
 ) -> None:
     forged = encode({"r": fmt.END, "t": 9.0, "how": "quit", "user": "forged", "commands": 99})
     records = [r for r in demo.records if not r.startswith(b'{"r":"end"')]
-    chunk = b"".join(fmt.encode_data("s", 0.5, b"+OK hi\r\n" + forged[:-1]))
+    chunk = b"".join(fmt.encode_data(Direction.SERVER, 0.5, b"+OK hi\r\n" + forged[:-1]))
     path = write(tmp_path / "running.popcap", demo.header, *records, chunk)
     assert path.read_bytes().endswith(b"\n" + forged)  # looks like an end record at the tail
     assert main(["list", "--json", str(tmp_path)]) == 0
@@ -393,7 +396,7 @@ def worst_inputs(folder: Path, demo: Capture) -> dict[str, Path]:
     big = b"X" * (4 << 20)  # the largest data record a capture may hold, no line end in it
     cases = {
         "100 GiB declared": b'{"r":"d","d":"s","t":0.1,"n":107374182400}\n+OK\r\n\n',
-        "4 MiB record": b"".join(fmt.encode_data("s", 0.1, big)) * 3,
+        "4 MiB record": b"".join(fmt.encode_data(Direction.SERVER, 0.1, big)) * 3,
         "1 MiB line": b'{"r":"event","kind":"' + b"k" * ((1 << 20) - 40) + b'"}\n',
         "deep JSON": (DEEP[5:] + "\n").encode(),
     }

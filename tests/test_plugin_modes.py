@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popproxy.capture.reader import CaptureReader
+from popproxy.core import Direction
 from popproxy.replay import scrub
 from popproxy.replay.scrub import Scrub, find_spans, scrub_capture
 from tests.support.dovecot import STANDARD_MESSAGES, USERS, DovecotServer, free_port
@@ -298,7 +299,7 @@ def test_scrub_spans_do_not_depend_on_record_boundaries(
     path = write_capture(folder / "s.popcap", [("s", r) for r in records if r])
     rule = Scrub(rb"corp\.example|c{1,3}", b"ZZ")
     with mock.patch.object(scrub, "WINDOW", 16):  # matches are shorter; streams longer
-        spans = find_spans(path, [rule], "s")
+        spans = find_spans(path, [rule], Direction.SERVER)
     expected = [(m.start(), m.end() - m.start()) for m in rule.regex().finditer(stream)]
     assert [(s.offset, s.length) for s in spans] == expected
     scrub_capture(path, [rule])

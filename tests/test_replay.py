@@ -13,6 +13,7 @@ import pytest
 
 from popproxy.capture import format as fmt
 from popproxy.cli.main import main
+from popproxy.core import Direction
 from popproxy.replay.auth import apop_digest, cram_md5_response, read_password
 from popproxy.replay.script import load_session
 from tests.support import clients
@@ -36,7 +37,7 @@ def write_capture(path: Path, chunks: list[tuple[str, bytes]]) -> Path:
     """A hand-made capture: (direction, bytes) data records after a minimal header."""
     pieces = [fmt.encode_meta({"r": fmt.HEADER, "v": fmt.VERSION, "client": "test"})]
     for i, (direction, data) in enumerate(chunks):
-        pieces.extend(fmt.encode_data(direction, i * 0.01, data))
+        pieces.extend(fmt.encode_data(Direction(direction), i * 0.01, data))
     path.write_bytes(b"".join(pieces))
     return path
 

@@ -9,6 +9,7 @@ import pytest
 
 from popproxy.capture import format as fmt
 from popproxy.cli.main import main
+from popproxy.core import Direction
 from tests.support.dovecot import USERS, DovecotServer
 
 pytestmark = pytest.mark.dovecot
@@ -24,7 +25,7 @@ def stls_capture(path: Path) -> Path:
     def data(direction: str, payload: bytes) -> None:
         nonlocal t
         t += 0.01
-        pieces.extend(fmt.encode_data(direction, t, payload))
+        pieces.extend(fmt.encode_data(Direction(direction), t, payload))
         offsets[direction] += len(payload)
 
     data("s", b"+OK Dovecot (Debian) ready.\r\n")

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from popproxy.capture import format as fmt
+from popproxy.capture.format import SessionEnd
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.netutil import describe_error
 
@@ -139,15 +140,20 @@ class Recorder:
                     self._in_flight = 0
             self._wake_pumps()
 
-    def finish(self, end: dict[str, Any]) -> str | None:
+    def failure(self) -> str | None:
+        """The write failure and what it cost, in words (None: every record was written)."""
+        if self.error is None:
+            return None
+        return (
+            f"{self.error}; up to {self.lost:,} octets were relayed unrecorded "
+            f"(the bound is {UNRECORDED_BUDGET:,})"
+        )
+
+    def finish(self, end: SessionEnd) -> str | None:
         """Write everything left and the end record, close the file; the error, if any."""
         writer = self.writer
-        writer.flush_all()
-        end = {"r": fmt.END, **end}
-        if self.error is not None:
-            end["unrecorded"] = self.lost  # only read if this record reaches the disk
-        writer.meta(end)
-        writer.flush_all()
+        # "unrecorded" is only read if this record reaches the disk after all.
+        writer.end(end, unrecorded=None if self.error is None else self.lost)
         pieces = writer.take()
         fd, self._fd = self._fd, None
         if fd is None:

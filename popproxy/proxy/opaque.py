@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import trio
 
 from popproxy.capture import format as fmt
+from popproxy.capture.format import SessionEnd
 from popproxy.capture.writer import CaptureWriter, create_capture_file
 from popproxy.core import Direction, Secret, SecretKind
 from popproxy.core.transcript import SessionSummary
@@ -80,10 +81,10 @@ class OpaqueRelay:
             return
         self._writer = writer = CaptureWriter(header, keep_secrets=cfg.keep_secrets)
         addr = stream_address(self.upstream, peer=True)
-        writer.meta({"r": fmt.EVENT, "t": 0.0, "kind": "upstream-connected", "addr": addr})
-        writer.meta({"r": fmt.EVENT, "t": 0.0, "kind": "opaque", "detail": self.reason})
+        writer.event(0.0, "upstream-connected", addr=addr)
+        writer.event(0.0, "opaque", detail=self.reason)
         for direction in (C, S):
-            writer.meta({"r": fmt.OPAQUE, "d": direction.value, "off": 0, "why": self.reason})
+            writer.opaque(direction, self.reason)
         if self.view:
             self.view.started(self.number, self.peer, self.label, path)
         try:
@@ -116,7 +117,7 @@ class OpaqueRelay:
             if not data:
                 self._eof[direction] = True
                 self._first_eof = self._first_eof or who
-                self._writer.meta({"r": fmt.EOF, "d": direction.value, "t": round(self.now(), 6)})
+                self._writer.eof(direction, self.now())
                 await self._write()
                 if isinstance(dst, trio.abc.HalfCloseableStream):
                     with contextlib.suppress(*STREAM_ERRORS):
@@ -168,29 +169,11 @@ class OpaqueRelay:
         t = self.now()
         for direction in (S, C):
             if not self._eof[direction]:
-                writer.meta({"r": fmt.EOF, "d": direction.value, "t": round(t, 6)})
+                writer.eof(direction, t)
         first = self._first_eof
         how = self.how or (f"{first}-closed" if first else "closed")
-        writer.meta(
-            {
-                "r": fmt.END,
-                "t": round(t, 6),
-                "how": how,
-                "error": self.error,
-                "octets": {"c": self.octets[C], "s": self.octets[S]},
-                "commands": 0,
-                "user": None,
-                "mechanism": None,
-                "anomalies": 2,  # the observer's "opaque" anomaly, one per direction
-                "anomaly_kinds": {"opaque": 2},
-                "errors": 0,
-                "verbs": {},
-                "tls": [],
-                "redactions": writer.stats.redactions,
-                "observer_error": None,
-            }
-        )
-        writer.flush_all()
+        # The observer's "opaque" anomaly, one per direction.
+        writer.end(SessionEnd(t, how, self.error, anomaly_kinds={"opaque": 2}))
         try:
             fmt.write_all(self._fd, writer.take())
         except OSError as exc:

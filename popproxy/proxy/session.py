@@ -11,16 +11,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from popproxy.capture.recorder import (
-    MIN_ROOM,
-    UNRECORDED_BUDGET,
-    CaptureUnavailable,
-    Recorder,
-)
+from popproxy.capture.format import SessionEnd
+from popproxy.capture.recorder import MIN_ROOM, CaptureUnavailable, Recorder
 from popproxy.core import Direction, Event
 from popproxy.hints import Leg as HintLeg
 from popproxy.netutil import STREAM_ERRORS, describe_error, stream_address
@@ -200,30 +195,9 @@ class Session:
         how = self.how or ("quit" if session.quit else f"{first}-closed" if first else "closed")
         if how in ("client-closed", "server-closed") and session.quit:
             how = "quit"
-        if recorder.error is not None:
-            self.error = f"{recorder.error}; {_unrecorded(recorder.lost)}"
-        stats = tap.writer.stats
-        end: dict[str, Any] = {
-            "t": round(t, 6),
-            "how": how,
-            "error": self.error,
-            "octets": {"c": tap.offsets[C], "s": tap.offsets[S]},
-            "commands": session.commands,
-            "user": session.user,
-            "mechanism": session.mechanism,
-            "anomalies": len(session.anomalies),
-            "anomaly_kinds": _kinds(session.anomalies),
-            "errors": session.errors,
-            "verbs": session.verbs,
-            "tls": tap.tls_legs,
-            "redactions": stats.redactions,
-            "observer_error": tap.broken,
-        }
-        if stats.late_redactions:
-            end["late_redactions"] = stats.late_redactions
-        failure = recorder.finish(end)
-        if failure is not None and self.error is None:
-            self.error = f"{failure}; {_unrecorded(recorder.lost)}"
+        self.error = recorder.failure() or self.error
+        recorder.finish(SessionEnd.of(t, how, self.error, session, observer_error=tap.broken))
+        self.error = self.error or recorder.failure()
         if self.view:
             self.view.ended(self.number, how, self.error, t, session)
 
@@ -600,17 +574,6 @@ def _first_cause(exc: BaseException) -> BaseException:
     if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         return cause.exceptions[0]
     return exc
-
-
-def _unrecorded(lost: int) -> str:
-    return f"up to {lost:,} octets were relayed unrecorded (the bound is {UNRECORDED_BUDGET:,})"
-
-
-def _kinds(anomalies: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for anomaly in anomalies:
-        counts[anomaly["kind"]] = counts.get(anomaly["kind"], 0) + 1
-    return counts
 
 
 def _abort_on_close(stream: trio.abc.Stream) -> None:

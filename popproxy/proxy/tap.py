@@ -6,7 +6,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from popproxy.capture import format as fmt
 from popproxy.capture.writer import CaptureWriter
 from popproxy.core import (
     Direction,
@@ -52,7 +51,6 @@ class Tap:
         )
         self.offsets = {Direction.CLIENT: 0, Direction.SERVER: 0}
         self.broken: str | None = None
-        self.tls_legs: list[str] = []  # legs that went TLS, for the end record
 
     def data(
         self,
@@ -73,11 +71,10 @@ class Tap:
             if proxy:
                 mark = [PopproxySent(direction, start, len(data), why or "sent by popproxy")]
         else:
-            fields: dict[str, Any] = {"r": fmt.EOF, "d": direction.value, "t": round(t, 6)}
             if proxy:  # popproxy ended this direction itself (shutdown, error)
-                fields.update(by="popproxy", why=why or "popproxy closed")
-                mark = [PopproxyClosed(direction, fields["why"])]
-            self.writer.meta(fields)
+                why = why or "popproxy closed"
+                mark = [PopproxyClosed(direction, why)]
+            self.writer.eof(direction, t, proxy=proxy, why=why)
         events = self._guard(
             lambda: self.observer.receive_data(direction, data), direction, len(data)
         )
@@ -89,18 +86,7 @@ class Tap:
     def start_tls(
         self, direction: Direction, t: float, info: dict[str, Any], *, decrypted: bool = True
     ) -> list[Event]:
-        leg = str(info.get("leg", ""))
-        if leg and leg not in self.tls_legs:
-            self.tls_legs.append(leg)
-        fields = {
-            "r": fmt.TLS,
-            "d": direction.value,
-            "t": round(t, 6),
-            "off": self.offsets[direction],
-            "decrypted": decrypted,
-            **info,
-        }
-        self.writer.meta(fields)
+        fields = self.writer.tls(direction, t, info, decrypted=decrypted)
         events = self._guard(
             lambda: self.observer.start_tls(direction, decrypted=decrypted), direction, 0
         )
@@ -114,13 +100,10 @@ class Tap:
 
     def drop(self, direction: Direction, offset: int, length: int, why: str) -> None:
         """Bytes of ``direction``'s stream that popproxy received but did not forward."""
-        if length > 0:
-            self.writer.meta(
-                {"r": fmt.DROP, "d": direction.value, "off": offset, "len": length, "why": why}
-            )
+        self.writer.drop(direction, offset, length, why)
 
-    def event(self, t: float, kind: str, **fields: Any) -> None:
-        self.writer.meta({"r": fmt.EVENT, "t": round(t, 6), "kind": kind, **fields})
+    def event(self, t: float, kind: str, **fields: str | int | None) -> None:
+        self.writer.event(t, kind, **fields)
 
     def _guard(
         self, call: Callable[[], list[Event]], direction: Direction, length: int
@@ -130,7 +113,7 @@ class Tap:
                 return call()
             except Exception as exc:  # a parser bug must never reach the relay
                 self.broken = "".join(traceback.format_exception_only(exc)).strip()
-                self.writer.meta({"r": fmt.EVENT, "kind": "observer-error", "detail": self.broken})
+                self.writer.event(None, "observer-error", detail=self.broken)
                 # Every client byte not yet on disk may hold a credential the observer was
                 # still deciding about (held SASL lines): redact all of it.
                 length = self.offsets[Direction.CLIENT] - self.writer.written(Direction.CLIENT)

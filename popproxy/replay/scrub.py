@@ -19,6 +19,7 @@ from typing import Any
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
 from popproxy.capture.writer import create_capture_file
+from popproxy.core import Direction
 
 WINDOW = 4096  # a match must be shorter than this (it may straddle data records)
 _KEEP_FIELDS = frozenset({"r", "kind", "how", "d", "v", "start", "mode", "leg", "mech"})
@@ -54,16 +55,16 @@ class Scrub:
 
 @dataclass(frozen=True)
 class Span:
-    direction: str
+    direction: Direction
     offset: int
     length: int
     rule: int
 
 
-def _stream_chunks(path: Path, direction: str) -> Iterator[bytes]:
+def _stream_chunks(path: Path, direction: Direction) -> Iterator[bytes]:
     with CaptureReader(path) as reader:
         for record in reader.records():
-            if record.kind == fmt.DATA and record.fields.get("d") == direction and record.data:
+            if record.kind == fmt.DATA and record.direction is direction and record.data:
                 yield record.data
 
 
@@ -81,13 +82,13 @@ def _leftmost(
     return best
 
 
-def find_spans(path: Path, rules: Sequence[Scrub], direction: str) -> list[Span]:
+def find_spans(path: Path, rules: Sequence[Scrub], direction: Direction) -> list[Span]:
     """Pass 1: every match in one direction's stream, leftmost first, never overlapping.
 
     ``buf`` holds stream offsets from ``base`` on; a match starting more than WINDOW
     before the end of what was read cannot change with more data, so it is settled.
     """
-    active = [(i, r.regex()) for i, r in enumerate(rules) if direction in r.directions]
+    active = [(i, r.regex()) for i, r in enumerate(rules) if direction.value in r.directions]
     if not active:
         return []
     spans: list[Span] = []
@@ -115,37 +116,40 @@ def find_spans(path: Path, rules: Sequence[Scrub], direction: str) -> list[Span]
 def _scrub_fields(fields: dict[str, Any], rules: Sequence[Scrub]) -> dict[str, Any]:
     out = dict(fields)
     for key, value in fields.items():
-        if key in _KEEP_FIELDS or not isinstance(value, str):
-            continue
-        data = value.encode("utf-8", "surrogateescape")
-        for rule in rules:
-            data = rule.regex().sub(rule.fitted_match, data)
-        out[key] = data.decode("utf-8", "replace")
+        if key not in _KEEP_FIELDS and isinstance(value, str):
+            out[key] = _scrub_text(value, rules)
     return out
+
+
+def _scrub_text(value: str, rules: Sequence[Scrub]) -> str:
+    data = value.encode("utf-8", "surrogateescape")
+    for rule in rules:
+        data = rule.regex().sub(rule.fitted_match, data)
+    return data.decode("utf-8", "replace")
 
 
 def scrub_capture(path: Path, rules: Sequence[Scrub]) -> int:
     """Rewrite ``path`` with ``rules`` applied (pass 2); returns the number of spans."""
-    spans = {d: find_spans(path, rules, d) for d in ("c", "s")}
+    spans = {d: find_spans(path, rules, d) for d in Direction}
     if not rules:
         return 0
     staged = path.with_name(f".{path.name}.scrub")
     staged.unlink(missing_ok=True)
     fd = create_capture_file(staged)
-    offsets = {"c": 0, "s": 0}
+    offsets = dict.fromkeys(Direction, 0)
     pending = {d: list(spans[d]) for d in spans}
     try:
         with CaptureReader(path) as reader:
             fmt.write_all(fd, [fmt.encode_meta(_scrub_fields(reader.header, rules))])
             for record in reader.records():
-                if record.kind != fmt.DATA or record.data is None:
+                d = record.direction
+                if record.kind != fmt.DATA or record.data is None or d is None:
                     fmt.write_all(fd, [fmt.encode_meta(_scrub_fields(record.fields, rules))])
                     continue
-                d = str(record.fields.get("d"))
-                start, data = offsets.get(d, 0), bytearray(record.data)
+                start, data = offsets[d], bytearray(record.data)
                 end = start + len(data)
                 pieces: list[bytes] = []
-                todo = pending.get(d, [])
+                todo = pending[d]
                 while todo and todo[0].offset < end:
                     span = todo[0]
                     if span.offset >= start:
@@ -157,9 +161,9 @@ def scrub_capture(path: Path, rules: Sequence[Scrub]) -> int:
                         break  # continues in the next data record of this direction
                     todo.pop(0)
                 offsets[d] = end
-                fields = record.fields
+                why = None if record.why is None else _scrub_text(record.why, rules)
                 pieces.extend(
-                    fmt.encode_data(d, record.t, bytes(data), proxy=bool(fields.get("p")))
+                    fmt.encode_data(d, record.t, bytes(data), proxy=record.proxy, why=why)
                 )
                 fmt.write_all(fd, pieces)
     except BaseException:
@@ -172,14 +176,7 @@ def scrub_capture(path: Path, rules: Sequence[Scrub]) -> int:
 
 
 def _declare(span: Span, rules: Sequence[Scrub]) -> bytes:
-    return fmt.encode_meta(
-        {
-            "r": fmt.REDACT,
-            "d": span.direction,
-            "off": span.offset,
-            "len": span.length,
-            "kind": "SCRUB",
-            "masked": True,
-            "rule": rules[span.rule].name,
-        }
+    name = rules[span.rule].name
+    return fmt.encode_redact(
+        span.direction, span.offset, span.length, "SCRUB", masked=True, rule=name
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
+from popproxy.core import Direction
 
 RAW = "\x00raw\x00"  # stands for a JSON token json.dumps cannot produce
 
@@ -248,7 +249,7 @@ class Mutator:
         """A server chunk ending in an end record, and the real end record gone."""
         forged = encode({"r": fmt.END, "t": 9.0, "how": "quit", "user": "forged", "commands": 99})
         payload = b"+OK ready\r\n" + forged[:-1]
-        record = b"".join(fmt.encode_data("s", 0.5, payload))
+        record = b"".join(fmt.encode_data(Direction.SERVER, 0.5, payload))
         cap.records = [r for r in cap.records if not r.startswith(b'{"r":"end"')]
         cap.records.append(record)
         return "forge-end: a server chunk ends in an end record"
