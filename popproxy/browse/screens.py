@@ -29,6 +29,7 @@ from popproxy.browse.session import (
     load_transcript,
     raw_records,
 )
+from popproxy.core import Direction
 from popproxy.views.safe import escape as clean
 
 #: (keys, what they do, where): the help screen and the README list these.
@@ -370,7 +371,7 @@ class RawScreen(Screen[None]):
         listing.clear_options()
         options = []
         for i, r in enumerate(self.records):
-            who = "C" if r.direction == "c" else "S"
+            who = "C" if r.direction is Direction.CLIENT else "S"
             text = Text(f"{r.t:9.3f}s ", style="dim cyan")
             text.append(
                 f"{who} {r.octets:>6} ", style="bold cyan" if who == "C" else "bold magenta"

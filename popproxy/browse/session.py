@@ -14,8 +14,9 @@ from rich.text import Text
 
 from popproxy.capture import format as fmt
 from popproxy.capture.events import replay_events
+from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
-from popproxy.core import BodyChunk, BodyEnd
+from popproxy.core import BodyChunk, BodyEnd, Direction
 from popproxy.core.transcript import MESSAGE_VERBS, Item, SessionSummary, TranscriptBuilder
 from popproxy.escapes import escape_bytes
 from popproxy.views import render
@@ -53,7 +54,7 @@ def load_transcript(path: Path) -> Transcript:
         lines: list[Line] = []
         for record, t, events in replay_events(reader):
             if record is not None:
-                note = record_line(record.kind, record.fields, t)
+                note = record_line(record, t)
                 if note is not None:
                     lines.append(Line(sanitise(note, ONE_LINE), record.kind))
             for item in builder.feed(t, events):
@@ -87,8 +88,9 @@ def item_line(item: Item) -> Line | None:
     return None
 
 
-def record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
+def record_line(record: Record, t: float) -> Text | None:
     """What a non-data record says (TLS, events, drops, popproxy's own bytes, the end)."""
+    kind, fields = record.kind, record.fields
     if kind == fmt.TLS:
         return render.tls_line(fields, t)
     if kind == fmt.EVENT:
@@ -96,10 +98,9 @@ def record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
         detail = fields.get("detail") or fields.get("addr") or ""
         return render.note_line(f"● {fields.get('kind')} {detail}".rstrip(), t, style)
     if kind == fmt.DROP:
-        who = "client" if fields.get("d") == "c" else "server"
+        who = "client" if record.direction is Direction.CLIENT else "server"
         return render.note_line(
-            f"✂ popproxy did not forward {fields.get('len')} octets from the {who}: "
-            f"{fields.get('why')}",
+            f"✂ popproxy did not forward {record.length} octets from the {who}: {record.why}",
             None,
             "pop.warning",
         )
@@ -315,7 +316,7 @@ def mime_tree(f: IO[bytes]) -> list[Part]:
 
 @dataclass
 class RawRecord:
-    direction: str  # "c" or "s"
+    direction: Direction
     t: float
     octets: int
     preview: bytes
@@ -327,17 +328,18 @@ def raw_records(path: Path, limit: int = MAX_RAW_RECORDS) -> tuple[list[RawRecor
     out: list[RawRecord] = []
     with CaptureReader(path) as reader:
         for record in reader.records():
-            if record.kind != fmt.DATA or record.data is None:
+            direction = record.direction
+            if record.kind != fmt.DATA or record.data is None or direction is None:
                 continue
             if len(out) >= limit:
                 return out, True
             out.append(
                 RawRecord(
-                    str(record.fields.get("d")),
+                    direction,
                     record.t,
                     len(record.data),
                     record.data[:RAW_PREVIEW],
-                    bool(record.fields.get("p")),
+                    record.proxy,
                 )
             )
     return out, False

@@ -9,6 +9,8 @@ from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
 from popproxy.core import AuthIdentity, Direction, Event, Observer, PopproxyClosed, PopproxySent
 
+_STREAM_KINDS = frozenset({fmt.DATA, fmt.TLS, fmt.EOF, fmt.OPAQUE})
+
 
 def replay_events(
     reader: CaptureReader, *, follow: bool = False, close: bool = True
@@ -27,26 +29,25 @@ def replay_events(
         kind, f = record.kind, record.fields
         t = float(f.get("t", t))
         events: list[Event] = []
-        # A record whose fields are damaged is skipped (the rest still reads); the observer
-        # is called outside that check, so a bug in it surfaces instead of passing for one.
-        direction = _direction(f) if kind in (fmt.DATA, fmt.TLS, fmt.EOF, fmt.OPAQUE) else None
+        # The reader has checked each known kind's fields; "d" of other kinds is not used.
+        direction = record.direction if kind in _STREAM_KINDS else None
         if direction is not None:
             if kind == fmt.DATA and record.data is not None:
                 start = offsets[direction]
                 offsets[direction] += len(record.data)
-                if f.get("p"):
+                if record.proxy:
                     # Three actors: these bytes are popproxy's, whatever they look like.
-                    why = str(f.get("why") or "sent by popproxy")
+                    why = record.why or "sent by popproxy"
                     events = [PopproxySent(direction, start, len(record.data), why)]
                 events += obs.receive_data(direction, record.data)
             elif kind == fmt.TLS:
-                events = obs.start_tls(direction, decrypted=bool(f.get("decrypted", True)))
+                events = obs.start_tls(direction, decrypted=record.decrypted)
             elif kind == fmt.OPAQUE:
-                events = obs.go_opaque(direction, str(f.get("why", "not POP3")))
+                events = obs.go_opaque(direction, record.why or "not POP3")
             elif kind == fmt.EOF:
                 closed.add(direction)
-                if f.get("by") == "popproxy":
-                    events = [PopproxyClosed(direction, str(f.get("why") or "popproxy closed"))]
+                if record.proxy:
+                    events = [PopproxyClosed(direction, record.why or "popproxy closed")]
                 events += obs.receive_data(direction, b"")
         elif kind == fmt.IDENTITY:
             events = _identity(f)
@@ -55,13 +56,6 @@ def replay_events(
         for direction in (Direction.SERVER, Direction.CLIENT):
             if direction not in closed:
                 yield None, t, obs.receive_data(direction, b"")
-
-
-def _direction(fields: dict[str, object]) -> Direction | None:
-    try:
-        return Direction(fields.get("d"))
-    except ValueError:
-        return None
 
 
 def _identity(fields: dict[str, object]) -> list[Event]:

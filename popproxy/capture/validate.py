@@ -153,7 +153,7 @@ def _finite(v: Any) -> bool:
 # them); kinds not listed are skipped by readers, so only their "t" is checked.
 _D = (_direction, True)
 SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
-    fmt.DATA: {"d": _D, "n": (_count, True), "p": (_flag, False)},
+    fmt.DATA: {"d": _D, "n": (_count, True), "p": (_flag, False), "why": (_opt_str, False)},
     fmt.REDACT: {
         "d": _D,
         "off": (_count, True),
@@ -169,7 +169,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
         **{k: (_opt_str, False) for k in ("peer_subject", "peer_sha256")},
     },
     fmt.DROP: {"d": _D, "off": (_count, True), "len": (_count, True), "why": (_opt_str, False)},
-    fmt.EOF: {"d": _D},
+    fmt.EOF: {"d": _D, "by": (_opt_str, False), "why": (_opt_str, False)},
+    fmt.OPAQUE: {"d": _D, "off": (_count, False), "why": (_opt_str, False)},
     fmt.IDENTITY: {
         "seq": (_count, False),
         "mech": (_opt_str, False),

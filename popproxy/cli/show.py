@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
 from popproxy.capture import format as fmt
 from popproxy.capture.events import replay_events
-from popproxy.capture.format import CaptureError
+from popproxy.capture.format import CaptureError, Record
 from popproxy.capture.reader import CaptureReader, some_capture_paths
 from popproxy.capture.via import describe_via
+from popproxy.core import Direction
 from popproxy.core.transcript import Exchange, Item, TranscriptBuilder
 from popproxy.errors import report
 from popproxy.escapes import escape_bytes
@@ -121,7 +121,7 @@ def show_text(console: Console, reader: CaptureReader, args: argparse.Namespace)
     out = _Lines(console, args.grep)
     for record, t, events in replay_events(reader, follow=args.follow):
         if record is not None:
-            line = _record_line(record.kind, record.fields, t)
+            line = _record_line(record, t)
             if line is not None and not verb and not args.errors:
                 out.emit(line, None)
         for item in builder.feed(t, events):
@@ -226,7 +226,8 @@ def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
     return None
 
 
-def _record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
+def _record_line(record: Record, t: float) -> Text | None:
+    kind, fields = record.kind, record.fields
     if kind == fmt.TLS:
         return render.tls_line(fields, t)
     if kind == fmt.EVENT:
@@ -236,16 +237,15 @@ def _record_line(kind: str, fields: dict[str, Any], t: float) -> Text | None:
         detail = fields.get("detail") or fields.get("addr") or ""
         return render.note_line(f"● {fields.get('kind')} {detail}".rstrip(), t, style)
     if kind == fmt.DROP:
-        who = "client" if fields.get("d") == "c" else "server"
+        who = "client" if record.direction is Direction.CLIENT else "server"
         return render.note_line(
-            f"✂ popproxy did not forward {fields.get('len')} octets from "
-            f"the {who}: {fields.get('why')}",
+            f"✂ popproxy did not forward {record.length} octets from the {who}: {record.why}",
             None,
             "pop.warning",
         )
-    if kind == fmt.DATA and fields.get("p"):
+    if kind == fmt.DATA and record.proxy:
         return render.note_line(
-            f"✎ the next {fields.get('n')} octets were sent by popproxy", t, "pop.warning"
+            f"✎ the next {record.length} octets were sent by popproxy", t, "pop.warning"
         )
     if kind == fmt.END:
         how = fields.get("how")
@@ -264,7 +264,7 @@ def show_raw(console: Console, reader: CaptureReader, *, follow: bool) -> None:
     for record in reader.records(follow=follow):
         if record.kind != fmt.DATA or record.data is None:
             continue
-        who = "C" if record.fields.get("d") == "c" else "S"
+        who = "C" if record.direction is Direction.CLIENT else "S"
         style = "pop.client" if who == "C" else "pop.server"
         text = render.prefix(record.t)
         text.append(f"{who} {len(record.data):>6} ", style=style)

@@ -252,7 +252,10 @@ class Linter:
                 self._exchange(item.exchange)
 
     def _record(self, record: Record) -> None:
-        d = str(record.fields.get("d", ""))
+        direction = record.direction
+        if direction is None:
+            return
+        d = direction.value
         if record.kind == fmt.DATA and record.data is not None and d in self._lf:
             if d in self._opaque:
                 return
@@ -261,7 +264,7 @@ class Linter:
             self._lf[d] += data.count(b"\n")
             self._crlf[d] += data.count(b"\r\n") + (self._cr_end[d] and data[:1] == b"\n")
             self._cr_end[d] = data[-1:] == b"\r"
-        elif record.kind == fmt.TLS and record.fields.get("decrypted") is False:
+        elif record.kind == fmt.TLS and not record.decrypted:
             self._opaque.add(d)  # passthrough TLS: ciphertext has no lines
 
     def _event(self, event: Event) -> None:

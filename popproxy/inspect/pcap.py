@@ -219,14 +219,11 @@ def export_pcap(
         switched = False
         ts = base
         for record in metered_records(reader, progress):
-            fields = record.fields
-            t = fields.get("t")
-            if isinstance(t, int | float) and not isinstance(t, bool):
-                ts = max(ts, base + float(t))  # pcap readers expect time to run forwards
-            d = fields.get("d")
-            if d not in ("c", "s"):
+            if "t" in record.fields:
+                ts = max(ts, base + record.t)  # pcap readers expect time to run forwards
+            direction = record.direction
+            if direction is None:
                 continue
-            direction = Direction(d)
             if record.kind == fmt.DATA and record.data:
                 conn.data(ts, direction, record.data)
             elif record.kind == fmt.EOF:
@@ -235,8 +232,8 @@ def export_pcap(
                 record.kind == fmt.TLS
                 and direction is C
                 and not switched
-                and fields.get("mode") == "stls"
-                and fields.get("decrypted", True)
+                and record.fields.get("mode") == "stls"
+                and record.decrypted
             ):
                 # RFC 2595 §4: after STLS's +OK the connection carries TLS; give the
                 # decrypted plaintext a connection of its own so it dissects as POP.

@@ -11,6 +11,7 @@ from popproxy import fsutil
 from popproxy.capture import format as fmt
 from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
+from popproxy.core import Direction
 from popproxy.inspect import Progress, metered_records
 
 
@@ -23,7 +24,7 @@ class Streams:
     redacted: int
 
 
-STREAM_NAMES = {"c": "client.bin", "s": "server.bin"}
+STREAM_NAMES = {Direction.CLIENT: "client.bin", Direction.SERVER: "server.bin"}
 
 
 def export_streams(
@@ -46,8 +47,8 @@ def export_streams(
         for name in STREAM_NAMES.values():
             if not replace and folder.taken(name):
                 raise fsutil.Exists(out / name)
-        temps: dict[str, str] = {}
-        files: dict[str, IO[bytes]] = {}
+        temps: dict[Direction, str] = {}
+        files: dict[Direction, IO[bytes]] = {}
         try:
             for d, name in STREAM_NAMES.items():
                 fd, temps[d] = folder.temp(name)
@@ -62,18 +63,18 @@ def export_streams(
                 f.close()
             for temp in temps.values():
                 folder.discard(temp)
-    return Streams(sizes["c"], sizes["s"], redacted)
+    return Streams(sizes[Direction.CLIENT], sizes[Direction.SERVER], redacted)
 
 
 def _write_streams(
-    reader: CaptureReader, files: dict[str, IO[bytes]], progress: Progress | None
-) -> tuple[dict[str, int], int]:
-    sizes = {"c": 0, "s": 0}
+    reader: CaptureReader, files: dict[Direction, IO[bytes]], progress: Progress | None
+) -> tuple[dict[Direction, int], int]:
+    sizes = {Direction.CLIENT: 0, Direction.SERVER: 0}
     redacted = 0
     for record in metered_records(reader, progress):
-        if record.kind == fmt.DATA and record.data is not None and not record.fields.get("p"):
-            d = record.fields.get("d")
-            if d in files:
+        if record.kind == fmt.DATA and record.data is not None and not record.proxy:
+            d = record.direction
+            if d is not None:
                 files[d].write(record.data)
                 sizes[d] += len(record.data)
         elif record.kind == fmt.REDACT and record.fields.get("masked", True):

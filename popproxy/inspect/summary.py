@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from popproxy.capture import format as fmt
 from popproxy.capture.reader import CaptureReader
 from popproxy.capture.via import via_of
+from popproxy.core import Direction
 from popproxy.core.transcript import TranscriptBuilder
 from popproxy.inspect import metered_events
 
@@ -42,22 +42,20 @@ def row_from_end(reader: CaptureReader, end: dict[str, Any]) -> dict[str, Any]:
 def row_from_scan(reader: CaptureReader, progress: Any = None) -> dict[str, Any]:
     """A row for a capture without an end record: read it all through the observer."""
     builder = TranscriptBuilder(hash_bodies=False, keep_listings=False)
-    octets = {"c": 0, "s": 0}
+    octets = {Direction.CLIENT: 0, Direction.SERVER: 0}
     last = 0.0
     for record, t, events in metered_events(reader, progress):
         last = max(last, t)
-        if record is not None and record.kind == fmt.DATA and record.data is not None:
-            d = str(record.fields.get("d"))
-            if d in octets:
-                octets[d] += len(record.data)
+        if record is not None and record.data is not None and record.direction is not None:
+            octets[record.direction] += len(record.data)  # data records only carry bytes
         builder.feed(t, events)
     session = builder.session
     return {
         **_base(reader),
         "user": session.user,
         "commands": session.commands,
-        "client_octets": octets["c"],
-        "server_octets": octets["s"],
+        "client_octets": octets[Direction.CLIENT],
+        "server_octets": octets[Direction.SERVER],
         "duration": last,
         "how": "unfinished",
         "error": None,

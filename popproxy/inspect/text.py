@@ -12,7 +12,7 @@ from popproxy import fsutil
 from popproxy.capture import format as fmt
 from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
-from popproxy.core import BodyChunk, Reply
+from popproxy.core import BodyChunk, Direction, Reply
 from popproxy.core.transcript import (
     MESSAGE_VERBS,
     Exchange,
@@ -56,17 +56,14 @@ def record_note(record: Record) -> Note | None:
             alert=fields.get("kind") in ("insecure", "observer-error"),
         )
     if kind == fmt.DROP:
-        who = "client" if fields.get("d") == "c" else "server"
+        who = "client" if record.direction is Direction.CLIENT else "server"
         return Note(
             "drop",
-            f"✂ popproxy did not forward {fields.get('len')} octets from the "
-            f"{who}: {fields.get('why')}",
+            f"✂ popproxy did not forward {record.length} octets from the {who}: {record.why}",
             alert=True,
         )
-    if kind == fmt.DATA and fields.get("p"):
-        return Note(
-            "proxy", f"✎ the next {fields.get('n')} octets were sent by popproxy", alert=True
-        )
+    if kind == fmt.DATA and record.proxy:
+        return Note("proxy", f"✎ the next {record.length} octets were sent by popproxy", alert=True)
     if kind == fmt.END:
         how = fields.get("how")
         text = f"session ended: {how}"

@@ -10,6 +10,7 @@ from popproxy import fsutil
 from popproxy.capture import format as fmt
 from popproxy.capture.format import SUFFIX, CaptureError
 from popproxy.capture.reader import CaptureReader
+from popproxy.core import Direction
 
 #: How a session may end and still be a recording worth keeping (docs/capture-format.md).
 CLEAN_ENDS = frozenset({"quit", "closed", "client-closed", "server-closed"})
@@ -34,8 +35,8 @@ def problem(path: Path) -> str | None:
             for record in reader.records():
                 if record.kind == fmt.EVENT and record.fields.get("kind") == "upstream-connected":
                     connected = True
-                elif record.kind == fmt.DATA and record.fields.get("d") == "s":
-                    served = served or not record.fields.get("p")
+                elif record.kind == fmt.DATA and record.direction is Direction.SERVER:
+                    served = served or not record.proxy
             if not connected or not served:
                 return f"{path.name}: the session never reached the POP3 server"
     except CaptureError as exc:
