@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-FIXED, ROUTE, SOCKS5 = "fixed", "route", "socks5"
+FIXED, ROUTE, SOCKS5, SERVE = "fixed", "route", "socks5", "serve"
 
 
 def via_of(header: dict[str, Any]) -> dict[str, Any]:
@@ -22,6 +22,9 @@ def describe_via(header: dict[str, Any]) -> str:
     if how == SOCKS5:
         user = via.get("user")
         return "SOCKS5" + (f" user {user}" if user else "")
+    if how == SERVE:  # popproxy itself was the server
+        played = via.get("played")
+        return "popproxy serve, " + (f"playing {played}" if played else "the mailbox")
     return str(how or FIXED)
 
 

@@ -14,7 +14,7 @@ from popproxy.cli.common import run_listening
 from popproxy.cli.replay import add_password_options, add_tls_options, add_token_options
 from popproxy.core.sasl import is_plus, is_scram
 from popproxy.faults.options import add_fault_options, faults_from_args
-from popproxy.proxy.config import UsageError, parse_hostport
+from popproxy.proxy.config import UsageError, capture_dir, parse_hostport
 from popproxy.replay.auth import read_password
 from popproxy.replay.fake import FakeServer, ServeConfig, serve_replay
 from popproxy.replay.sasl_client import read_token
@@ -90,6 +90,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=60.0,
         metavar="S",
         help="drop a client silent for S seconds (default 60)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write a capture of every served session to DIR: the client's bytes, the served "
+        "ones and each injected fault as popproxy's action (popproxy show, lint; "
+        "popproxy docs faults)",
     )
     p.add_argument(
         "--check-password",
@@ -170,6 +177,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         offer_stls=args.stls,
         match=args.match,
         faults=faults_from_args(args),
+        out_dir=_out_dir(args.out, args.captures) if args.out else None,
     )
     uses_tls = (
         args.tls
@@ -179,6 +187,15 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     if uses_tls:
         config.certificate_authority()  # fail at start-up, not at the first client
     return config
+
+
+def _out_dir(text: str, served: list[str]) -> Path:
+    """``--out``: created if needed and writable; never a folder being served (the captures
+    of one run would be played by the next)."""
+    out = capture_dir(text)
+    if any(Path(c).is_dir() and Path(c).resolve() == out.resolve() for c in served):
+        raise UsageError(f"--out {text}: that folder is being served; write elsewhere")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
                 style="pop.warning",
             )
         )
+    if config.out_dir is not None:
+        notes.print(Text(f"recording every served session in {config.out_dir}", style="pop.muted"))
     server = FakeServer(config, console.print)
     run_listening(_main, config, server, listen=args.listen)
     unplayed = server.report.unplayed()

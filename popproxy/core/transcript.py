@@ -362,10 +362,16 @@ class TranscriptBuilder:
         session = self.session
         session.greeting = decode_text(event.raw.rstrip(b"\r\n"))
         session.apop_timestamp = event.apop_timestamp
-        return Item(ItemKind.DONE, t, _server_line(ExchangeKind.GREETING, event, t))
+        return Item(ItemKind.DONE, t, self._server_line(ExchangeKind.GREETING, event, t))
 
     def _unsolicited(self, t: float, event: Unsolicited) -> Item | None:
-        return Item(ItemKind.DONE, t, _server_line(ExchangeKind.UNSOLICITED, event, t))
+        return Item(ItemKind.DONE, t, self._server_line(ExchangeKind.UNSOLICITED, event, t))
+
+    def _server_line(self, kind: ExchangeKind, event: Greeting | Unsolicited, t: float) -> Exchange:
+        ex = _server_line(kind, event, t)
+        if self._popproxys(event.direction):  # e.g. a fault's line in the greeting's place
+            ex.reply_by = "popproxy"
+        return ex
 
     def _identity(self, t: float, event: AuthIdentity) -> Item | None:
         session = self.session

@@ -7,6 +7,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -27,8 +28,32 @@ from popproxy.faults.shape import (
 )
 from popproxy.netutil import STREAM_ERRORS
 
-Send = Callable[[bytes], Awaitable[None]]
 Note = Callable[[str], None]
+
+
+class Send(Protocol):
+    """Sends bytes to the client: the server's, or (``why`` given) popproxy's own."""
+
+    def __call__(self, data: bytes, why: str | None = None, /) -> Awaitable[None]: ...
+
+
+class Ledger(Protocol):
+    """Where a served session's capture notes what a fault did (replay/served.py): what
+    was withheld, what popproxy answered, where it cut, stalled or closed."""
+
+    def fault(self, injection: Injection, detail: str) -> None: ...
+
+    def withheld(self, data: bytes, why: str) -> None: ...
+
+    def answered(self, why: str) -> None: ...
+
+    def cut(self, how: str, why: str) -> None: ...
+
+    def stalled(self, why: str) -> None: ...
+
+    def closed(self, why: str) -> None: ...
+
+    def received(self, data: bytes) -> None: ...
 
 
 class FaultEnded(Exception):
@@ -59,6 +84,7 @@ class FakeFaults:
         self.identity = identity  # the recording's SASL identity, for user= on AUTH
         self.watching: Watching | None = None
         self.log: list[str] = []  # one line per injected fault and what it did
+        self.ledger: Ledger | None = None  # the served session's capture, when one is kept
 
     def greeting(self) -> Injection | None:
         return self.faults.greeting()
@@ -98,34 +124,64 @@ class FakeFaults:
             return reply
         multiline = is_multiline(verb, args, reply) if verb else False
         steps = shape_whole(injection, reply, multiline=multiline)
-        self._describe(injection, reply, steps)
+        line, ledger = self._describe(injection, reply, steps), self.ledger
+        if ledger is not None:
+            ledger.fault(injection, line)
+        if isinstance(injection.action, Answer):
+            if ledger is not None and verb is not None:
+                ledger.answered(f"{injection.describe()}: answered by popproxy")
+            # The server's own reply (a greeting) comes first in the capture, withheld.
+            steps = [s for s in steps if isinstance(s, Withhold)] + [
+                s for s in steps if not isinstance(s, Withhold)
+            ]
         sent: list[bytes] = []
-        for step in steps:
-            if isinstance(step, Forward | Originate):
+        for i, step in enumerate(steps):
+            if isinstance(step, Forward):
                 await send(step.data)
                 sent.append(step.data)
+            elif isinstance(step, Originate):
+                await send(step.data, step.why)
+                sent.append(step.data)
+            elif isinstance(step, Withhold):
+                if ledger is not None:
+                    ledger.withheld(step.data, step.why)
             elif isinstance(step, Pause):
                 await trio.sleep(step.seconds)
             elif isinstance(step, Close):
+                if ledger is not None:
+                    ledger.cut(step.how, step.why)
+                    self._withhold_rest(steps[i + 1 :])
                 await close(stream(), rst=step.how == "rst")
                 raise FaultEnded(step.why)
             elif isinstance(step, Hang):
-                await hang(stream())
+                if ledger is not None:
+                    ledger.stalled(step.why)
+                    self._withhold_rest(steps[i + 1 :])
+                await hang(stream(), ledger.received if ledger is not None else None)
                 raise FaultEnded(step.why)
             elif isinstance(step, Watch):
                 self.watching = Watching(step.seconds, step.reply, step.why)
         return b"".join(sent)
 
+    def _withhold_rest(self, steps: list[Step]) -> None:
+        """After a cut or a stall: the reply's remaining bytes, never sent."""
+        assert self.ledger is not None
+        for step in steps:
+            if isinstance(step, Withhold):
+                self.ledger.withheld(step.data, step.why)
+
     async def watched(self, watching: Watching, send: Send) -> None:
         """The client stayed silent past a fault's idle limit: say so (maybe), close."""
+        if self.ledger is not None:
+            self.ledger.closed(watching.why)
         if watching.reply:
             with contextlib.suppress(Exception):
-                await send(watching.reply)
+                await send(watching.reply, watching.why)
         self.log.append(watching.why)
         self.note(watching.why)
         raise FaultEnded(watching.why)
 
-    def _describe(self, injection: Injection, reply: bytes, steps: list[Step]) -> None:
+    def _describe(self, injection: Injection, reply: bytes, steps: list[Step]) -> str:
         withheld = sum(len(s.data) for s in steps if isinstance(s, Withhold))
         made = b"".join(s.data for s in steps if isinstance(s, Originate))
         what = injection.describe()
@@ -146,6 +202,7 @@ class FakeFaults:
         line = what + (": " + ", ".join(parts) if parts else "")
         self.log.append(line)
         self.note(line)
+        return line
 
 
 def is_multiline(verb: str | None, args: str | None, reply: bytes) -> bool:
@@ -180,10 +237,14 @@ async def close(stream: trio.abc.Stream, *, rst: bool) -> None:
             pass
 
 
-async def hang(stream: trio.abc.Stream) -> None:
-    """Stall: read and ignore everything until the client gives up and closes."""
+async def hang(stream: trio.abc.Stream, received: Callable[[bytes], None] | None = None) -> None:
+    """Stall: read and ignore everything until the client gives up and closes (what it
+    sends goes to ``received``, its close as b"")."""
     try:
-        while await stream.receive_some(65536):
-            pass
+        while data := bytes(await stream.receive_some(65536)):
+            if received is not None:
+                received(data)
     except (*STREAM_ERRORS, trio.BusyResourceError):
         pass
+    if received is not None:
+        received(b"")

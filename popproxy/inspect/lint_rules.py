@@ -40,6 +40,14 @@ RANK = {ADVICE: 0, WARNING: 1, ERROR: 2}
 MAX_PER_RULE = 100  # findings kept per rule and capture; the rest are counted
 MAX_ARG = 40  # RFC 1939 §3: each argument up to 40 characters
 _OCTETS_RE = re.compile(r"^\s*(\d+)\s+octets\b", re.IGNORECASE)
+# Fault events (docs/capture-format.md, "Faults popproxy injected"): what each says popproxy did.
+FAULT_EVENTS = {
+    "fault": "popproxy injected",
+    "fault-cut": "popproxy cut the connection",
+    "fault-stall": "popproxy stalled the replies",
+    "fault-close": "popproxy closed the connection",
+    "fault-missed": "popproxy could not apply",
+}
 
 # RFC 1939 §3-§7, RFC 2449, RFC 2595 §4, RFC 6856 §2: which state each command belongs to.
 AUTHORIZATION_ONLY = {
@@ -221,6 +229,7 @@ class Linter:
         self._bare_seq: dict[str, int | None] = {}
         self._closed_by: dict[str, str] = {}  # direction -> "client" | "server" | "popproxy"
         self._cut_reported = False
+        self._fault_at: tuple[int | None, str | None] = (None, None)  # the last fault's command
 
     # ----------------------------------------------------------------- feeding
 
@@ -257,8 +266,8 @@ class Linter:
             return
         d = direction.value
         if record.kind == fmt.DATA and record.data is not None and d in self._lf:
-            if d in self._opaque:
-                return
+            if d in self._opaque or record.fields.get("p"):
+                return  # popproxy's own bytes (a fault's) are not the peer's lines
             data = record.data
             # RFC 1939 §3: every line ends in CRLF.  Exact count, across chunk boundaries.
             self._lf[d] += data.count(b"\n")
@@ -266,6 +275,19 @@ class Linter:
             self._cr_end[d] = data[-1:] == b"\r"
         elif record.kind == fmt.TLS and not record.decrypted:
             self._opaque.add(d)  # passthrough TLS: ciphertext has no lines
+        elif record.kind == fmt.EVENT and record.fields.get("kind") in FAULT_EVENTS:
+            self._fault(record.fields)
+
+    def _fault(self, fields: dict[str, Any]) -> None:
+        """A fault rule acted (docs/faults.md): popproxy's doing, never the server's."""
+        kind = str(fields["kind"])
+        if kind == "fault":
+            verb = fields.get("verb")
+            seq = next(reversed(self._verbs), None) if verb else None  # the command it hit
+            self._fault_at = (seq, str(verb) if verb else None)
+        detail = str(fields.get("detail") or "")
+        message = f"{FAULT_EVENTS[kind]}: {detail}" if detail else FAULT_EVENTS[kind]
+        self.add("fault-by-popproxy", ADVICE, "-", message, *self._fault_at, "p")
 
     def _event(self, event: Event) -> None:
         if isinstance(event, Command):

@@ -24,10 +24,12 @@ from popproxy.netutil import STREAM_ERRORS, describe_error, open_listeners, stre
 from popproxy.replay import auth
 from popproxy.replay.matching import closest, find_any
 from popproxy.replay.script import RecordedSession, Step
+from popproxy.replay.served import PIECE
 from popproxy.tls.ca import CertificateAuthority
 
 if TYPE_CHECKING:
     from popproxy.replay.mailbox import Maildrop
+    from popproxy.replay.served import ServedCapture
     from popproxy.replay.sources import MailboxSource
 
 MODERN_SERVER_MECHANISMS = frozenset({"SCRAM-SHA-1", "SCRAM-SHA-256", "XOAUTH2", "OAUTHBEARER"})
@@ -58,6 +60,7 @@ class ServeConfig:
     offer_stls: bool = False
     match: str = "ordered"  # recorded replay: "ordered" or "any" (order-free)
     faults: FaultSet | None = None  # docs/faults.md
+    out_dir: Path | None = None  # set: one capture per served session (docs/replay.md)
     # Connections beyond the recorded sessions go here instead of getting -ERR.
     fallback: Callable[[trio.SocketStream], Awaitable[None]] | None = None
 
@@ -156,12 +159,33 @@ class ClientIO:
     stream: trio.abc.Stream
     config: ServeConfig
     report: ConnectionReport
+    faults: FakeFaults | None = None
+    capture: ServedCapture | None = None  # replay/served.py, with ``serve --out``
     _buf: bytes = b""
 
-    async def _send(self, data: bytes) -> None:
+    async def run(self) -> None:
+        """Serve the connection to its end (the report says how it ended)."""
+        raise NotImplementedError
+
+    def attach(self, capture: ServedCapture) -> None:
+        """Record this connection in ``capture``, its faults included."""
+        self.capture = capture
+        if self.faults is not None:
+            self.faults.ledger = capture
+
+    async def _send(self, data: bytes, why: str | None = None) -> None:
+        """Send the server's bytes (``why``: popproxy's own, a fault's) to the client."""
+        capture = self.capture
         try:
             with trio.fail_after(self.config.timeout):
-                await self.stream.send_all(data)
+                if capture is None:
+                    await self.stream.send_all(data)
+                    return
+                for start in range(0, len(data), PIECE):
+                    piece = data[start : start + PIECE]
+                    await capture.room()
+                    capture.sent(piece, why)
+                    await self.stream.send_all(piece)
         except (*STREAM_ERRORS, trio.TooSlowError):
             raise ClientGone from None
 
@@ -177,8 +201,11 @@ class ClientIO:
         """
         limit = self.config.timeout if idle_limit is None else idle_limit
         timeout = min(self.config.timeout, limit)
+        capture = self.capture
         while b"\n" not in self._buf and len(self._buf) < MAX_LINE:
             try:
+                if capture is not None:
+                    await capture.room()
                 with trio.fail_after(timeout):
                     data = bytes(await self.stream.receive_some(65536))
             except trio.TooSlowError:
@@ -188,14 +215,29 @@ class ClientIO:
                 raise ClientGone from None
             except STREAM_ERRORS:
                 data = b""
+            if capture is not None:
+                capture.received(data)
             if not data:
                 rest, self._buf = self._buf, b""
+                if capture is not None:
+                    capture.line_read(len(rest), len(rest))
                 return rest
             self._buf += data
         end = self._buf.find(b"\n")
         end = MAX_LINE if end < 0 else end + 1
+        if capture is not None:
+            capture.line_read(len(self._buf), min(end, len(self._buf)))
         line, self._buf = self._buf[:end], self._buf[end:]
         return line
+
+    def _discard_unread(self) -> bool:
+        """RFC 2595 §4: client bytes after STLS's +OK are thrown away; whether there were."""
+        if not self._buf:
+            return False
+        if self.capture is not None:
+            self.capture.discarded(len(self._buf), "plaintext after STLS discarded")
+        self._buf = b""
+        return True
 
     async def _handshake(self) -> None:
         tls = await accept_tls(self.stream, self.config)
@@ -203,6 +245,8 @@ class ClientIO:
             self.report.ended = tls
             raise ClientGone
         self.stream = tls
+        if self.capture is not None:
+            self.capture.started_tls(tls)
 
 
 class FakeSession(ClientIO):
@@ -244,11 +288,10 @@ class FakeSession(ClientIO):
         watching = self.faults.watching if self.faults else None
         if watching is None:
             return await self._read_line()
-        line = await self._read_line(
-            watching.seconds, lambda: self._watched(watching.reply, watching.why)
-        )
-        assert self.faults is not None
-        self.faults.watching = None  # one wait only
+        faults = self.faults
+        assert faults is not None
+        line = await self._read_line(watching.seconds, lambda: faults.watched(watching, self._send))
+        faults.watching = None  # one wait only
         return line
 
     def _say(self, text: str, style: str = "pop.muted") -> None:
@@ -332,9 +375,8 @@ class FakeSession(ClientIO):
             self.last_capa = step.reply
         await self._reply(verb, args, step.reply, fault)
         if verb == "STLS" and step.reply.startswith(b"+OK"):
-            if self._buf:
+            if self._discard_unread():
                 self._say("plaintext after STLS discarded (RFC 2595 §4)", "pop.warning")
-                self._buf = b""
             await self._handshake()
         return self._more(index)
 
@@ -547,16 +589,6 @@ class FakeSession(ClientIO):
             return False
         return True
 
-    async def _watched(self, reply: bytes | None, why: str) -> None:
-        """The client stayed silent past a fault's idle limit: say so (maybe), close."""
-        assert self.faults is not None
-        if reply:
-            with contextlib.suppress(ClientGone):
-                await self._send(reply)
-        self.faults.log.append(why)
-        self.faults.note(why)
-        raise FaultEnded(why)
-
 
 async def accept_tls(stream: trio.abc.Stream, config: ServeConfig) -> trio.SSLStream[Any] | str:
     """TLS towards a client with popproxy's CA (pop3s, or after STLS); on failure the
@@ -632,14 +664,18 @@ class FakeServer:
 
             self.maildrop = Maildrop(config.mailbox, persist=config.persist)
 
-    def _take(self) -> RecordedSession | None:
+    def _take(self, *, peek: bool = False) -> RecordedSession | None:
+        """The next recorded session (``peek``: without using it up)."""
         sessions = self.config.sessions
-        if self._next >= len(sessions):
+        index = self._next
+        if index >= len(sessions):
             if not self.config.repeat or not sessions:
                 return None
-            self._next = 0
-        session = sessions[self._next]
-        self._next += 1
+            index = 0
+        session = sessions[index]
+        if peek:
+            return session
+        self._next = index + 1
         with self.report.lock:
             if session.path in self.report.unserved:
                 self.report.unserved.remove(session.path)
@@ -652,58 +688,112 @@ class FakeServer:
         if self.maildrop is not None:
             await self._serve_mailbox(number, peer, stream)
             return
-        session = self._take()
+        session = self._take(peek=True)
         if session is None and self.config.fallback is not None:
             await self.config.fallback(stream)  # e.g. record a new episode upstream
             return
         if session is None:
             self.report.refused += 1
-            if self.log:
-                self.log(Text(f"#{number} from {peer}: no recorded session left", "pop.error"))
-            with trio.move_on_after(2), contextlib.suppress(*STREAM_ERRORS):
-                await stream.send_all(
-                    b"-ERR [SYS/TEMP] popproxy serve: no recorded session left\r\n"
-                )
-            await _close(stream)
+            self._say(number, f"from {peer}: no recorded session left", "pop.error")
+            await _refuse(stream, b"-ERR [SYS/TEMP] popproxy serve: no recorded session left\r\n")
             return
+        opened, capture = await self._capture(number, peer, stream, session.path)
+        if not opened:
+            return
+        self._take()
         report = ConnectionReport(number, session.path, peer)
         with self.report.lock:
             self.report.connections.append(report)
-        if self.log:
-            self.log(Text(f"#{number} from {peer}: playing {session.path}", "pop.session"))
+        self._say(number, f"from {peer}: playing {session.path}{_into(capture)}", "pop.session")
         fake = FakeSession(self.config, session, stream, report, self.log)
-        try:
-            await fake.run()
-        finally:
-            await _close(fake.stream)
-            if self.log:
-                left = (
-                    f", {len(report.unplayed)} recorded exchange(s) unplayed"
-                    if report.unplayed
-                    else ""
-                )
-                self.log(Text(f"#{number} ended: {report.ended}{left}", "pop.muted"))
+        await self._play(fake, capture)
 
     async def _serve_mailbox(self, number: int, peer: str, stream: trio.SocketStream) -> None:
         from popproxy.replay.mailbox_server import MailboxConnection
 
         assert self.maildrop is not None
+        opened, capture = await self._capture(number, peer, stream, None)
+        if not opened:
+            return
         report = ConnectionReport(number, None, peer)
         with self.report.lock:
             self.report.connections.append(report)
-        if self.log:
-            self.log(Text(f"#{number} from {peer}: the mailbox", "pop.session"))
+        self._say(number, f"from {peer}: the mailbox{_into(capture)}", "pop.session")
         connection = MailboxConnection(self.config, self.maildrop, stream, report, self.log)
         if self.config.persona is not None:
             from popproxy.replay.personas import PERSONAS, hook_for
 
             connection.hook = hook_for(PERSONAS[self.config.persona], connection.session)
+        await self._play(connection, capture)
+
+    async def _capture(
+        self, number: int, peer: str, stream: trio.SocketStream, played: Path | None
+    ) -> tuple[bool, ServedCapture | None]:
+        """With ``out_dir``, the session's capture; (False, None): it cannot be written, and
+        the client was told so (save or stop, as in ``record``)."""
+        folder = self.config.out_dir
+        if folder is None:
+            return True, None
+        from popproxy.capture.recorder import CaptureUnavailable
+        from popproxy.replay.served import ServedCapture
+
         try:
-            await connection.run()
+            return True, ServedCapture.create(self.config, folder, number, stream, played)
+        except CaptureUnavailable as exc:
+            self.report.refused += 1
+            self._say(number, f"from {peer}: {exc.reason}", "pop.error")
+            cause = exc.cause.encode("utf-8", "replace")
+            await _refuse(
+                stream, b"-ERR [SYS/TEMP] popproxy cannot record this session: %s\r\n" % cause
+            )
+            return False, None
+
+    async def _play(self, connection: ClientIO, capture: ServedCapture | None) -> None:
+        """Run one connection (and its capture's flusher) to its end; close it, log it."""
+        report = connection.report
+        try:
+            if capture is None:
+                await connection.run()
+            else:
+                connection.attach(capture)
+                async with trio.open_nursery() as nursery:
+
+                    def failed(reason: str) -> None:  # the disk failed: stop, as record does
+                        report.ended = reason
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(capture.run, failed)
+                    await connection.run()
+                    nursery.cancel_scope.cancel()
         finally:
+            cancelled = trio.current_effective_deadline() == float("-inf")
             await _close(connection.stream)
-            if self.log:
-                self.log(Text(f"#{number} ended: {report.ended}", "pop.muted"))
+            problem = None
+            if capture is not None:
+                problem = capture.finish(report, cancelled=cancelled)
+            left = (
+                f", {len(report.unplayed)} recorded exchange(s) unplayed" if report.unplayed else ""
+            )
+            self._say(report.number, f"ended: {report.ended}{left}", "pop.muted")
+            if problem is not None and problem != report.ended:
+                self._say(
+                    report.number, f"{capture.path if capture else ''}: {problem}", "pop.error"
+                )
+
+    def _say(self, number: int, text: str, style: str) -> None:
+        if self.log:
+            self.log(Text(f"#{number} {text}", style))
+
+
+def _into(capture: ServedCapture | None) -> str:
+    return f", recording to {capture.path}" if capture is not None else ""
+
+
+async def _refuse(stream: trio.SocketStream, line: bytes) -> None:
+    """One -ERR line to a client that cannot be served, then close."""
+    with trio.move_on_after(2), contextlib.suppress(*STREAM_ERRORS):
+        await stream.send_all(line)
+    await _close(stream)
 
 
 async def serve_replay(

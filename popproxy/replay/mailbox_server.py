@@ -90,9 +90,8 @@ class MailboxConnection(ClientIO):
                 self._note(line, answer, in_sasl)
                 await self._reply(verb, args, answer.data, fault)
                 if answer.then == "tls":
-                    if self._buf:
+                    if self._discard_unread():
                         self._say("plaintext after STLS discarded (RFC 2595 §4)", "pop.warning")
-                        self._buf = b""
                     await self._handshake()
                     self.session.tls_started()
                 elif answer.then == "close":

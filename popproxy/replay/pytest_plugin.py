@@ -11,6 +11,8 @@ capture only when it is usable (it reached the server and ended cleanly); otherw
 old capture stays and the test fails with the reason.
 ``faults=[...]`` and ``pop3_server.add_fault(RULE)`` inject faults (docs/faults.md) when
 replaying; recording modes record the real server unfaulted (a capture is a fixture).
+Each replayed session is itself captured; the captures are kept (``pop3_server.served``,
+named in the failure report) when the test fails or a fault was injected.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from popproxy.tls.ca import CertificateAuthority
 MODES = ("none", "once", "new_episodes", "all", "rewrite")
 DEFAULT_FOLDER = "captures"
 _GUARD = pytest.StashKey[NetworkGuard]()
+_SERVED = pytest.StashKey[Path]()  # the test's folder of served-session captures
+_FAILED = pytest.StashKey[bool]()  # the test's setup or call failed
+SERVED_FOLDER = "popproxy-served"  # under pytest's base temporary folder, by default
 START_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 5.0  # recording: how long open sessions get to write their end record
 
@@ -78,6 +83,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("pop3_upstream", "the POP3 server pop3_server records from (HOST:PORT)")
     parser.addini("pop3_upstream_ca", "as --pop3-upstream-ca")
     parser.addini("pop3_block_network", "as --pop3-block-network", type="bool", default=False)
+    group.addoption(
+        "--pop3-served-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the captures of replayed sessions (when the test fails or a fault was "
+        "injected) in DIR/<module>/<test>/ (default: popproxy-served/ in pytest's "
+        "temporary folder)",
+    )
+    parser.addini("pop3_served_dir", "as --pop3-served-dir (relative to the rootdir)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -116,6 +130,15 @@ class Pop3Server:
         self._ca = ca
         self.faults = faults if faults is not None else FaultSet()
         self.maildrop: Maildrop | None = None  # mode="mailbox": the messages left
+        self.served: Path | None = None  # replaying: the folder of served-session captures
+
+    def served_captures(self, timeout: float = SETTLE_TIMEOUT) -> list[Path]:
+        """The captures of the sessions served so far, once each has ended (a session ends
+        when its client closes, or QUIT, or a fault cut it); waits up to ``timeout``."""
+        if self.served is None:
+            return []
+        _settle(self.served, set(), timeout)
+        return sorted(self.served.glob(f"*{SUFFIX}"))
 
     def add_fault(self, rule: str) -> None:
         """Inject a fault (docs/faults.md) from now on, e.g. ``"RETR 1: cut after 500"``."""
@@ -171,6 +194,52 @@ class _TrioThread:
             self._scope = nursery.cancel_scope
             self.addresses = await nursery.start(self._serve)
             self._started.set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report says where its served sessions' captures are kept."""
+    report = yield
+    if report.when in ("setup", "call") and report.failed:
+        item.stash[_FAILED] = True
+        served = item.stash.get(_SERVED, None)
+        if served is not None and any(served.glob(f"*{SUFFIX}")):
+            report.sections.append(("popproxy served sessions", _served_note(served)))
+    return report
+
+
+def _served_note(folder: Path) -> str:
+    return (
+        f"the sessions the fake POP3 server played, faults included, are kept in {folder}\n"
+        f"  popproxy show {folder}    (or show --json, lint)\n"
+    )
+
+
+def _served_folder(request: pytest.FixtureRequest, base: Path) -> Path:
+    """``<root>/<module>/<test>/`` for this test, emptied of earlier runs' captures."""
+    given = request.config.getoption("--pop3-served-dir") or request.config.getini(
+        "pop3_served_dir"
+    )
+    root = request.config.rootpath / str(given) if given else base / SERVED_FOLDER
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_") or "test"
+    folder = root / Path(str(request.path)).stem / name
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in folder.glob(f"*{SUFFIX}"):
+            old.unlink()
+    except OSError as exc:
+        pytest.fail(
+            f"cannot keep served captures in {folder}: {exc.strerror or exc}", pytrace=False
+        )
+    return folder
+
+
+def _drop_served(folder: Path) -> None:
+    """Nothing worth keeping: the test passed and no fault was injected."""
+    for capture in folder.glob(f"*{SUFFIX}"):
+        capture.unlink(missing_ok=True)
 
 
 def _block_network(config: pytest.Config) -> bool:
@@ -246,10 +315,20 @@ def pop3_server(
     record = mode in ("all", "rewrite") or (mode in ("once", "new_episodes") and not exists)
     if record:
         yield from _recording(request, path, mode, ca, rules, guard, faults)
-    elif mode == "new_episodes" and kwargs.get("mode") != "mailbox":
-        yield from _replaying(path, mode, kwargs, ca, ca_dir, guard, (request, rules), faults)
-    else:
-        yield from _replaying(path, mode, kwargs, ca, ca_dir, guard, None, faults)
+        return
+    served = _served_folder(request, tmp_path_factory.getbasetemp())
+    request.node.stash[_SERVED] = served
+    episodes = (
+        (request, rules) if mode == "new_episodes" and kwargs.get("mode") != "mailbox" else None
+    )
+    try:
+        yield from _replaying(
+            path, mode, kwargs, ca, ca_dir, guard, episodes, faults, served, request.node
+        )
+    finally:
+        with contextlib.suppress(OSError):  # only if nothing was kept
+            served.rmdir()
+            served.parent.rmdir()
 
 
 def _faults(rules: object, nodeid: str) -> FaultSet:
@@ -321,6 +400,8 @@ def _replaying(
     guard: NetworkGuard | None,
     episodes: tuple[pytest.FixtureRequest, list[Scrub]] | None,
     faults: FaultSet,
+    served: Path,
+    node: pytest.Item,
 ) -> Iterator[Pop3Server]:
     if not path.exists() or (kwargs.get("mode") != "mailbox" and not _exists(path)):
         pytest.fail(
@@ -331,6 +412,7 @@ def _replaying(
     config = _replay_config(path, mode, kwargs)
     config.ca_dir = ca_dir
     config.faults = faults
+    config.out_dir = served
     if config.tls or any(s.verb == "STLS" for x in config.sessions for s in x.steps):
         config.ca = ca()
     recorder: _TrioThread | None = None
@@ -356,19 +438,27 @@ def _replaying(
         guard.allow_port(port)
     handle = Pop3Server(host, port, mode, path, False, server.report, ca, faults)
     handle.maildrop = server.maildrop
+    handle.served = served
     try:
         yield handle
     finally:
         if recorder is not None and out_dir is not None:
             _settle(out_dir, set())
             recorder.stop()
-        thread.stop()
+        thread.stop()  # every served session has written its end record now
     if episodes is not None and out_dir is not None:
         _commit(out_dir, path, mode, episodes[1])
-    _check_report(server.report, path, kwargs)
+    problem = _report_problem(server.report, path, kwargs)
+    if not (problem or server.report.faults or node.stash.get(_FAILED, False)):
+        _drop_served(served)
+    if problem is not None:
+        if any(served.glob(f"*{SUFFIX}")):
+            problem += "\n" + _served_note(served).rstrip()
+        pytest.fail(problem, pytrace=False)
 
 
-def _check_report(report: ServeReport, path: Path, kwargs: dict[str, Any]) -> None:
+def _report_problem(report: ServeReport, path: Path, kwargs: dict[str, Any]) -> str | None:
+    """Why the test fails on what the fake server saw (unplayed, near misses), if it does."""
     unplayed = report.unplayed()
     misses = "\n  ".join(m.describe() for m in report.near_misses[:10])
     if unplayed and not kwargs.get("allow_unplayed"):
@@ -376,14 +466,13 @@ def _check_report(report: ServeReport, path: Path, kwargs: dict[str, Any]) -> No
         message = f"recorded POP3 exchanges were not played ({path}):\n  {lines}"
         if misses:
             message += f"\nnear misses:\n  {misses}"
-        message += "\n(mark the test pop3_capture(..., allow_unplayed=True) to allow this)"
-        pytest.fail(message, pytrace=False)
+        return message + "\n(mark the test pop3_capture(..., allow_unplayed=True) to allow this)"
     if kwargs.get("mode") == "mailbox" and misses and not kwargs.get("allow_near_misses"):
-        pytest.fail(
+        return (
             f"the mailbox from {path} could not answer:\n  {misses}\n(record the missing "
-            "exchanges, or mark the test pop3_capture(..., allow_near_misses=True))",
-            pytrace=False,
+            "exchanges, or mark the test pop3_capture(..., allow_near_misses=True))"
         )
+    return None
 
 
 def _start_recorder(
@@ -484,9 +573,9 @@ def _commit(
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _settle(out_dir: Path, before: set[Path]) -> None:
+def _settle(out_dir: Path, before: set[Path], timeout: float = SETTLE_TIMEOUT) -> None:
     """Give sessions whose client has gone a moment to write their end record."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = False
         for capture in set(out_dir.glob(f"*{SUFFIX}")) - before:

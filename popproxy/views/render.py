@@ -176,6 +176,8 @@ def identity_line(detail: dict[str, Any], t: float | None, tag: Text | None = No
 def anomaly_line(record: dict[str, Any], t: float | None, tag: Text | None = None) -> Text:
     text = prefix(t, tag)
     who = "client" if record.get("dir") == "c" else "server"
+    if record.get("by") == "popproxy":  # three actors: popproxy's own bytes caused it
+        who = "popproxy"
     safe.append(text, f"⚠ {record['kind']}", "pop.anomaly")
     safe.append(text, f" ({who}", "pop.warning")
     if record.get("seq") is not None:
