@@ -89,6 +89,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
             "a stateful mailbox that answers any command order",
             "popproxy serve --mailbox captures/X.popcap --password secret",
         ),
+        (
+            "cut RETR 1 mid-message; capture what each client got (popproxy show served/)",
+            "popproxy serve captures/ --fault 'RETR 1: cut after 500' --out served/",
+        ),
     ],
     "docs": [
         ("every document installed", "popproxy docs"),
