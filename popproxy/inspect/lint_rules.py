@@ -261,12 +261,14 @@ class Linter:
                 self._exchange(item.exchange)
 
     def _record(self, record: Record) -> None:
+        if record.kind == fmt.EVENT and record.fields.get("kind") in FAULT_EVENTS:
+            self._fault(record.fields)
         direction = record.direction
         if direction is None:
             return
         d = direction.value
         if record.kind == fmt.DATA and record.data is not None and d in self._lf:
-            if d in self._opaque or record.fields.get("p"):
+            if d in self._opaque or record.proxy:
                 return  # popproxy's own bytes (a fault's) are not the peer's lines
             data = record.data
             # RFC 1939 §3: every line ends in CRLF.  Exact count, across chunk boundaries.
@@ -275,8 +277,6 @@ class Linter:
             self._cr_end[d] = data[-1:] == b"\r"
         elif record.kind == fmt.TLS and not record.decrypted:
             self._opaque.add(d)  # passthrough TLS: ciphertext has no lines
-        elif record.kind == fmt.EVENT and record.fields.get("kind") in FAULT_EVENTS:
-            self._fault(record.fields)
 
     def _fault(self, fields: dict[str, Any]) -> None:
         """A fault rule acted (docs/faults.md): popproxy's doing, never the server's."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from popproxy.capture.format import SUFFIX
+from popproxy.capture.format import SUFFIX, SessionEnd
 from popproxy.capture.recorder import Recorder
 from popproxy.capture.via import SERVE
 from popproxy.core.events import Direction
@@ -195,33 +195,10 @@ class ServedCapture:
         if not self._closed[C]:
             tap.data(C, t, b"", proxy=True, why=end.how)
         self._closed = {C: True, S: True}
-        session, stats = tap.builder.session, tap.writer.stats
-        anomaly_kinds: dict[str, int] = {}
-        for anomaly in session.anomalies:
-            anomaly_kinds[anomaly["kind"]] = anomaly_kinds.get(anomaly["kind"], 0) + 1
-        error = end.error
-        if self.recorder.error is not None:
-            error = self.recorder.error
-        fields: dict[str, Any] = {
-            "t": round(t, 6),
-            "how": end.how,
-            "error": error,
-            "octets": {"c": tap.offsets[C], "s": tap.offsets[S]},
-            "commands": session.commands,
-            "user": session.user,
-            "mechanism": session.mechanism,
-            "anomalies": len(session.anomalies),
-            "anomaly_kinds": anomaly_kinds,
-            "errors": session.errors,
-            "verbs": session.verbs,
-            "tls": tap.tls_legs,
-            "redactions": stats.redactions,
-            "observer_error": tap.broken,
-        }
-        return self.recorder.finish(fields)
-
-    def close(self) -> None:
-        self.recorder.close()
+        recorder = self.recorder
+        error = recorder.failure() or end.error
+        summary = SessionEnd.of(t, end.how, error, tap.builder.session, observer_error=tap.broken)
+        return recorder.finish(summary)
 
     # ----------------------------------------------------------------- records
 
