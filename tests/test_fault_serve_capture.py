@@ -105,6 +105,65 @@ def blamed(findings: list[Finding], who: str) -> list[str]:
     return [f.rule for f in findings if f.direction == who]
 
 
+@pytest.mark.parametrize(
+    ("ended", "fault", "quit_acked", "cancelled", "expected"),
+    [
+        ("client closed", False, False, False, ("client-closed", None, True)),
+        ("client closed", False, True, False, ("quit", None, True)),
+        ("script finished", False, True, False, ("quit", None, True)),
+        ("script finished", False, False, False, ("server-closed", None, True)),
+        ("mismatch (strict)", False, False, False, ("server-closed", "mismatch (strict)", True)),
+        (
+            "cut 5 bytes into the reply",
+            True,
+            False,
+            False,
+            ("fault", "cut 5 bytes into the reply", False),
+        ),
+        (
+            "QUIT answered by a fault",
+            False,
+            True,
+            False,
+            ("fault", "QUIT answered by a fault", False),
+        ),
+        (
+            "capture write failed: disk full",
+            False,
+            False,
+            False,
+            ("capture-error", "capture write failed: disk full", False),
+        ),
+        (
+            "TLS handshake failed: x",
+            False,
+            False,
+            False,
+            ("client-tls-error", "TLS handshake failed: x", False),
+        ),
+        (
+            "idle for 60 s",
+            False,
+            False,
+            False,
+            ("idle-timeout", "the client was idle for 60 s", False),
+        ),
+        ("connection lost", False, False, False, ("client-reset", "connection lost", False)),
+        ("open", False, False, True, ("proxy-shutdown", None, False)),
+        ("open", False, False, False, ("closed", None, False)),
+    ],
+)
+def test_the_end_record_says_who_ended_the_session(
+    ended: str, fault: bool, quit_acked: bool, cancelled: bool, expected: tuple[Any, ...]
+) -> None:
+    from popproxy.replay.fake import ConnectionReport
+    from popproxy.replay.served import ending
+
+    report = ConnectionReport(1, None, "peer", ended=ended, fault_ended=fault)
+    end = ending(report, quit_acked, cancelled)
+    assert (end.how, end.error, end.by_server) == expected
+
+
 # ------------------------------------------------------------------ bytes
 
 
