@@ -7,7 +7,7 @@ import string
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from popproxy.core.events import State
@@ -212,7 +212,7 @@ def rules(draw: st.DrawFn) -> Rule:
 
 
 @given(rules())
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_rule_to_text_to_rule(rule: Rule) -> None:
     text = format_rule(rule)
     assert "\n" not in text
@@ -442,7 +442,7 @@ _bodies = st.lists(
 
 
 @given(_shaping_rules, _bodies, st.lists(st.integers(0, 200), max_size=6))
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_shaping_accounts_for_every_byte_whatever_the_segmentation(
     rule: str, reply: bytes, cuts: list[int]
 ) -> None:

@@ -239,15 +239,6 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         routes=routes,
         socks=socks,
     )
-    for rule in config.faults.rules if config.faults else ():
-        from popproxy.proxy.faults import proxy_unsupported
-
-        why = proxy_unsupported(rule)
-        if why is not None:
-            raise UsageError(
-                f"--fault {rule.text!r}: popproxy record does not do {why} yet "
-                "(popproxy serve and the pytest plugin do)"
-            )
     try:
         config.upstream_context = client_context(cafile=args.upstream_ca, insecure=args.insecure)
     except OSError as exc:

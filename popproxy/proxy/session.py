@@ -29,12 +29,13 @@ from popproxy.proxy.controller import (
     Forward,
     ForwardEof,
     HoldReads,
-    Inserted,
+    Input,
     Leg,
     Note,
     ObserverFailed,
     Parsed,
     RelayCommand,
+    Reserve,
     ResumeReads,
     Send,
     StartTls,
@@ -45,7 +46,6 @@ from popproxy.proxy.controller import (
     goes_to,
 )
 from popproxy.proxy.controller import Drop as DropCommand
-from popproxy.proxy.faults import ProxyFaults, reset
 from popproxy.proxy.legs import HandshakeFailed, handshake
 from popproxy.proxy.tap import Tap
 from popproxy.proxy.view import SessionView
@@ -87,9 +87,6 @@ class Session:
         self.path: Path | None = None
         self.tap: Tap | None = None
         self.recorder: Recorder | None = None
-        self.faults: ProxyFaults | None = None  # fault rules (docs/faults.md)
-        self._client_last = 0.0
-        self._replied = trio.Event()  # set after each server chunk reached the client
         self.ctl = Controller(
             config.stls,
             client_tls=config.listen_tls,
@@ -99,13 +96,21 @@ class Session:
             idle_timeout=config.idle_timeout,
             linger=config.linger,
             answer_timeout=config.connect_timeout,
+            faults=None if config.faults is None else config.faults.session(),
         )
+        self._timed = config.faults is not None  # fault pauses move the deadline
         self._t0 = trio.current_time()
         self._eof = {C: False, S: False}
         self._first_eof: str | None = None  # "client" or "server": who closed first
         self._cut = Cut.FIN
         self._scope: trio.CancelScope | None = None
-        self._locks = {Leg.CLIENT: trio.StrictFIFOLock(), Leg.UPSTREAM: trio.StrictFIFOLock()}
+        # Each leg serves command batches in the controller's order (tickets): a batch
+        # keeps its leg until its last command there is done, so nothing overtakes.
+        self._tickets = {Leg.CLIENT: 0, Leg.UPSTREAM: 0}
+        self._serving = {Leg.CLIENT: 0, Leg.UPSTREAM: 0}
+        self._turn = {Leg.CLIENT: trio.Event(), Leg.UPSTREAM: trio.Event()}
+        self._waiting = {Leg.CLIENT: 0, Leg.UPSTREAM: 0}
+        self._wake = float("inf")  # when the watchdog looks next
         self._reading = {Leg.CLIENT: trio.Event(), Leg.UPSTREAM: trio.Event()}
         self._poke = trio.Event()  # wakes the watchdog when a direction closes
         # Chunks received (and popproxy's own bytes) not parsed yet, in arrival order across
@@ -144,8 +149,6 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(recorder.run, partial(self.end, "capture-error"))
-                if self.faults is not None:
-                    nursery.start_soon(self._fault_watch, self.faults)
                 with contextlib.suppress(_Abort):
                     await self._connect_and_relay()
                 nursery.cancel_scope.cancel()
@@ -172,12 +175,6 @@ class Session:
             view, number = self.view, self.number
             sink = lambda items: view.items(number, items)  # noqa: E731
         self.tap = Tap(self.recorder.writer, sink, body_items=65536 if cfg.verbose else 0)
-        if cfg.faults is not None:
-            notice = getattr(self.view, "notice", None)  # the live view shows each fault
-            note = None
-            if notice is not None:
-                note = lambda text: notice(f"#{self.number} {text}", "pop.warning")  # noqa: E731
-            self.faults = ProxyFaults(cfg.faults.session(), self.tap, note)
 
     def _finish(self) -> None:
         """Close the observer's streams and write the end record, synchronously."""
@@ -292,12 +289,9 @@ class Session:
                     self.end(f"{NAMES[leg]}-reset", describe_error(exc))
                     return
                 t = self.now()
-                if leg is Leg.CLIENT:
-                    self._client_last = trio.current_time()
                 if len(data) == size and size < MAX_CHUNK:
                     size *= 4
                 if not data:
-                    await self._fault_flush(leg)
                     self._eof[direction] = True
                     self._first_eof = self._first_eof or NAMES[leg]
                     self._poke.set()
@@ -321,8 +315,11 @@ class Session:
                 if not recorded:
                     self._record(commands)  # before any await: the record's order is the wire's
                 recorded = False
-                for command in commands:
-                    await self._act(command)
+                outcome = await self._run(commands)
+                if outcome is not None:
+                    await self._execute(ctl.handle(outcome))
+            if self._timed and ctl.deadline < self._wake:
+                self._poke.set()  # a fault's pause began: the watchdog ends it on time
             self._observe()
             broken = self.tap.broken if self.tap is not None else None
             if broken is not None and not self._told_broken:
@@ -337,13 +334,59 @@ class Session:
             if not commands and not self._unfed:
                 return  # the common case: the events changed nothing
 
+    async def _run(self, commands: list[RelayCommand]) -> Input | None:
+        """Execute one batch, each leg's commands in their turn; a handshake's outcome is
+        returned, to be handled once the batch has let go of its legs."""
+        tickets: dict[Leg, int] = {}
+        last: dict[Leg, int] = {}
+        for i, command in enumerate(commands):
+            leg = _leg_of(command)
+            if leg is not None:
+                if leg not in tickets:
+                    tickets[leg] = self._tickets[leg]
+                    self._tickets[leg] += 1
+                last[leg] = i
+        outcome: Input | None = None
+        try:
+            for i, command in enumerate(commands):
+                leg = _leg_of(command)
+                if leg is not None:
+                    await self._wait_turn(leg, tickets[leg])
+                if isinstance(command, StartTls):
+                    outcome = await self._start_tls(command.leg, command.mode)
+                else:
+                    await self._act(command)
+                if leg is not None and last[leg] == i:
+                    del tickets[leg]
+                    self._next_turn(leg)
+        finally:
+            for leg in tickets:  # an abort: later batches must not wait for this one
+                self._next_turn(leg)
+        return outcome
+
+    async def _wait_turn(self, leg: Leg, ticket: int) -> None:
+        self._waiting[leg] += 1
+        try:
+            while self._serving[leg] != ticket:
+                await self._turn[leg].wait()
+        finally:
+            self._waiting[leg] -= 1
+
+    def _next_turn(self, leg: Leg) -> None:
+        self._serving[leg] += 1
+        if self._waiting[leg]:
+            self._turn[leg].set()
+            self._turn[leg] = trio.Event()
+
     def _record(self, commands: list[RelayCommand]) -> None:
         tap = self.tap
         assert tap is not None
         for command in commands:
-            if isinstance(command, Send):
-                direction = S if command.leg is Leg.CLIENT else C
-                self._unfed.append((direction, self.now(), command.data, command.why))
+            if isinstance(command, Send | Reserve):
+                send = command.send if isinstance(command, Reserve) else command
+                if not send.reserved:  # a reserved send was recorded by its Reserve
+                    direction = S if send.leg is Leg.CLIENT else C
+                    self._unfed.append((direction, self.now(), send.data, send.why))
             elif isinstance(command, DropCommand):
                 tap.drop(command.direction, command.offset, command.length, command.why)
                 who = "client" if command.direction is C else "server"
@@ -353,8 +396,10 @@ class Session:
                     f"{command.why}",
                 )
             elif isinstance(command, Note):
-                tap.event(self.now(), command.kind, detail=command.detail)
+                tap.event(self.now(), command.kind, detail=command.detail, **dict(command.fields))
                 tap.note(self.now(), f"● popproxy: {command.kind} {command.detail or ''}".rstrip())
+                if command.kind.startswith("fault"):
+                    self._notice(command)
             elif isinstance(command, TlsFact):
                 self._observe()
                 leg = "upstream" if command.direction is S else "client"
@@ -365,9 +410,17 @@ class Session:
                 )
                 self._backlog.extend(events)
 
+    def _notice(self, note: Note) -> None:
+        """The live view's one-line notice of a fault (docs/faults.md)."""
+        notice = getattr(self.view, "notice", None)
+        if notice is not None:
+            verb = dict(note.fields).get("verb") if note.kind == "fault" else None
+            on = f" on {verb}" if verb else " on the greeting" if note.kind == "fault" else ""
+            notice(f"#{self.number} {note.detail}{on}", "pop.warning")
+
     async def _act(self, command: RelayCommand) -> None:
         if isinstance(command, Forward):
-            await self._forward(command)
+            await self._send(goes_to(command.direction), command.data)
         elif isinstance(command, Send):
             # popproxy's own bytes: a peer already gone shows up as its EOF or reset.
             await self._send(command.leg, command.data, quiet=True)
@@ -376,8 +429,6 @@ class Session:
                 self._reading[command.leg] = trio.Event()
         elif isinstance(command, ResumeReads):
             self._reading[command.leg].set()
-        elif isinstance(command, StartTls):
-            await self._start_tls(command.leg, command.mode)
         elif isinstance(command, ForwardEof):
             await self._half_close(command.direction)
         elif isinstance(command, EndSession):
@@ -392,162 +443,58 @@ class Session:
         unfed, backlog = self._unfed, self._backlog
         while unfed:
             direction, t, data, why = unfed.popleft()
-            events = tap.data(direction, t, data, proxy=why is not None, why=why)
-            if self.faults is not None:
-                self.faults.observe(events)
-            backlog.extend(events)
+            backlog.extend(tap.data(direction, t, data, proxy=why is not None, why=why))
 
     async def _forward(self, command: Forward) -> None:
-        """Relay a peer's bytes; fault rules (docs/faults.md) shape them on the way."""
-        faults = self.faults
-        if faults is None or self.ctl.shaping:
-            await self._send(goes_to(command.direction), command.data)
-        elif command.direction is S and (faults.busy() or len(self._unfed) > 1):
-            # A rule acts on a reply under way, or chunks wait to be parsed (a command a
-            # rule may select): place these bytes first; otherwise relay first.
-            await self._fault_server(faults, command)
-        elif command.direction is S:
-            await self._send(Leg.CLIENT, command.data)
-        elif faults.wants_client():
-            self._observe()  # an answer rule decides on whole, placed commands
-            await faults.client_chunk(
-                command.data,
-                list(self._backlog),
-                command.offset,
-                partial(self._send, Leg.UPSTREAM),
-                self._fault_answer,
-                self.now,
-            )
-        else:
-            await self._send(Leg.UPSTREAM, command.data)
-        if faults is not None and command.direction is S:
-            self._replied.set()
-
-    async def _fault_server(self, faults: ProxyFaults, command: Forward) -> None:
-        tap = self.tap
-        assert tap is not None
-        self._observe()  # the rules act at the observer's positions
-        before = tap.offsets[S]
-        await faults.server_chunk(
-            command.data,
-            list(self._backlog),
-            command.offset,
-            partial(self._send, Leg.CLIENT),
-            self.now,
-        )
-        if tap.offsets[S] > before:  # the rule sent popproxy's own lines
-            self.ctl.handle(Inserted(S, tap.offsets[S] - before))
-        if faults.ended is not None:
-            if faults.rst:
-                reset(self.client)
-            self.end(*faults.ended)
-            raise _Abort
-
-    async def _fault_flush(self, leg: Leg) -> None:
-        """A peer closed: what a fault rule held for its line end goes on as it is."""
-        faults = self.faults
-        if faults is None:
-            return
-        if leg is Leg.UPSTREAM:
-            await faults.flush(partial(self._send, Leg.CLIENT))
-        else:
-            await faults.flush_client(partial(self._send, Leg.UPSTREAM))
-
-    async def _fault_answer(self, seq: int, reply: bytes) -> None:
-        """A fault rule's answer to command ``seq``, in its place among the replies."""
-        await self._replies_before(seq)
-        await self._fault_originate(reply)
-
-    async def _fault_originate(self, line: bytes) -> None:
-        self._unfed.append((S, self.now(), line, "a fault rule's answer"))
-        self._observe()
-        self.ctl.handle(Inserted(S, len(line)))
-        await self._send(Leg.CLIENT, line, quiet=True)
-
-    async def _replies_before(self, seq: int) -> None:
-        """Wait until every exchange before command ``seq`` is finished (bodies included)."""
-        tap = self.tap
-        assert tap is not None
-        while tap.broken is None and any(
-            ex.seq is not None and ex.seq < seq for ex in tap.builder.unfinished()
-        ):
-            self._replied = trio.Event()
-            await self._replied.wait()
-
-    async def _fault_watch(self, faults: ProxyFaults) -> None:
-        """A fault's idle limit: once the client is silent that long, (a line and) close."""
-        while True:
-            await faults.watch_armed.wait()
-            faults.watch_armed = trio.Event()
-            watch, armed_at = faults.watch, trio.current_time()
-            while watch is not None and faults.watch is watch:
-                quiet_since = max(self._client_last, armed_at)
-                remaining = quiet_since + watch.seconds - trio.current_time()
-                if remaining <= 0:
-                    assert self.tap is not None
-                    self.tap.event(self.now(), "fault-close", detail=watch.why)
-                    faults.say(watch.why)
-                    if watch.reply:
-                        await self._fault_originate(watch.reply)
-                    self.end("fault", watch.why)
-                    return
-                if self._client_last > armed_at:
-                    break  # the client spoke: this limit is spent
-                with trio.move_on_after(remaining):
-                    await faults.watch_armed.wait()
+        """Relay a peer's bytes: a batch of one, in its leg's turn."""
+        leg = goes_to(command.direction)
+        ticket = self._tickets[leg]
+        self._tickets[leg] = ticket + 1
+        try:
+            if self._serving[leg] != ticket:
+                await self._wait_turn(leg, ticket)
+            await self._send(leg, command.data)
+        finally:
+            self._next_turn(leg)
 
     async def _send(self, leg: Leg, data: bytes, *, quiet: bool = False) -> None:
-        """Send on ``leg`` under its lock (an STLS upgrade swaps the stream under it).
-
-        A free lock is taken without ``async with``'s scheduling round trip.
-        """
-        lock = self._locks[leg]
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
+        """Send on ``leg`` (the caller holds the leg's turn: an STLS upgrade swaps the
+        stream under it)."""
+        stream = self.client if leg is Leg.CLIENT else self.upstream
+        assert stream is not None
         try:
-            stream = self.client if leg is Leg.CLIENT else self.upstream
-            assert stream is not None
             await stream.send_all(data)
         except STREAM_ERRORS as exc:
             if quiet:
                 return
             self.end(f"{NAMES[leg]}-reset", describe_error(exc))
             raise _Abort from None
-        finally:
-            lock.release()
 
-    async def _start_tls(self, leg: Leg, mode: str) -> None:
-        """The handshake a controller's ``StartTls`` asked for; its outcome goes back."""
+    async def _start_tls(self, leg: Leg, mode: str) -> TlsEstablished | TlsFailed:
+        """The handshake a controller's ``StartTls`` asked for; its outcome to report."""
         tap = self.tap
         assert tap is not None
-        outcome: TlsEstablished | TlsFailed
-        async with self._locks[leg]:
-            stream = self.client if leg is Leg.CLIENT else self.upstream
-            assert stream is not None
-            try:
-                tls, info = await handshake(self.config, leg, stream, self.local, mode)
-            except HandshakeFailed as exc:
-                outcome = TlsFailed(leg, exc.reason)
-            else:
-                if leg is Leg.CLIENT:
-                    self.client = tls
-                else:
-                    self.upstream = tls
-                self._observe()
-                self._backlog.extend(tap.start_tls(leg.sender, self.now(), info))
-                outcome = TlsEstablished(leg)
-        await self._execute(self.ctl.handle(outcome))
+        stream = self.client if leg is Leg.CLIENT else self.upstream
+        assert stream is not None
+        try:
+            tls, info = await handshake(self.config, leg, stream, self.local, mode)
+        except HandshakeFailed as exc:
+            return TlsFailed(leg, exc.reason)
+        if leg is Leg.CLIENT:
+            self.client = tls
+        else:
+            self.upstream = tls
+        self._observe()
+        self._backlog.extend(tap.start_tls(leg.sender, self.now(), info))
+        return TlsEstablished(leg)
 
     async def _half_close(self, direction: Direction) -> None:
         """Pass an EOF on (RFC 1939 §6: the server closes after QUIT's reply)."""
         self._poke.set()
         dst = self.upstream if direction is C else self.client
         if isinstance(dst, trio.abc.HalfCloseableStream):
-            async with self._locks[goes_to(direction)]:
-                with contextlib.suppress(*STREAM_ERRORS):
-                    await dst.send_eof()
+            with contextlib.suppress(*STREAM_ERRORS):
+                await dst.send_eof()
         elif direction is S:
             # A TLS leg cannot half-close (trio.SSLStream has no send_eof).  The server is
             # done and its direction drained: close the client leg now (close_notify).
@@ -557,15 +504,26 @@ class Session:
 
     async def _watchdog(self) -> None:
         ctl = self.ctl
-        while True:
-            remaining = ctl.deadline - self.now()
+        while ctl.ended is None:
+            self._wake = ctl.deadline
+            remaining = self._wake - self.now()
             if remaining <= 0:
                 with contextlib.suppress(_Abort):
                     await self._execute(ctl.handle(Tick(self.now())))
-                return
+                await trio.sleep(0)  # a deadline the tick did not move cannot spin the loop
+                continue
             with trio.move_on_after(min(remaining, 1.0)):
-                await self._poke.wait()  # an EOF shortens the limit: look again at once
+                await self._poke.wait()  # an EOF or a fault's pause moves the limit: look again
             self._poke = trio.Event()
+
+
+def _leg_of(command: RelayCommand) -> Leg | None:
+    """The leg a command writes to or changes (its turn there keeps the wire's order)."""
+    if isinstance(command, Forward | ForwardEof):
+        return goes_to(command.direction)
+    if isinstance(command, Send | StartTls):
+        return command.leg
+    return None
 
 
 def _first_cause(exc: BaseException) -> BaseException:

@@ -98,17 +98,9 @@ class ObserverFailed(Input):
 
 
 @dataclass(frozen=True, slots=True)
-class Inserted(Input):
-    """The pump sent ``length`` bytes of popproxy's own at the end of ``direction``'s
-    stream by itself (a fault rule's line): they take their place in the offsets."""
-
-    direction: Direction
-    length: int
-
-
-@dataclass(frozen=True, slots=True)
 class Tick(Input):
-    """The clock reached ``t`` (the pump sends one at each ``Controller.deadline``)."""
+    """The clock reached ``t`` (the pump sends one at each ``Controller.deadline``: an idle
+    limit, a linger, or the end of a fault's pause)."""
 
     t: float
 
@@ -133,11 +125,21 @@ class Forward(RelayCommand):
 
 @dataclass(frozen=True, slots=True)
 class Send(RelayCommand):
-    """Send bytes popproxy makes itself to ``leg``; recorded as popproxy's, with ``why``."""
+    """Send bytes popproxy makes itself to ``leg``; recorded as popproxy's, with ``why``
+    (``reserved``: already recorded by a ``Reserve``, when a fault's pause held it)."""
 
     leg: Leg
     data: bytes
     why: str
+    reserved: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(RelayCommand):
+    """popproxy's ``send`` waits behind a fault's pause: its bytes take their place in
+    the record now (the stream order the controller counted), and go out later."""
+
+    send: Send
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +193,12 @@ class ForwardEof(RelayCommand):
 
 @dataclass(frozen=True, slots=True)
 class Note(RelayCommand):
-    """A fact about the session for the record (``kind`` as in capture event records)."""
+    """A fact about the session for the record (``kind`` as in capture event records;
+    ``fields``: the record's other fields, e.g. a fault's rule and offset)."""
 
     kind: str
     detail: str
+    fields: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from popproxy.core.events import BodyChunk, BodyEnd, Direction, Event, Greeting, RawEvent, Reply
 from popproxy.core.events import Command as PopCommand
+from popproxy.faults.matcher import SessionFaults
+from popproxy.proxy.controller.faulting import FaultStage
 from popproxy.proxy.controller.io import (
     Cut,
     DataReceived,
@@ -21,7 +23,6 @@ from popproxy.proxy.controller.io import (
     ForwardEof,
     HoldReads,
     Input,
-    Inserted,
     Leg,
     Note,
     ObserverFailed,
@@ -123,6 +124,7 @@ class Controller:
         idle_timeout: float = 600.0,
         linger: float = 5.0,
         answer_timeout: float = 10.0,
+        faults: SessionFaults | None = None,
         t: float = 0.0,
     ) -> None:
         self.stls = stls
@@ -143,6 +145,9 @@ class Controller:
         self._transparent = False
         self._last = t
         self._out: list[RelayCommand] = []
+        # Fault rules (docs/faults.md): client lines wait to be placed by the observer, so
+        # a rule knows every command before the server (or popproxy) answers it.
+        self._stage = FaultStage(faults) if faults is not None and faults.faults else None
 
     # ----------------------------------------------------------------- public API
 
@@ -150,8 +155,15 @@ class Controller:
         """Take one input; return the commands it causes, to be executed in order."""
         out: list[RelayCommand] = []
         self._out = out
+        stage = self._stage
         if self.ended is not None:
             return out
+        if stage is not None:
+            return self._faulted(event, stage)
+        self._dispatch(event)
+        return out
+
+    def _dispatch(self, event: Input) -> None:
         if isinstance(event, DataReceived):
             self._data(event)
         elif isinstance(event, Parsed):
@@ -161,7 +173,7 @@ class Controller:
             self._flows[event.direction].eof = True
             if event.direction is S and self._awaiting_own():
                 self._refuse("upstream-error", "upstream closed before answering STLS")
-                return out
+                return
             self._settle()
         elif isinstance(event, TlsEstablished):
             self._tls_established(event.leg)
@@ -171,9 +183,52 @@ class Controller:
             self._observer_failed(event.reason)
         elif isinstance(event, Tick):
             self._tick(event.t)
-        elif isinstance(event, Inserted):
-            self._inserted(event.direction, event.length)
-        return out
+
+    def _faulted(self, event: Input, stage: FaultStage) -> list[RelayCommand]:
+        """``handle`` with fault rules: the controller decides, the rules reshape."""
+        t = getattr(event, "t", self._last)
+        released: list[RelayCommand] = []
+        if isinstance(event, Tick):
+            released = stage.release(t, self._upgrade is not None)
+            if released:
+                self._last = t  # idle and linger count from when held bytes went on
+            watch = stage.watch_fired(t)
+            if watch is not None:
+                self._out.append(Note("fault-close", watch.why))
+                if watch.reply:
+                    self._send(Leg.CLIENT, watch.reply, watch.why)
+                self._end("fault", watch.why)
+        elif isinstance(event, DataReceived) and event.direction is C:
+            stage.client_spoke(t)
+        if self.ended is None:
+            self._dispatch(event)
+        shaped = stage.shape(self._out, t, self._own_reply)
+        if stage.lifted and self.ended is None:
+            stage.lifted = False  # a rewritten listing went out: the client's lines follow
+            self._out = []
+            self._settle()
+            shaped += stage.shape(self._out, t, self._own_reply)
+        for command in (*released, *shaped):
+            if isinstance(command, EndSession):
+                self.ended = command
+                return [*released, *shaped]  # what follows a session's end never happens
+        if self.ended is not None and stage.resume_at is not None:
+            self.ended = None  # the end waits behind a pause: it takes effect when released
+        return [*released, *shaped]
+
+    def _own_reply(self, data: bytes, why: str, result: list[RelayCommand]) -> Send:
+        """A fault's bytes of popproxy's own to the client, at the server stream's end
+        (server bytes still undecided there are withheld: they would follow on the wire
+        but precede in the record)."""
+        flow = self._flows[S]
+        if flow.pending:
+            result.append(Drop(S, flow.decided, len(flow.pending), f"{why}: withheld"))
+            flow.pending.clear()
+            flow.decided = flow.received
+        flow.own.append((flow.received, flow.received + len(data)))
+        flow.received += len(data)
+        flow.decided = flow.received
+        return Send(Leg.CLIENT, data, why)
 
     def start(self) -> list[RelayCommand]:
         """The commands before the first read (--upstream-stls holds the client's bytes)."""
@@ -183,7 +238,16 @@ class Controller:
 
     @property
     def deadline(self) -> float:
-        """When the controller wants a ``Tick``: idle timeout, or linger after an EOF."""
+        """When the controller wants a ``Tick``: idle timeout, linger after an EOF, or a
+        fault's pause or idle limit (while a pause holds commands, only its end)."""
+        stage = self._stage
+        if stage is None:
+            return self._relay_deadline()
+        if stage.resume_at is not None:
+            return stage.resume_at
+        return min(stage.deadline, self._relay_deadline())
+
+    def _relay_deadline(self) -> float:
         flows = self._flows
         if self._awaiting_own():
             return self._last + self.answer_timeout
@@ -193,17 +257,6 @@ class Controller:
     @property
     def phase(self) -> Phase | None:
         return None if self._upgrade is None else self._upgrade.phase
-
-    @property
-    def shaping(self) -> bool:
-        """Whether the controller itself is deciding about bytes now (an STLS upgrade, a
-        CAPA filter): the pump's fault rules keep out of the way meanwhile."""
-        return (
-            self._upgrade is not None
-            or self._hiding()
-            or self._transparent
-            or self._filter_pending()
-        )
 
     def pending(self, direction: Direction) -> int:
         """Bytes of ``direction`` received and not yet decided about."""
@@ -236,6 +289,8 @@ class Controller:
             return True
         if self._blocked(direction):
             return False
+        if self._stage is not None and (direction is C or self._stage.engaged):
+            return False  # a rule may select these bytes: they are placed first
         if direction is C:
             # Only a chunk that may hold an STLS line waits for its events; an unfinished
             # line that may become STLS ("ST", then "LS\r\n") is never forwarded early.
@@ -300,7 +355,15 @@ class Controller:
         flow = self._flows[direction]
         if self._blocked(direction):
             return flow.decided
-        if self._transparent or flow.eof:
+        if self._transparent:
+            return flow.received
+        stage = self._stage
+        if stage is not None and direction is C:
+            # Faults: whole placed lines only, and never past a command popproxy answers.
+            cap = stage.client_cap(flow.decided)
+            limit = flow.received if flow.eof else flow.covered
+            return max(flow.decided, limit if cap is None else min(limit, cap))
+        if flow.eof:
             return flow.received
         if direction is C:
             if self._gated() and not self._open_verbs.get("AUTH", 0):
@@ -315,11 +378,42 @@ class Controller:
             limit = flow.covered
         elif self._capa_line is not None:
             limit = self._capa_line
-        elif self._filter_pending():
+        elif self._filter_pending() or (stage is not None and stage.engaged):
             limit = flow.covered
         return max(flow.decided, min(limit, flow.received))
 
     def _settle(self) -> None:
+        self._settle_flows()
+        while self._stage is not None and self._stage.answers and self._answer():
+            self._settle_flows()
+
+    def _answer(self) -> bool:
+        """Take the next step for the first command a rule answers; whether one was taken.
+
+        Its bytes are dropped once everything before them went on; popproxy's reply goes
+        out once the server has answered every command before it (RFC 2449 §6.6).
+        """
+        stage = self._stage
+        assert stage is not None
+        first = stage.answers[0]
+        if not first.dropped:
+            if self._flows[C].decided < first.offset:
+                return False
+            first.dropped = True
+            self._drop_to(C, first.offset + first.length, first.why)
+            inj = first.injection
+            fields = (("rule", inj.rule.text), ("index", inj.index), ("verb", inj.verb))
+            self._out.append(Note("fault", first.why, fields))
+        if any(seq < first.seq for seq in self._open):
+            return False
+        stage.answers.popleft()
+        self._finished(first.seq)
+        self._send(Leg.CLIENT, first.injection.action.reply, first.why)  # type: ignore[union-attr]
+        if not stage.answers and self._upgrade is None:
+            self._out.append(ResumeReads(Leg.CLIENT))
+        return True
+
+    def _settle_flows(self) -> None:
         for direction in (S, C):
             flow = self._flows[direction]
             if flow.pending:
@@ -367,15 +461,6 @@ class Controller:
         flow.decided = flow.received
         self._out.append(Send(leg, data, why))
 
-    def _inserted(self, direction: Direction, length: int) -> None:
-        flow = self._flows[direction]
-        # Inserting pumps act only when no decision is pending (``shaping`` is false), so
-        # the bytes land at the stream's end; were some pending, they would follow them.
-        at = flow.decided
-        flow.own.append((at, at + length))
-        flow.received += length
-        flow.decided += length
-
     def _is_own(self, direction: Direction, offset: int) -> bool:
         return any(lo <= offset < hi for lo, hi in self._flows[direction].own)
 
@@ -383,12 +468,16 @@ class Controller:
 
     def _parsed(self, events: tuple[Event, ...]) -> None:
         flows = self._flows
+        stage = None if self._transparent else self._stage
         for event in events:
             if isinstance(event, RawEvent):
                 end = event.offset + len(event.raw)
                 flow = flows[event.direction]
                 if end > flow.covered:
                     flow.covered = end
+            if stage is not None:
+                own = isinstance(event, RawEvent) and self._is_own(event.direction, event.offset)
+                stage.observe(event, own)
             if isinstance(event, PopCommand):
                 self._command(event)
             elif isinstance(event, Reply):
@@ -421,7 +510,15 @@ class Controller:
     def _command(self, command: PopCommand) -> None:
         self._open[command.seq] = command.verb
         self._open_verbs[command.verb] = self._open_verbs.get(command.verb, 0) + 1
-        if command.verb != "STLS" or self._is_own(C, command.offset):
+        own = self._is_own(C, command.offset)
+        stage = self._stage
+        if stage is not None and not own and not self._transparent:
+            answering = stage.command(command)
+            if answering is not None:
+                if len(stage.answers) == 1:
+                    self._out.append(HoldReads(Leg.CLIENT))  # bounded: later lines wait
+                return  # never reaches the server, whatever it is (STLS included)
+        if command.verb != "STLS" or own:
             return
         end = command.offset + len(command.raw)
         flow = self._flows[C]
@@ -627,7 +724,7 @@ class Controller:
         self._settle()
 
     def _tick(self, t: float) -> None:
-        if t < self.deadline:
+        if t < self._relay_deadline():
             return
         flows = self._flows
         if self._awaiting_own():
