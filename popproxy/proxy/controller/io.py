@@ -198,7 +198,7 @@ class Note(RelayCommand):
 
     kind: str
     detail: str
-    fields: tuple[tuple[str, object], ...] = ()
+    fields: tuple[tuple[str, str | int | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
