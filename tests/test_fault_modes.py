@@ -164,3 +164,46 @@ async def test_record_advertises_a_mechanism_and_refuses_it(
         records = list(reader.records())
     own = b"".join(r.data or b"" for r in records if r.kind == "d" and r.fields.get("p"))
     assert b"XOAUTH2" in own and said in own  # popproxy's bytes, never the server's
+
+
+async def test_throttle_paces_a_reply_and_keeps_its_bytes(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, dovecot, faults=_faults("RETR 3: throttle 16KiB/s"))
+    pw = dovecot.users[ALICE]
+    async with running(config) as port:
+        t0 = time.monotonic()
+        got = await trio.to_thread.run_sync(
+            lambda: clients.curl_fetch(HOST, port, ALICE, pw, msg=3, timeout=CLIENT_TIMEOUT)
+        )
+        took = time.monotonic() - t0
+        [path] = await wait_captures(config, 1)
+    assert got == STANDARD_MESSAGES[2]  # 4,952 octets, every one of them
+    assert took >= 4952 / 16384 * 0.8  # paced by the controller's ticks
+    assert any(e["kind"] == "fault" for e in _events(path))
+
+
+async def test_undone_dot_stuffing_ends_the_message_early_for_poplib(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, dovecot, faults=_faults("RETR 2: corrupt unstuffed"))
+    pw = dovecot.users[ALICE]
+
+    def retr() -> list[bytes]:
+        c = poplib.POP3(HOST, port, timeout=CLIENT_TIMEOUT)
+        try:
+            c.user(ALICE)
+            c.pass_(pw)
+            return list(c.retr(2)[1])
+        finally:
+            c.close()
+
+    async with running(config) as port:
+        lines = await trio.to_thread.run_sync(retr)
+        [path] = await wait_captures(config, 1)
+    expected = STANDARD_MESSAGES[1].split(b"\r\n")
+    # The body's "." line (sent as "..") now reads as the terminator: the message ends there.
+    assert lines == expected[: expected.index(b".")]
+    with CaptureReader(path) as reader:
+        drops = [r.fields for r in reader.records() if r.kind == "drop"]
+    assert drops and all("dot-stuffing undone" in d["why"] for d in drops)
