@@ -1,8 +1,11 @@
-"""TLS on the proxy's two legs: popproxy's server contexts, handshakes, and what they say."""
+"""The proxy's two legs: TLS (server contexts, handshakes, what they say) and closing them."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
+import struct
 from typing import Any
 
 import trio
@@ -82,3 +85,35 @@ def _server_context(config: ProxyConfig, local: str) -> ssl.SSLContext:
     if ctx is None:
         ctx = _server_contexts[key] = server_context(ca, default_host=name, local_ip=local_ip)
     return ctx
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """The real cause behind "all attempts to connect failed" (e.g. out of descriptors)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return cause.exceptions[0]
+    return exc
+
+
+def abort_on_close(stream: trio.abc.Stream) -> None:
+    """Make closing ``stream`` send an RST instead of a FIN (SO_LINGER with 0 s)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send a last line; a peer already gone (or a stream busy) is not an error here."""
+    try:
+        await stream.send_all(data)
+    except (*STREAM_ERRORS, trio.BusyResourceError):
+        pass
+
+
+async def close_quietly(stream: trio.abc.Stream) -> None:
+    try:
+        await stream.aclose()
+    except (*STREAM_ERRORS, trio.BusyResourceError):
+        pass

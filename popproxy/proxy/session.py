@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import socket
-import struct
-from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -16,7 +13,7 @@ import trio
 
 from popproxy.capture.format import SessionEnd
 from popproxy.capture.recorder import MIN_ROOM, CaptureUnavailable, Recorder
-from popproxy.core import Direction, Event
+from popproxy.core import Direction
 from popproxy.hints import Leg as HintLeg
 from popproxy.netutil import STREAM_ERRORS, describe_error, stream_address
 from popproxy.proxy.config import ProxyConfig
@@ -35,19 +32,25 @@ from popproxy.proxy.controller import (
     ObserverFailed,
     Parsed,
     RelayCommand,
-    Reserve,
     ResumeReads,
     Send,
     StartTls,
     Tick,
     TlsEstablished,
-    TlsFact,
     TlsFailed,
     goes_to,
 )
-from popproxy.proxy.controller import Drop as DropCommand
-from popproxy.proxy.legs import HandshakeFailed, handshake
+from popproxy.proxy.feed import Feed
+from popproxy.proxy.legs import (
+    HandshakeFailed,
+    abort_on_close,
+    close_quietly,
+    first_cause,
+    handshake,
+    send_quietly,
+)
 from popproxy.proxy.tap import Tap
+from popproxy.proxy.turns import Turns, leg_of
 from popproxy.proxy.view import SessionView
 
 C, S = Direction.CLIENT, Direction.SERVER
@@ -104,19 +107,11 @@ class Session:
         self._first_eof: str | None = None  # "client" or "server": who closed first
         self._cut = Cut.FIN
         self._scope: trio.CancelScope | None = None
-        # Each leg serves command batches in the controller's order (tickets): a batch
-        # keeps its leg until its last command there is done, so nothing overtakes.
-        self._tickets = {Leg.CLIENT: 0, Leg.UPSTREAM: 0}
-        self._serving = {Leg.CLIENT: 0, Leg.UPSTREAM: 0}
-        self._turn = {Leg.CLIENT: trio.Event(), Leg.UPSTREAM: trio.Event()}
-        self._waiting = {Leg.CLIENT: 0, Leg.UPSTREAM: 0}
+        self._turns = Turns()  # each leg serves batches in the controller's order
+        self.feed: Feed | None = None
         self._wake = float("inf")  # when the watchdog looks next
         self._reading = {Leg.CLIENT: trio.Event(), Leg.UPSTREAM: trio.Event()}
         self._poke = trio.Event()  # wakes the watchdog when a direction closes
-        # Chunks received (and popproxy's own bytes) not parsed yet, in arrival order across
-        # both pumps, so a reply is never parsed before its command.
-        self._unfed: deque[tuple[Direction, float, bytes, str | None]] = deque()
-        self._backlog: list[Event] = []  # parsed, not yet reported to the controller
         self._told_broken = False
 
     # ----------------------------------------------------------------- life cycle
@@ -138,8 +133,8 @@ class Session:
             if self.view:
                 self.view.failed(self.number, self.peer, exc.reason)
             with trio.move_on_after(2):
-                await _send_quietly(self.client, REFUSED % exc.cause.encode(errors="replace"))
-            await _close_quietly(self.client)
+                await send_quietly(self.client, REFUSED % exc.cause.encode(errors="replace"))
+            await close_quietly(self.client)
             return
         recorder = self.recorder
         assert recorder is not None
@@ -160,8 +155,8 @@ class Session:
                 for stream in (self.client, self.upstream):
                     if stream is not None:
                         if self._cut is Cut.RST:
-                            _abort_on_close(stream)
-                        await _close_quietly(stream)
+                            abort_on_close(stream)
+                        await close_quietly(stream)
 
     def _open_capture(self) -> None:
         cfg = self.config
@@ -175,12 +170,13 @@ class Session:
             view, number = self.view, self.number
             sink = lambda items: view.items(number, items)  # noqa: E731
         self.tap = Tap(self.recorder.writer, sink, body_items=65536 if cfg.verbose else 0)
+        self.feed = Feed(self.tap, self.now, self._notice)
 
     def _finish(self) -> None:
         """Close the observer's streams and write the end record, synchronously."""
-        tap, recorder = self.tap, self.recorder
-        assert tap is not None and recorder is not None
-        self._observe()  # chunks relayed (or received) just before the end
+        tap, recorder, feed = self.tap, self.recorder, self.feed
+        assert tap is not None and recorder is not None and feed is not None
+        feed.observe()  # chunks relayed (or received) just before the end
         t = self.now()
         for direction in (S, C):
             if not self._eof[direction]:
@@ -212,7 +208,7 @@ class Session:
             reason = (
                 "timed out"
                 if isinstance(exc, trio.TooSlowError)
-                else describe_error(_first_cause(exc), HintLeg.UPSTREAM)
+                else describe_error(first_cause(exc), HintLeg.UPSTREAM)
             )
             await self._refuse(
                 "upstream-error", f"cannot reach upstream {cfg.upstream_text}: {reason}"
@@ -256,17 +252,18 @@ class Session:
         """Tell the client in one POP3 line why there is no session, then stop."""
         self.end(how, reason)
         line = f"-ERR [SYS/TEMP] popproxy: {reason}\r\n".encode()
-        self._unfed.append((S, self.now(), line, reason))
-        self._observe()
+        assert self.feed is not None
+        self.feed.own(S, line, reason)
+        self.feed.observe()
         with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await _send_quietly(self.client, line)
+            await send_quietly(self.client, line)
         raise _Abort
 
     # ----------------------------------------------------------------- the pump
 
     async def _pump(self, leg: Leg) -> None:
-        recorder, ctl = self.recorder, self.ctl
-        assert recorder is not None
+        recorder, ctl, feed = self.recorder, self.ctl, self.feed
+        assert recorder is not None and feed is not None
         direction = leg.sender
         size = CHUNK
         with contextlib.suppress(_Abort):
@@ -296,119 +293,73 @@ class Session:
                     self._first_eof = self._first_eof or NAMES[leg]
                     self._poke.set()
                     commands = ctl.handle(EofReceived(direction, t))
-                    self._record(commands)  # popproxy's last words go before the EOF
-                    self._unfed.append((direction, t, data, None))
+                    feed.record(commands)  # popproxy's last words go before the EOF
+                    feed.received(direction, t, data)
                     await self._execute(commands, recorded=True)
                     return
-                self._unfed.append((direction, t, data, None))
+                feed.received(direction, t, data)
                 await self._execute(ctl.handle(DataReceived(direction, data, t)))
                 recorder.changed()
 
     async def _execute(self, commands: list[RelayCommand], *, recorded: bool = False) -> None:
         """Do what the controller asked, then report what the observer made of it."""
-        ctl = self.ctl
+        ctl, feed, tap = self.ctl, self.feed, self.tap
+        assert feed is not None and tap is not None
         while True:
             first = commands[0] if len(commands) == 1 else None
             if isinstance(first, Forward):
                 await self._forward(first)  # the hot path
             elif commands:
                 if not recorded:
-                    self._record(commands)  # before any await: the record's order is the wire's
+                    feed.record(commands)  # before any await: the record's order is the wire's
                 recorded = False
                 outcome = await self._run(commands)
                 if outcome is not None:
                     await self._execute(ctl.handle(outcome))
             if self._timed and ctl.deadline < self._wake:
                 self._poke.set()  # a fault's pause began: the watchdog ends it on time
-            self._observe()
-            broken = self.tap.broken if self.tap is not None else None
-            if broken is not None and not self._told_broken:
+            feed.observe()
+            if tap.broken is not None and not self._told_broken:
                 self._told_broken = True  # no more events will come: relay control lets go
-                self._backlog = []
-                commands = ctl.handle(ObserverFailed(broken))
+                feed.forget()
+                commands = ctl.handle(ObserverFailed(tap.broken))
                 continue
-            if not self._backlog:
+            events = feed.take()
+            if not events:
                 return
-            events, self._backlog = tuple(self._backlog), []
             commands = ctl.handle(Parsed(events))
-            if not commands and not self._unfed:
+            if not commands and not feed.waiting:
                 return  # the common case: the events changed nothing
 
     async def _run(self, commands: list[RelayCommand]) -> Input | None:
         """Execute one batch, each leg's commands in their turn; a handshake's outcome is
         returned, to be handled once the batch has let go of its legs."""
+        turns = self._turns
         tickets: dict[Leg, int] = {}
         last: dict[Leg, int] = {}
         for i, command in enumerate(commands):
-            leg = _leg_of(command)
+            leg = leg_of(command)
             if leg is not None:
                 if leg not in tickets:
-                    tickets[leg] = self._tickets[leg]
-                    self._tickets[leg] += 1
+                    tickets[leg] = turns.take(leg)
                 last[leg] = i
         outcome: Input | None = None
         try:
             for i, command in enumerate(commands):
-                leg = _leg_of(command)
+                leg = leg_of(command)
                 if leg is not None:
-                    await self._wait_turn(leg, tickets[leg])
+                    await turns.wait(leg, tickets[leg])
                 if isinstance(command, StartTls):
                     outcome = await self._start_tls(command.leg, command.mode)
                 else:
                     await self._act(command)
                 if leg is not None and last[leg] == i:
                     del tickets[leg]
-                    self._next_turn(leg)
+                    turns.done(leg)
         finally:
             for leg in tickets:  # an abort: later batches must not wait for this one
-                self._next_turn(leg)
+                turns.done(leg)
         return outcome
-
-    async def _wait_turn(self, leg: Leg, ticket: int) -> None:
-        self._waiting[leg] += 1
-        try:
-            while self._serving[leg] != ticket:
-                await self._turn[leg].wait()
-        finally:
-            self._waiting[leg] -= 1
-
-    def _next_turn(self, leg: Leg) -> None:
-        self._serving[leg] += 1
-        if self._waiting[leg]:
-            self._turn[leg].set()
-            self._turn[leg] = trio.Event()
-
-    def _record(self, commands: list[RelayCommand]) -> None:
-        tap = self.tap
-        assert tap is not None
-        for command in commands:
-            if isinstance(command, Send | Reserve):
-                send = command.send if isinstance(command, Reserve) else command
-                if not send.reserved:  # a reserved send was recorded by its Reserve
-                    direction = S if send.leg is Leg.CLIENT else C
-                    self._unfed.append((direction, self.now(), send.data, send.why))
-            elif isinstance(command, DropCommand):
-                tap.drop(command.direction, command.offset, command.length, command.why)
-                who = "client" if command.direction is C else "server"
-                tap.note(
-                    self.now(),
-                    f"✂ popproxy did not forward {command.length} octets from the {who}: "
-                    f"{command.why}",
-                )
-            elif isinstance(command, Note):
-                tap.event(self.now(), command.kind, detail=command.detail, **dict(command.fields))
-                tap.note(self.now(), f"● popproxy: {command.kind} {command.detail or ''}".rstrip())
-                if command.kind.startswith("fault"):
-                    self._notice(command)
-            elif isinstance(command, TlsFact):
-                self._observe()
-                leg = "upstream" if command.direction is S else "client"
-                info = {"leg": "both" if command.mode == "passthrough" else leg}
-                info["mode"] = command.mode
-                events = tap.start_tls(
-                    command.direction, self.now(), info, decrypted=command.decrypted
-                )
-                self._backlog.extend(events)
 
     def _notice(self, note: Note) -> None:
         """The live view's one-line notice of a fault (docs/faults.md)."""
@@ -436,26 +387,15 @@ class Session:
             self.end(command.how, command.error)
             raise _Abort
 
-    def _observe(self) -> None:
-        """Feed the tap every chunk not yet fed, oldest first; keep the events."""
-        tap = self.tap
-        assert tap is not None
-        unfed, backlog = self._unfed, self._backlog
-        while unfed:
-            direction, t, data, why = unfed.popleft()
-            backlog.extend(tap.data(direction, t, data, proxy=why is not None, why=why))
-
     async def _forward(self, command: Forward) -> None:
         """Relay a peer's bytes: a batch of one, in its leg's turn."""
-        leg = goes_to(command.direction)
-        ticket = self._tickets[leg]
-        self._tickets[leg] = ticket + 1
+        leg, turns = goes_to(command.direction), self._turns
+        ticket = turns.take(leg)
         try:
-            if self._serving[leg] != ticket:
-                await self._wait_turn(leg, ticket)
+            await turns.wait(leg, ticket)
             await self._send(leg, command.data)
         finally:
-            self._next_turn(leg)
+            turns.done(leg)
 
     async def _send(self, leg: Leg, data: bytes, *, quiet: bool = False) -> None:
         """Send on ``leg`` (the caller holds the leg's turn: an STLS upgrade swaps the
@@ -472,10 +412,8 @@ class Session:
 
     async def _start_tls(self, leg: Leg, mode: str) -> TlsEstablished | TlsFailed:
         """The handshake a controller's ``StartTls`` asked for; its outcome to report."""
-        tap = self.tap
-        assert tap is not None
         stream = self.client if leg is Leg.CLIENT else self.upstream
-        assert stream is not None
+        assert stream is not None and self.feed is not None
         try:
             tls, info = await handshake(self.config, leg, stream, self.local, mode)
         except HandshakeFailed as exc:
@@ -484,8 +422,7 @@ class Session:
             self.client = tls
         else:
             self.upstream = tls
-        self._observe()
-        self._backlog.extend(tap.start_tls(leg.sender, self.now(), info))
+        self.feed.tls(leg.sender, info, decrypted=True)
         return TlsEstablished(leg)
 
     async def _half_close(self, direction: Direction) -> None:
@@ -515,43 +452,3 @@ class Session:
             with trio.move_on_after(min(remaining, 1.0)):
                 await self._poke.wait()  # an EOF or a fault's pause moves the limit: look again
             self._poke = trio.Event()
-
-
-def _leg_of(command: RelayCommand) -> Leg | None:
-    """The leg a command writes to or changes (its turn there keeps the wire's order)."""
-    if isinstance(command, Forward | ForwardEof):
-        return goes_to(command.direction)
-    if isinstance(command, Send | StartTls):
-        return command.leg
-    return None
-
-
-def _first_cause(exc: BaseException) -> BaseException:
-    """The real cause behind "all attempts to connect failed" (e.g. out of descriptors)."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        return cause.exceptions[0]
-    return exc
-
-
-def _abort_on_close(stream: trio.abc.Stream) -> None:
-    """Make closing ``stream`` send an RST instead of a FIN (SO_LINGER with 0 s)."""
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        with contextlib.suppress(OSError):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
-    try:
-        await stream.send_all(data)
-    except (*STREAM_ERRORS, trio.BusyResourceError):
-        pass
-
-
-async def _close_quietly(stream: trio.abc.Stream) -> None:
-    try:
-        await stream.aclose()
-    except (*STREAM_ERRORS, trio.BusyResourceError):
-        pass
