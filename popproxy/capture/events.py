@@ -7,9 +7,17 @@ from collections.abc import Iterator
 from popproxy.capture import format as fmt
 from popproxy.capture.format import Record
 from popproxy.capture.reader import CaptureReader
-from popproxy.core import AuthIdentity, Direction, Event, Observer, PopproxyClosed, PopproxySent
+from popproxy.core import (
+    AuthIdentity,
+    Direction,
+    Event,
+    Observer,
+    PopproxyClosed,
+    PopproxyDropped,
+    PopproxySent,
+)
 
-_STREAM_KINDS = frozenset({fmt.DATA, fmt.TLS, fmt.EOF, fmt.OPAQUE})
+_STREAM_KINDS = frozenset({fmt.DATA, fmt.TLS, fmt.EOF, fmt.OPAQUE, fmt.DROP})
 
 
 def replay_events(
@@ -42,6 +50,11 @@ def replay_events(
                 events += obs.receive_data(direction, record.data)
             elif kind == fmt.TLS:
                 events = obs.start_tls(direction, decrypted=record.decrypted)
+            elif kind == fmt.DROP and record.length > 0:
+                # Bytes popproxy received and never forwarded: the transcript's, not the
+                # observer's (it reads the stream as each peer sent it).
+                why = record.why or "dropped"
+                events = [PopproxyDropped(direction, record.offset, record.length, why)]
             elif kind == fmt.OPAQUE:
                 events = obs.go_opaque(direction, record.why or "not POP3")
             elif kind == fmt.EOF:

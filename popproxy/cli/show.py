@@ -199,12 +199,14 @@ def _item_line(item: Item, verb: str | None, errors: bool) -> Text | None:
     if (
         errors
         and item.what != "anomaly"
-        and not (item.what == "done" and ex is not None and ex.status not in ("+OK", None))
+        and not (
+            item.what in ("done", "withheld") and ex is not None and ex.status not in ("+OK", None)
+        )
     ):
         return None
     if item.what == "command" and ex is not None:
         return render.command_line(ex)
-    if item.what == "done" and ex is not None:
+    if item.what in ("done", "withheld") and ex is not None:
         if errors and ex.kind == "command":
             line = render.command_line(ex)
             line.append("  →  ")

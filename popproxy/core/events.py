@@ -251,3 +251,14 @@ class PopproxyClosed(Event):
 
     direction: Direction
     why: str
+
+
+@dataclass(frozen=True, slots=True)
+class PopproxyDropped(Event):
+    """``length`` bytes of ``direction``'s stream from ``offset`` were received but never
+    forwarded by popproxy (``why``): the other side never got them; not an observer event."""
+
+    direction: Direction
+    offset: int
+    length: int
+    why: str

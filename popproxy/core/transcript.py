@@ -12,6 +12,7 @@ from email.policy import default as default_policy
 from typing import Any
 
 from popproxy.core import sasl
+from popproxy.core.actors import Actors, OwnLine
 from popproxy.core.credentials import mask_spans
 from popproxy.core.events import (
     Anomaly,
@@ -23,7 +24,9 @@ from popproxy.core.events import (
     Direction,
     Event,
     Greeting,
+    Injected,
     PopproxyClosed,
+    PopproxyDropped,
     PopproxySent,
     Reply,
     SaslChallenge,
@@ -84,9 +87,10 @@ class ItemKind(enum.StrEnum):
     NOTE = "note"  # a capture record worth a line (TLS, popproxy's own bytes, the end)
     REPLY = "reply"  # a multi-line reply's status line, before its body
     UNFINISHED = "unfinished"  # an exchange the capture left open
+    WITHHELD = "withheld"  # popproxy kept a reply from the client (and maybe sent its own)
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """A command and everything the server answered to it (or a greeting / unsolicited line)."""
 
@@ -110,13 +114,27 @@ class Exchange:
     t_end: float | None = None
     message: MessageSummary | None = None
     state: State | None = None  # the session state when the command was sent
-    reply_by: str = "server"  # or "popproxy": who made the status line
+    # Three actors (docs/show.schema.json): the status line is the one the client got.
+    command_by: str | None = None  # "client", or "popproxy": its own (--upstream-stls)
+    reply_by: str = "server"  # or "popproxy": it made the status line, or withheld the server's
+    reply_why: str | None = None  # why popproxy made or withheld it
+    withheld: dict[str, Any] | None = None  # the server's status line the client never got
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # bytes popproxy did not forward
+    truncated_by: str | None = None  # whose close cut the body off: "server" or "popproxy"
     client_octets: int = 0
     server_octets: int = 0
     shown: int = 0
     _hash: Any = None
     _head: bytearray | None = None
     _reopened: bool = False  # a single-line reply that a body followed after all
+    # Where its bytes lie in each stream, for drops (core/actors.py): -1 while none there.
+    _c_lo: int = -1
+    _c_hi: int = -1
+    _s_lo: int = -1
+    _s_hi: int = -1
+    _status_lo: int = -1
+    _status_hi: int = -1
+    _status_dropped: int = 0
 
     @property
     def done(self) -> bool:
@@ -136,11 +154,16 @@ class Exchange:
             "body_octets": self.body_octets,
             "body_sha256": self.body_sha256,
             "truncated": self.truncated,
+            "truncated_by": self.truncated_by,
             "value": list(self.value) if self.value is not None else None,
             "listing": [list(x) for x in self.listing] if self.listing is not None else None,
             "sasl": self.sasl,
             "state": self.state,
+            "command_by": self.command_by,
             "reply_by": self.reply_by,
+            "reply_why": self.reply_why,
+            "withheld": self.withheld,
+            "dropped": self.dropped,
             "message": self.message.to_json() if self.message else None,
             "t_sent": self.t_sent,
             "t_reply": self.t_reply,
@@ -163,6 +186,8 @@ class SessionSummary:
     verbs: dict[str, int] = field(default_factory=dict)  # commands sent, per verb
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
+    closes: list[dict[str, Any]] = field(default_factory=list)  # d, by, why (popproxy's)
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # every drop: from, octets, why
 
 
 @dataclass(frozen=True)
@@ -213,23 +238,44 @@ class TranscriptBuilder:
             StateChanged: self._state,
             TlsStarted: self._tls,
             ConnectionClosed: self._closed,
+            Injected: self._injected,
+            PopproxyDropped: self._dropped,
         }
         self._echoes: list[Secret] = []
         self._by_popproxy: Direction | None = None  # whose bytes the current batch holds
+        self._why: str | None = None  # and why popproxy made them
         self._last_done: Exchange | None = None  # the last exchange a status line finished
+        self._actors: Actors[Exchange] = Actors()  # popproxy's drops (core/actors.py)
+        self.session.dropped = self._actors.dropped
 
     def feed(self, t: float, events: list[Event]) -> list[Item]:
         items: list[Item] = []
         self._by_popproxy = None
+        actors = self._actors
+        actors.batch += 1
+        settled = False  # this batch holds more than drop records
         for event in events:
             if isinstance(event, (PopproxySent, PopproxyClosed)):
                 # What the observer makes of these bytes (or this close) is popproxy's act.
-                self._by_popproxy = event.direction
+                self._by_popproxy, self._why = event.direction, event.why
                 continue
+            if type(event) is not PopproxyDropped:
+                settled = True
             item = self._one(t, event)
             if item is not None:
                 items.append(item)
+        if settled and actors.waiting:
+            items[0:0] = self._shown(actors.release(t))
+        if actors.out:
+            items += self._shown(actors.out)
+            actors.out.clear()
         return items
+
+    @property
+    def waiting(self) -> bool:
+        """Whether an exchange just done may still change with the next record (a drop
+        record saying popproxy withheld its reply follows the reply's data)."""
+        return self._actors.waiting
 
     def _popproxys(self, direction: Direction) -> bool:
         return self._by_popproxy is direction
@@ -253,8 +299,11 @@ class TranscriptBuilder:
             args,
             t_sent=t,
             state=session.state,
+            command_by="popproxy" if self._by_popproxy is Direction.CLIENT else "client",
             client_octets=len(event.raw),
         )
+        self._actors.recent.append(ex)
+        self._actors.place(ex, event, t)
         if event.verb == "USER" and event.args:
             session.user = event.args
         elif event.verb == "APOP" and event.args:
@@ -264,10 +313,14 @@ class TranscriptBuilder:
 
     def _reply(self, t: float, event: Reply) -> Item | None:
         session = self.session
-        ex = self._open.get(event.seq) or Exchange(ExchangeKind.COMMAND, event.seq, event.verb)
+        ex = self._open.get(event.seq)
+        if ex is None:
+            ex = Exchange(ExchangeKind.COMMAND, event.seq, event.verb)
+            self._actors.recent.append(ex)
         ex.status, ex.code, ex.text = event.status, event.code, event.text
         if self._popproxys(event.direction):
-            ex.reply_by = "popproxy"
+            ex.reply_by, ex.reply_why = "popproxy", self._why
+        self._actors.place(ex, event, t, True)
         if event.status == "-ERR":
             session.errors += 1
         if event.verb == "QUIT" and event.status == "+OK":
@@ -295,6 +348,7 @@ class TranscriptBuilder:
             found._hash = hashlib.sha256() if self.hash_bodies else None
         ex = found
         ex.server_octets += len(event.raw)
+        self._actors.place(ex, event, t)
         if ex._hash is not None:
             ex._hash.update(event.data)
         if ex._head is not None and len(ex._head) < HEAD_LIMIT:
@@ -317,7 +371,11 @@ class TranscriptBuilder:
         ex = self._open.pop(event.seq)
         ex.multiline = True
         ex.body_lines, ex.body_octets, ex.truncated = event.lines, event.octets, event.truncated
+        if event.truncated:
+            ex.truncated_by = "popproxy" if self._popproxys(event.direction) else "server"
         ex.server_octets += len(event.raw)
+        if event.raw:
+            self._actors.place(ex, event, t)
         if self.keep_listings:
             ex.listing = event.listing
         if ex._hash is not None:
@@ -341,6 +399,7 @@ class TranscriptBuilder:
         sasl_ex = self._open.get(event.seq)
         if sasl_ex is not None:
             sasl_ex.server_octets += len(event.raw)
+            self._actors.place(sasl_ex, event, t)
             raw = event.raw
             if not self.reveal_secrets:  # a challenge that echoes a credential
                 raw = mask_spans(raw, event.offset, self._echoes)
@@ -353,6 +412,7 @@ class TranscriptBuilder:
         sasl_ex = self._open.get(event.seq)
         if sasl_ex is not None:
             sasl_ex.client_octets += len(event.raw)
+            self._actors.place(sasl_ex, event, t)
             entry = sasl.client_entry(sasl_ex.args, sasl_ex.sasl, event.raw)
             sasl_ex.sasl.append(entry)
             return Item(ItemKind.SASL, t, sasl_ex, entry)
@@ -365,13 +425,21 @@ class TranscriptBuilder:
         return Item(ItemKind.DONE, t, self._server_line(ExchangeKind.GREETING, event, t))
 
     def _unsolicited(self, t: float, event: Unsolicited) -> Item | None:
-        return Item(ItemKind.DONE, t, self._server_line(ExchangeKind.UNSOLICITED, event, t))
+        before = self._actors.last_server
+        ex = self._server_line(ExchangeKind.UNSOLICITED, event, t)
+        if ex.reply_by == "popproxy":
+            line = OwnLine(event.offset, ex.status, ex.code, ex.text, t, ex.reply_why, ex)
+            if self._actors.own_line(line, before):
+                return None  # the reply to a withheld exchange (or it may be, once a drop says)
+        return Item(ItemKind.DONE, t, ex)
 
-    def _server_line(self, kind: ExchangeKind, event: Greeting | Unsolicited, t: float) -> Exchange:
-        ex = _server_line(kind, event, t)
-        if self._popproxys(event.direction):  # e.g. a fault's line in the greeting's place
-            ex.reply_by = "popproxy"
-        return ex
+    def _injected(self, t: float, event: Injected) -> Item | None:
+        """popproxy's line where the server's withheld ``+OK`` to STLS was (the upstream
+        handshake failed): the reply the client got."""
+        if event.direction is Direction.SERVER and self._popproxys(event.direction):
+            line = Actors.parse(event.offset, event.raw, t, self._why)
+            self._actors.own_line(line, self._actors.last_server)
+        return None
 
     def _identity(self, t: float, event: AuthIdentity) -> Item | None:
         session = self.session
@@ -411,6 +479,8 @@ class TranscriptBuilder:
         session = self.session
         who = "popproxy" if self._popproxys(event.direction) else _peer(event.direction)
         session.closed.append(who)
+        why = self._why if who == "popproxy" else None
+        session.closes.append({"d": event.direction.value, "by": who, "why": why})
         return Item(ItemKind.CLOSED, t, None, who)
 
     def _reopen(self, seq: int) -> Exchange:
@@ -427,22 +497,39 @@ class TranscriptBuilder:
         return orphan
 
     def unfinished(self) -> list[Exchange]:
-        """Exchanges still open (no reply, or a body cut off): shown at the end of a session."""
-        return sorted(self._open.values(), key=lambda ex: ex.seq or 0)
+        """Exchanges still open (no reply, or a body cut off): shown at the end of a session;
+        with popproxy's last line if the capture ended while it waited for a drop."""
+        out = sorted(self._open.values(), key=lambda ex: ex.seq or 0)
+        return out + self._actors.held()
 
+    def _server_line(self, kind: ExchangeKind, event: Greeting | Unsolicited, t: float) -> Exchange:
+        """An exchange of one server line answering no command: the greeting, or unsolicited."""
+        ex = Exchange(
+            kind,
+            None,
+            status=event.status,
+            code=event.code,
+            text=event.text,
+            t_reply=t,
+            t_end=t,
+            server_octets=len(event.raw),
+        )
+        if self._popproxys(event.direction):
+            ex.reply_by, ex.reply_why = "popproxy", self._why
+        self._actors.recent.append(ex)
+        self._actors.place(ex, event, t, True)
+        return ex
 
-def _server_line(kind: ExchangeKind, event: Greeting | Unsolicited, t: float) -> Exchange:
-    """An exchange of one server line that answers no command: the greeting, or unsolicited."""
-    return Exchange(
-        kind,
-        None,
-        status=event.status,
-        code=event.code,
-        text=event.text,
-        t_reply=t,
-        t_end=t,
-        server_octets=len(event.raw),
-    )
+    # ----------------------------------------------------------------- three actors
+
+    def _dropped(self, t: float, event: PopproxyDropped) -> Item | None:
+        self._actors.drop(event.direction, event.offset, event.length, event.why, t)
+        return None
+
+    @staticmethod
+    def _shown(what: list[tuple[str, Exchange, float]]) -> list[Item]:
+        """Items the three-actor tracker has for the views (withheld replies, lines)."""
+        return [Item(ItemKind(kind), when, ex, ex.withheld) for kind, ex, when in what]
 
 
 def _summarise(summary: MessageSummary, head: bytes) -> None:

@@ -9,7 +9,7 @@ from popproxy.capture.events import replay_events
 from popproxy.capture.reader import CaptureReader
 from popproxy.core.transcript import Exchange, TranscriptBuilder
 
-SCHEMA_VERSION = 2  # docs/show.schema.json: replies and anomalies say who made them
+SCHEMA_VERSION = 3  # docs/show.schema.json: the reply the client got, with what popproxy withheld
 
 
 def capture_json(reader: CaptureReader, *, reveal: bool = False) -> dict[str, Any]:

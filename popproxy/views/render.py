@@ -55,7 +55,10 @@ def prefix(t: float | None, tag: Text | None = None) -> Text:
 def command_line(ex: Exchange, tag: Text | None = None) -> Text:
     """``C: VERB args`` (credential spans arrive masked from the observer)."""
     text = prefix(ex.t_sent, tag)
-    text.append("C: ", style="pop.client")
+    if ex.command_by == "popproxy":  # three actors: popproxy's own command to the server
+        text.append("popproxy → S: ", style="pop.warning")
+    else:
+        text.append("C: ", style="pop.client")
     safe.append(text, ex.command or "?", "pop.client")
     if ex.args is not None:
         text.append(" ")
@@ -88,7 +91,10 @@ def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) ->
     else:
         text.append("S: ", style="pop.server")
     if ex.status is None:
-        if ex.kind == "unsolicited":  # a line that is not a status line at all
+        if ex.withheld is not None:
+            text.append("(no reply)", style="pop.err")
+            _append_withheld(text, ex.withheld)
+        elif ex.kind == "unsolicited":  # a line that is not a status line at all
             _append_masked(text, ex.text or "")
             text.append("  (not a status line)", style="pop.warning")
         else:
@@ -106,10 +112,25 @@ def reply_line(ex: Exchange, tag: Text | None = None, *, folded: bool = True) ->
         text.append("  unsolicited", style="pop.warning")
     elif ex.t_sent is not None and ex.t_reply is not None:
         safe.append(text, f"  ({fmt_ms(ex.t_reply - ex.t_sent)})", "pop.latency")
-    if folded and ex.multiline:
+    if ex.withheld is not None:
+        _append_withheld(text, ex.withheld)
+    elif folded and ex.multiline:
         text.append("  ")
         text.append_text(body_summary(ex))
     return text
+
+
+def _append_withheld(text: Text, withheld: dict[str, Any]) -> None:
+    """``✂ withheld: the server's +OK go ahead (why)``: a reply the client never got."""
+    text.append("  ✂ withheld from the client: the server's ", style="pop.warning")
+    safe.append(text, str(withheld.get("status") or "line"), _status_style(withheld.get("status")))
+    if withheld.get("code"):
+        safe.append(text, f" [{withheld['code']}]", "pop.code")
+    if withheld.get("text"):
+        text.append(" ")
+        _append_masked(text, str(withheld["text"]))
+    if withheld.get("why"):
+        safe.append(text, f" ({withheld['why']})", "pop.warning")
 
 
 def body_summary(ex: Exchange) -> Text:

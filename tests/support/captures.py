@@ -34,7 +34,8 @@ HEADER: dict[str, Any] = {
 
 # A step: (direction, t, bytes) with the direction a Direction or "c"/"s"; b"" closes that
 # direction; or ("tls", direction, t[, decrypted]) for TLS starting there (STLS, passthrough);
-# or ("p", direction, t, bytes, why) for bytes popproxy sent itself.
+# or ("p", direction, t, bytes, why) for bytes popproxy sent itself; or ("drop", direction,
+# offset, length, why) for bytes of that stream popproxy did not forward.
 Step = tuple[Any, ...]
 
 
@@ -82,6 +83,12 @@ def make_capture(
                 }
             )
             settle(t, observer.start_tls(direction, decrypted=decrypted))
+            continue
+        if step[0] == "drop":
+            _, d, off, length, why = step
+            writer.meta(
+                {"r": fmt.DROP, "d": Direction(d).value, "off": off, "len": length, "why": why}
+            )
             continue
         proxy = step[0] == "p"  # ("p", direction, t, bytes, why): popproxy's own bytes
         if proxy:
