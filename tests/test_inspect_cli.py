@@ -31,9 +31,9 @@ from popproxy.replay.compare import (
     capture_exchanges,
     compare_exchanges,
     compare_sessions,
-    diff_captures,
     first_body_difference,
 )
+from popproxy.replay.diff import diff_captures
 from popproxy.views.theme import make_console
 from tests.support.captures import fixture_steps, make_capture
 
@@ -399,6 +399,39 @@ def test_diff_text_output(tmp_path: Path) -> None:
     diff_cli.render_diff(console, "a", "b", diff_captures(a, b)[0])
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "stat.count" in text and "1 difference" in text
+
+
+def test_diff_text_names_the_actors_and_is_terminal_safe(tmp_path: Path) -> None:
+    """A reply popproxy withheld and replaced, from a capture whose texts carry terminal
+    controls: the table says who answered, and no control reaches the terminal."""
+    hostile = "\x1b]52;c;aGFja2Vk\x07\x1b[2J\u202e"
+    greeting, noop = b"+OK ready\r\n", b"+OK " + hostile.encode() + b"\r\n"
+    steps = [("s", 0.01, greeting), ("c", 0.02, b"NOOP\r\n"), ("s", 0.03, noop)]
+    a = make_capture(tmp_path / f"a{fmt.SUFFIX}", steps)
+    b = make_capture(
+        tmp_path / f"b{fmt.SUFFIX}",
+        [
+            *steps,
+            ("drop", "s", len(greeting), len(noop), f"held {hostile}"),
+            ("p", "s", 0.04, b"-ERR [SYS/TEMP] popproxy: no\r\n", f"refused {hostile}"),
+        ],
+    )
+    differences, _ = diff_captures(a, b)
+    assert [(d.field, d.expected, d.actual) for d in differences[:2]] == [
+        ("reply_by", "server", "popproxy"),
+        (
+            "withheld",
+            None,
+            {"status": "+OK", "code": None, "text": hostile, "why": f"held {hostile}"},
+        ),
+    ]
+    out = io.StringIO()
+    console = make_console(out, width=300, force_terminal=True)
+    diff_cli.render_diff(console, "a", "b", differences)
+    text = out.getvalue()
+    assert "server answered" in text and "popproxy answered" in text and "withheld +OK" in text
+    assert "\x1b]52" not in text and "\x07" not in text and "\u202e" not in text
+    assert "\x1b[2J" not in text
 
 
 # ----------------------------------------------------------------- list

@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from popproxy.errors import report
-from popproxy.replay.compare import Difference, diff_captures
+from popproxy.replay.compare import Difference
+from popproxy.replay.diff import SCHEMA_VERSION, diff_captures
 from popproxy.views import safe
 from popproxy.views.progress import ScanProgress
 from popproxy.views.theme import make_console
@@ -26,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Structural comparison of capture A (expected) and B "
         "(actual): commands, statuses, response codes, drop/scan/"
         "unique-id listings, bodies (SHA-256, octets, first differing "
-        "offset). Free text, greeting banners and SASL challenges "
-        "are ignored unless --strict. Exit 0 equal, 1 different.",
+        "offset), and who made each part: a reply popproxy answered or "
+        "withheld, bytes it did not forward, a close it made. Free text, "
+        "greeting banners and SASL challenges are ignored unless --strict. "
+        "Exit 0 equal, 1 different.",
     )
     p.add_argument("expected", metavar="A", help="the reference capture")
     p.add_argument("actual", metavar="B", help="the capture compared with it")
@@ -36,7 +39,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="also compare free text after the status and SASL challenges",
     )
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object on stdout (schema: popproxy docs diff.schema.json)",
+    )
     p.set_defaults(run=run)
 
 
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         report("diff", warning, level="warning")
     if args.json:
         doc = {
+            "schema": SCHEMA_VERSION,
             "expected": args.expected,
             "actual": args.actual,
             "strict": args.strict,
@@ -62,12 +70,28 @@ def run(args: argparse.Namespace) -> int:
     return 1 if differences else 0
 
 
-def _shown(value: Any) -> str:
+ACTOR_FIELDS = {"reply_by": "answered", "command_by": "sent the command", "truncated_by": "cut"}
+
+
+def _shown(value: Any, field: str = "") -> str:
+    """A difference's value for a person (docs/diff.md); peer text is made safe later."""
     if value is None:
         return "—"
+    if field.rpartition(".")[2] in ACTOR_FIELDS and isinstance(value, str):
+        return f"{value} {ACTOR_FIELDS[field.rpartition('.')[2]]}"  # three actors
     if isinstance(value, dict) and "sha256" in value:
         sha = value.get("sha256") or ""
         return f"{value.get('octets')} octets, sha256 {sha[:12]}"
+    if isinstance(value, dict) and "by" in value:  # who closed first
+        return f"{value['by']} closed" + (f" ({value['why']})" if value.get("why") else "")
+    if isinstance(value, dict) and "status" in value:  # a reply popproxy withheld
+        words = [value.get("status") or "?", f"[{value['code']}]" if value.get("code") else ""]
+        line = " ".join(w for w in [*words, value.get("text") or ""] if w)
+        return f"withheld {line} ({value.get('why')})"
+    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+        return "; ".join(  # bytes popproxy did not forward
+            f"{x.get('octets')} octets from the {x.get('from')}: {x.get('why')}" for x in value
+        )
     if isinstance(value, list):
         return " ".join(str(x) for x in value) or "(none)"
     return str(value)
@@ -92,8 +116,8 @@ def render_diff(
             *safe.row(
                 "" if d.seq is None else str(d.seq),
                 Text(d.field, style="pop.code"),
-                Text(_shown(d.expected), style="pop.ok"),
-                Text(_shown(d.actual), style="pop.err"),
+                Text(_shown(d.expected, d.field), style="pop.ok"),
+                Text(_shown(d.actual, d.field), style="pop.err"),
                 Text(d.note, style="pop.muted"),
             )
         )

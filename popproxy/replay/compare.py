@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -11,10 +10,9 @@ from itertools import zip_longest
 from typing import Any
 
 from popproxy.capture.events import replay_events
-from popproxy.capture.format import CaptureError
 from popproxy.capture.reader import CaptureReader
-from popproxy.core.events import BodyChunk, BodyEnd
-from popproxy.core.transcript import Exchange, TranscriptBuilder
+from popproxy.core.events import BodyChunk, BodyEnd, PopproxyDropped
+from popproxy.core.transcript import Exchange, SessionSummary, TranscriptBuilder
 from popproxy.inspect import metered_events
 
 MASK = "#"
@@ -68,6 +66,9 @@ def args_match(expected: str | None, actual: str | None, verb: str | None = None
     if len(expected) != len(actual):
         return False
     return all(x in (y, MASK) or y == MASK for x, y in zip(expected, actual, strict=True))
+
+
+Pair = Callable[[Exchange, Exchange, bool], list[Difference]]  # two aligned exchanges, strict
 
 
 def label(ex: Exchange) -> str:
@@ -261,8 +262,27 @@ def _compare_sasl(e: Exchange, a: Exchange, strict: bool) -> list[Difference]:
     return out
 
 
+def _pair(expected: Exchange, actual: Exchange, strict: bool) -> list[Difference]:
+    return compare_exchanges(expected, actual, strict=strict)
+
+
+def _only(ex: Exchange, note: str) -> str:
+    """A note on an exchange one side lacks, naming what popproxy made of it."""
+    if ex.command_by == "popproxy":
+        return f"{note}: popproxy's own command"
+    if ex.reply_by != "popproxy":
+        return note
+    if ex.kind != "command":
+        return f"{note}: popproxy's own line"
+    return f"{note}: popproxy answered it" + (f" ({ex.reply_why})" if ex.reply_why else "")
+
+
 def compare_sessions(
-    expected: Iterable[Exchange], actual: Iterable[Exchange], *, strict: bool = False
+    expected: Iterable[Exchange],
+    actual: Iterable[Exchange],
+    *,
+    strict: bool = False,
+    pair: Pair = _pair,
 ) -> Iterator[Difference]:
     """Compare two sessions' exchanges as they stream (both in capture order).
 
@@ -277,12 +297,13 @@ def compare_sessions(
     for e, a in pairs:
         if e is None:
             assert a is not None
-            yield Difference(a.seq, "exchange", None, label(a), "extra exchange in actual")
+            note = _only(a, "extra exchange in actual")
+            yield Difference(a.seq, "exchange", None, label(a), note)
         elif a is None:
-            yield Difference(e.seq, "exchange", label(e), None, "missing from actual")
+            yield Difference(e.seq, "exchange", label(e), None, _only(e, "missing from actual"))
         else:
-            yield from compare_exchanges(e, a, strict=strict)
-    yield from _compare_others(e_other, a_other, strict)
+            yield from pair(e, a, strict)
+    yield from _compare_others(e_other, a_other, strict, pair)
 
 
 def _commands(exchanges: Iterable[Exchange], others: list[Exchange]) -> Iterator[Exchange]:
@@ -294,7 +315,7 @@ def _commands(exchanges: Iterable[Exchange], others: list[Exchange]) -> Iterator
 
 
 def _compare_others(
-    e_other: list[Exchange], a_other: list[Exchange], strict: bool
+    e_other: list[Exchange], a_other: list[Exchange], strict: bool, pair: Pair = _pair
 ) -> Iterator[Difference]:
     e_greet = [x for x in e_other if x.kind == "greeting"]
     a_greet = [x for x in a_other if x.kind == "greeting"]
@@ -304,7 +325,7 @@ def _compare_others(
                 None, "greeting", e and e.status, a and a.status, "greeting missing from one side"
             )
         else:
-            for d in compare_exchanges(e, a, strict=strict):
+            for d in pair(e, a, strict):
                 yield Difference(None, f"greeting.{d.field}", d.expected, d.actual, d.note)
     e_uns = [x for x in e_other if x.kind == "unsolicited"]
     a_uns = [x for x in a_other if x.kind == "unsolicited"]
@@ -317,10 +338,10 @@ def _compare_others(
                 f"unsolicited[{i}]",
                 shown_e,
                 shown_a,
-                "unsolicited server line on one side only",
+                _only(e or a, "unsolicited line on one side only"),
             )
         else:
-            for d in compare_exchanges(e, a, strict=strict):
+            for d in pair(e, a, strict):
                 yield Difference(None, f"unsolicited[{i}].{d.field}", d.expected, d.actual, d.note)
 
 
@@ -331,12 +352,36 @@ def capture_exchanges(
 
     ``progress`` is called now and then with the capture bytes read so far.
     """
-    builder = TranscriptBuilder(hash_bodies=True)
-    for _record, t, events in metered_events(reader, progress):
-        for item in builder.feed(t, events):
-            if item.what == "done" and item.exchange is not None:
-                yield item.exchange
-    yield from builder.unfinished()
+    return iter(CaptureExchanges(reader, progress))
+
+
+class CaptureExchanges:
+    """``capture_exchanges``, with the session summary once they are all read."""
+
+    def __init__(
+        self, reader: CaptureReader, progress: Callable[[int], None] | None = None
+    ) -> None:
+        self._reader, self._progress = reader, progress
+        self._builder = TranscriptBuilder(hash_bodies=True)
+
+    @property
+    def session(self) -> SessionSummary:
+        return self._builder.session
+
+    def __iter__(self) -> Iterator[Exchange]:
+        builder = self._builder
+        # An exchange is passed on once the observer has moved past it: the drop records
+        # that say popproxy withheld its bytes follow them (docs/capture-format.md).
+        done: list[Exchange] = []
+        for _record, t, events in metered_events(self._reader, self._progress):
+            items = builder.feed(t, events)
+            moved = any(not isinstance(e, PopproxyDropped) for e in events)
+            if done and moved and not builder.waiting:
+                yield from done
+                done = []
+            done += [i.exchange for i in items if i.what == "done" and i.exchange is not None]
+        yield from done
+        yield from builder.unfinished()
 
 
 # ----------------------------------------------------------------- body offsets
@@ -436,7 +481,11 @@ def align_key(ex: Exchange) -> str:
 
 
 def align_sessions(
-    expected: Iterable[Exchange], actual: Iterable[Exchange], *, strict: bool = False
+    expected: Iterable[Exchange],
+    actual: Iterable[Exchange],
+    *,
+    strict: bool = False,
+    pair: Pair = _pair,
 ) -> Iterator[Difference]:
     """Compare two recorded sessions of possibly different clients (``popproxy diff``).
 
@@ -450,7 +499,7 @@ def align_sessions(
     e_cmds = list(_commands(expected, e_other))
     a_cmds = list(_commands(actual, a_other))
     if len(e_cmds) > MAX_ALIGNED or len(a_cmds) > MAX_ALIGNED:
-        yield from compare_sessions(e_cmds + e_other, a_cmds + a_other, strict=strict)
+        yield from compare_sessions(e_cmds + e_other, a_cmds + a_other, strict=strict, pair=pair)
         return
     matcher = SequenceMatcher(
         None, [align_key(x) for x in e_cmds], [align_key(x) for x in a_cmds], autojunk=False
@@ -458,58 +507,16 @@ def align_sessions(
     for op, e0, e1, a0, a1 in matcher.get_opcodes():
         if op == "equal":
             for e, a in zip(e_cmds[e0:e1], a_cmds[a0:a1], strict=True):
-                yield from compare_exchanges(e, a, strict=strict)
+                yield from pair(e, a, strict)
             continue
         for e, a in zip_longest(e_cmds[e0:e1], a_cmds[a0:a1]):
             if e is None:
                 assert a is not None
-                yield Difference(a.seq, "exchange", None, label(a), "only in actual (inserted)")
+                note = _only(a, "only in actual (inserted)")
+                yield Difference(a.seq, "exchange", None, label(a), note)
             elif a is None:
-                yield Difference(e.seq, "exchange", label(e), None, "only in expected (deleted)")
+                note = _only(e, "only in expected (deleted)")
+                yield Difference(e.seq, "exchange", label(e), None, note)
             else:
                 yield Difference(e.seq, "command", label(e), label(a), "changed")
-    yield from _compare_others(e_other, a_other, strict)
-
-
-# ----------------------------------------------------------------- popproxy diff
-
-MAX_BODY_OFFSETS = 1000  # bodies whose first differing offset is looked up
-Meter = Callable[[pathlib.Path, int], Callable[[int], None] | None]
-
-
-def diff_captures(
-    expected: pathlib.Path,
-    actual: pathlib.Path,
-    *,
-    strict: bool = False,
-    progress: Meter | None = None,
-) -> tuple[list[Difference], list[str]]:
-    """Every difference between two captures (aligned, bodies annotated with their first
-    differing offset), and the readers' warnings. ``progress(path, size)`` may return a
-    callback that is told the bytes read."""
-    with CaptureReader(expected) as ra, CaptureReader(actual) as rb:
-        differences = list(
-            align_sessions(
-                capture_exchanges(ra, progress(expected, ra.size) if progress else None),
-                capture_exchanges(rb, progress(actual, rb.size) if progress else None),
-                strict=strict,
-            )
-        )
-        warnings = [str(w) for w in ra.warnings + rb.warnings]
-    bodies = [d for d in differences if d.field == "body"][:MAX_BODY_OFFSETS]
-    if not bodies:
-        return differences, warnings
-    pairs = [(int(d.expected["seq"]), int(d.actual["seq"])) for d in bodies]
-    try:
-        offsets = first_body_differences(expected, actual, pairs)
-    except CaptureError as exc:  # the comparison above stands without offsets
-        return differences, [*warnings, f"no body offsets: {exc}"]
-    out = []
-    for d in differences:
-        if d.field == "body":
-            offset = offsets.get((int(d.expected["seq"]), int(d.actual["seq"])))
-            if offset is not None:
-                note = f"{d.note}; first difference at body octet {offset}"
-                d = Difference(d.seq, d.field, d.expected, d.actual, note)
-        out.append(d)
-    return out, warnings
+    yield from _compare_others(e_other, a_other, strict, pair)
