@@ -207,3 +207,51 @@ async def test_undone_dot_stuffing_ends_the_message_early_for_poplib(
     with CaptureReader(path) as reader:
         drops = [r.fields for r in reader.records() if r.kind == "drop"]
     assert drops and all("dot-stuffing undone" in d["why"] for d in drops)
+
+
+async def test_record_matches_by_nth_occurrence_state_and_user(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    rules = (
+        "RETR: -ERR [SYS/TEMP] second fetch fails nth=2",
+        "STAT: -ERR not before login state=AUTHORIZATION",
+        "UIDL: -ERR [IN-USE] alice is busy user=ali*",
+        "NOOP: -ERR never for bob user=bob",
+    )
+    config = make_config(tmp_path, dovecot, faults=_faults(*rules))
+    pw = dovecot.users[ALICE]
+
+    def session(port: int) -> list[bytes]:
+        said: list[bytes] = []
+        c = poplib.POP3(HOST, port, timeout=CLIENT_TIMEOUT)
+        try:
+            for call in (
+                c.stat,
+                lambda: c.user(ALICE),
+                lambda: c.pass_(pw),
+                c.stat,
+                lambda: c.retr(1)[0],
+                lambda: c.retr(1)[0],
+                lambda: c.retr(1)[0],
+                c.uidl,
+                c.noop,
+            ):
+                try:
+                    result = call()
+                    said.append(result if isinstance(result, bytes) else repr(result).encode())
+                except poplib.error_proto as exc:
+                    said.append(bytes(exc.args[0]))
+            c.quit()
+        finally:
+            c.close()
+        return said
+
+    async with running(config) as port:
+        said = await trio.to_thread.run_sync(session, port)
+        await wait_captures(config, 1)
+    assert said[0] == b"-ERR not before login"  # AUTHORIZATION: the rule's
+    assert said[3].startswith(b"(4, ")  # TRANSACTION: Dovecot's STAT
+    assert said[4].startswith(b"+OK") and said[6].startswith(b"+OK")
+    assert said[5] == b"-ERR [SYS/TEMP] second fetch fails"  # only the second RETR
+    assert said[7] == b"-ERR [IN-USE] alice is busy"  # user=ali* matched alice
+    assert said[8].startswith(b"+OK")  # user=bob did not
