@@ -154,6 +154,11 @@ class ReplyShaper:
             out.append(Watch(a.seconds, None, f"{self.why}: closed after {a.seconds:g} s idle"))
         return out
 
+    def release(self) -> list[Forward]:
+        """The bytes held back so far, unchanged: nothing shapes this reply any more."""
+        held, self._held = self._held, b""
+        return [Forward(held)] if held else []
+
     def begin(self) -> list[Step]:
         """Steps due before the first reply byte (a fake server calls this first)."""
         a = self.action

@@ -25,6 +25,7 @@ from popproxy.core.events import (
     SaslChallenge,
     State,
     StateChanged,
+    Unsolicited,
 )
 from popproxy.core.events import Command as PopCommand
 from popproxy.faults.matcher import Injection, SessionFaults
@@ -114,8 +115,17 @@ class FaultStage:
         if greeting is not None:
             self.armed[GREETING_KEY] = greeting
         self.answers: deque[Answering] = deque()
-        # A listing popproxy rewrites (advertise): later client lines wait until it is out.
-        self.rewriting: tuple[int, int] | None = None  # (seq, end of its command)
+        # Commands placed but not matched yet: a rule on their verb asks for the protocol
+        # state, which the replies before them decide (and those after wait, in order).
+        self.unmatched: deque[PopCommand] = deque()
+        # popproxy's answers sent and not yet read back by the observer: (its command, the
+        # answer's span in the server stream).
+        self.answered: deque[tuple[Answering, int, int]] = deque()
+        # Spans of popproxy's bytes sent in place of the server's, not read back yet.
+        self.replaced: deque[tuple[int, int]] = deque()
+        # Listings popproxy rewrites (advertise), in order: later client lines wait until
+        # each is out (a second CAPA pipelined behind the first waits its turn as well).
+        self.rewriting: deque[tuple[int, int]] = deque()  # (seq, end of its command)
         self.lifted = False  # a wait on the client just ended: its lines may go on
         self.stalled = False
         self.cut = False
@@ -146,6 +156,10 @@ class FaultStage:
         elif isinstance(event, RawEvent) and event.direction is S:
             self._place(event, own)
 
+    def stateful(self, verb: str) -> bool:
+        """Whether a rule that may select ``verb`` has a ``state=`` condition."""
+        return any(c.rule.match.state for c in self.faults.faults.candidates(verb.upper()))
+
     def command(self, command: PopCommand) -> Answering | None:
         """A client command: arm its rule; an answering rule's command is returned."""
         if command.verb in ("USER", "APOP") and command.args:
@@ -158,20 +172,75 @@ class FaultStage:
             self.answers.append(answering)
             return answering
         self.armed[command.seq] = inj
-        if isinstance(inj.action, Advertise) and self.rewriting is None:
-            self.rewriting = (command.seq, command.offset + len(command.raw))
+        if isinstance(inj.action, Advertise):
+            self.rewriting.append((command.seq, command.offset + len(command.raw)))
         return None
 
     def client_cap(self, decided: int) -> int | None:
         """How far the client's bytes may go: not past a command popproxy answers, nor
         past one whose reply popproxy rewrites (the server must not answer later commands
-        before popproxy's bytes have gone out)."""
-        cap = None if self.rewriting is None else self.rewriting[1]
+        before popproxy's bytes have gone out), nor at all while popproxy's greeting has
+        not replaced the server's (replies to early commands would follow it in the
+        record but precede popproxy's on the wire)."""
+        if self._greeting_answered():
+            return decided
+        cap = self.rewriting[0][1] if self.rewriting else None
         if self.answers:
             first = self.answers[0]
             at = decided if first.dropped else first.offset
             cap = at if cap is None else min(cap, at)
         return cap
+
+    def before(self, seq: int) -> bool:
+        """Whether a command before ``seq`` still waits for popproxy's answer, or for the
+        listing popproxy rewrites, or popproxy's greeting is not out yet: the client's
+        lines from ``seq`` on wait behind it."""
+        rewriting = bool(self.rewriting) and self.rewriting[0][0] < seq
+        answers = any(answer.seq < seq for answer in self.answers)
+        return rewriting or answers or self._greeting_answered()
+
+    def _greeting_answered(self) -> bool:
+        """Whether popproxy's greeting is to replace the server's and is not out yet."""
+        entry = self._open.get(GREETING_KEY)
+        greeting = self.armed.get(GREETING_KEY) if entry is None else entry.shaper.injection
+        return greeting is not None and isinstance(greeting.action, Answer)
+
+    def out_of_step(self, event: RawEvent) -> str | None:
+        """Why the observer, at this server-stream event, no longer pairs replies with
+        commands as the server does, if it does not: each of popproxy's answers must read
+        as one whole reply to its command, and popproxy's bytes in place of the server's
+        (a rewritten listing, a greeting) as no command's (the server's, withheld, took
+        that turn)."""
+        end = event.offset + len(event.raw)
+        replaced = self.replaced
+        while replaced and event.offset >= replaced[0][1]:
+            replaced.popleft()
+        if replaced and end > replaced[0][0]:
+            if event_seq(event) is not None or end > replaced[0][1]:
+                return "popproxy's bytes in place of the server's read as a command's reply"
+            if end == replaced[0][1]:
+                replaced.popleft()
+        if not self.answered:
+            return None
+        answering, lo, hi = self.answered[0]
+        if end <= lo:
+            return None  # before the answer
+        stray = isinstance(event, Unsolicited)  # a line after it, paired with nothing
+        whole = (
+            stray
+            or isinstance(event, BodyEnd | SaslChallenge)
+            or (isinstance(event, Reply) and not event.multiline)
+        )
+        if (
+            event.offset >= hi  # past its end, its reply unfinished
+            or end > hi  # running on past it
+            or not (stray or event_seq(event) == answering.seq)  # another command's
+            or (end == hi and not whole)  # a bare +OK to LIST: the server's bytes its body
+        ):
+            return f"{answering.why}: not one whole reply to its command"
+        if end == hi:
+            self.answered.popleft()
+        return None
 
     def _place(self, event: RawEvent, own: bool) -> None:
         key = GREETING_KEY if isinstance(event, Greeting) else getattr(event, "seq", None)
@@ -179,6 +248,9 @@ class FaultStage:
             return
         if own:  # popproxy's own reply (an STLS answer): rules shape only the server's
             self.armed.pop(key, None)
+            # No listing of the server's will be rewritten for it: the client's lines after
+            # it must not wait for one.
+            self.rewriting = deque(r for r in self.rewriting if r[0] != key)
             return
         done = isinstance(event, BodyEnd | Greeting | SaslChallenge) or (
             isinstance(event, Reply) and not event.multiline
@@ -252,7 +324,12 @@ class FaultStage:
         entry = self._open.get(seg.key)
         steps: list[Step] = []
         if entry is None:
-            inj = self.armed.pop(seg.key)
+            inj = self.armed.pop(seg.key, None)
+            if inj is None:
+                # Its reply ended already: the observer, resynchronising, read on into a
+                # body it had not expected.  The rule shaped the reply it applied to.
+                self._plain(piece, at, result)
+                return
             shaper = ReplyShaper(inj, multiline=seg.multiline)
             entry = self._open[seg.key] = _Open(shaper, at)
             fields = (("rule", inj.rule.text), ("index", inj.index), ("verb", inj.verb))
@@ -263,10 +340,13 @@ class FaultStage:
         if seg.done and at + len(piece) == seg.end:
             steps += entry.shaper.finish()
             del self._open[seg.key]
+            if seg.key == GREETING_KEY:
+                self.lifted = True  # early client lines may follow the greeting now
             if isinstance(entry.shaper.action, Advertise):
                 steps = _rewritten(steps, entry)
-                if self.rewriting is not None and self.rewriting[0] == seg.key:
-                    self.rewriting, self.lifted = None, True
+                if self.rewriting and self.rewriting[0][0] == seg.key:
+                    self.rewriting.popleft()
+                    self.lifted = True
         for step in steps:
             self._step(step, entry, t, own, result)
             if self.cut:
@@ -286,7 +366,8 @@ class FaultStage:
             for offset, data in _take(entry, step.data):
                 result.append(Drop(S, offset, len(data), step.why))
         elif isinstance(step, Originate):
-            self._emit(own(step.data, step.why, result), result)
+            if not self.stalled:  # after a stall nothing reaches the client
+                self._emit(own(step.data, step.why, result), result)
         elif isinstance(step, Pause):
             self._pause(step.seconds, t)
         elif isinstance(step, Close):
@@ -294,8 +375,8 @@ class FaultStage:
         elif isinstance(step, Hang):
             offset = _next_offset(entry)
             self._emit(Note("fault-stall", step.why, (("offset", offset),)), result)
-            self.stalled = True
-        elif isinstance(step, Watch):
+            self.stalled, self.watch = True, None  # the connection stays open: no idle close
+        elif isinstance(step, Watch) and not self.stalled:
             self.watch, self.watch_from = step, t
 
     def _close(self, step: Close, entry: _Open, result: list[RelayCommand]) -> None:
@@ -304,6 +385,25 @@ class FaultStage:
         cut = Cut.RST if step.how == "rst" else Cut.FIN
         self._emit(EndSession("fault", step.why, cut), result)
         self.cut = True
+
+    def let_go(self) -> list[RelayCommand]:
+        """Relay control is off: no rule shapes anything any more, and the bytes a rule
+        held back until the next byte showed what they were go on unchanged (a pause, a
+        stall or a cut already under way stays)."""
+        result: list[RelayCommand] = []
+        for entry in self._open.values():
+            for held in entry.shaper.release():
+                for offset, data in _take(entry, held.data):
+                    self._plain(data, offset, result)
+        self._open.clear()
+        self._segments.clear()
+        self.armed.clear()
+        self.rewriting.clear()
+        self.answered.clear()
+        self.replaced.clear()
+        self.unmatched.clear()
+        self.watch = None
+        return result
 
     # ----------------------------------------------------------------- time
 
@@ -363,6 +463,12 @@ class FaultStage:
             return None
         self.watch = None
         return watch
+
+
+def event_seq(event: Event) -> int | None:
+    """The command an event belongs to, if any."""
+    seq = getattr(event, "seq", None)
+    return seq if isinstance(seq, int) else None
 
 
 def _rewritten(steps: list[Step], entry: _Open) -> list[Step]:

@@ -140,11 +140,15 @@ class Controller:
         self._capa: dict[int, str] = {}  # listings being filtered (seq -> CAPA or AUTH)
         self._capa_line: int | None = None  # where the unfinished CAPA line starts
         self._upgrade: _Upgrade | None = None
+        self._stls: PopCommand | None = None  # an STLS waiting for a fault's turn before it
+        self._greeted = False  # the server's greeting was seen (RFC 1939 §4)
         if upstream_stls:
             self._upgrade = _Upgrade(-1, Phase.GREETING)
         self._transparent = False
         self._last = t
         self._out: list[RelayCommand] = []
+        self._shaped: list[RelayCommand] = []  # with faults: ``_out`` as the rules shaped it
+        self._t = t  # the time of the input being handled
         # Fault rules (docs/faults.md): client lines wait to be placed by the observer, so
         # a rule knows every command before the server (or popproxy) answers it.
         self._stage = FaultStage(faults) if faults is not None and faults.faults else None
@@ -186,7 +190,8 @@ class Controller:
 
     def _faulted(self, event: Input, stage: FaultStage) -> list[RelayCommand]:
         """``handle`` with fault rules: the controller decides, the rules reshape."""
-        t = getattr(event, "t", self._last)
+        t = self._t = getattr(event, "t", self._last)
+        self._shaped = []
         released: list[RelayCommand] = []
         if isinstance(event, Tick):
             released = stage.release(t, self._upgrade is not None)
@@ -202,12 +207,12 @@ class Controller:
             stage.client_spoke(t)
         if self.ended is None:
             self._dispatch(event)
-        shaped = stage.shape(self._out, t, self._own_reply)
+        self._flush()
         if stage.lifted and self.ended is None:
             stage.lifted = False  # a rewritten listing went out: the client's lines follow
-            self._out = []
             self._settle()
-            shaped += stage.shape(self._out, t, self._own_reply)
+            self._flush()
+        shaped = self._shaped
         for command in (*released, *shaped):
             if isinstance(command, EndSession):
                 self.ended = command
@@ -215,6 +220,15 @@ class Controller:
         if self.ended is not None and stage.resume_at is not None:
             self.ended = None  # the end waits behind a pause: it takes effect when released
         return [*released, *shaped]
+
+    def _flush(self) -> None:
+        """With fault rules: shape what was decided so far.  Before popproxy sends bytes
+        of its own, so that those the rules make (a rewritten listing, an answered
+        greeting) take their place in the server stream in the order they go out."""
+        stage = self._stage
+        if stage is not None and self._out:
+            out, self._out = self._out, []
+            self._shaped += stage.shape(out, self._t, self._own_reply)
 
     def _own_reply(self, data: bytes, why: str, result: list[RelayCommand]) -> Send:
         """A fault's bytes of popproxy's own to the client, at the server stream's end
@@ -226,6 +240,8 @@ class Controller:
             flow.pending.clear()
             flow.decided = flow.received
         flow.own.append((flow.received, flow.received + len(data)))
+        assert self._stage is not None
+        self._stage.replaced.append(flow.own[-1])
         flow.received += len(data)
         flow.decided = flow.received
         return Send(Leg.CLIENT, data, why)
@@ -361,7 +377,14 @@ class Controller:
         if stage is not None and direction is C:
             # Faults: whole placed lines only, and never past a command popproxy answers.
             cap = stage.client_cap(flow.decided)
-            limit = flow.received if flow.eof else flow.covered
+            for waiting in (self._stls, stage.unmatched[0] if stage.unmatched else None):
+                if waiting is not None:  # a command waits for its turn: nothing after it
+                    cap = waiting.offset if cap is None else min(cap, waiting.offset)
+            limit = flow.covered
+            if flow.eof and b"\n" not in flow.pending[max(0, limit - flow.decided) :]:
+                # The client closed: its unfinished last line goes as it is.  Complete
+                # lines still wait to be placed (behind an AUTH, a line may be STLS).
+                limit = flow.received
             return max(flow.decided, limit if cap is None else min(limit, cap))
         if flow.eof:
             return flow.received
@@ -374,18 +397,48 @@ class Controller:
                 return flow.received
             return flow.decided + flow.pending.rfind(b"\n") + 1
         limit = flow.received
-        if self._awaiting_server():
-            limit = flow.covered
-        elif self._capa_line is not None:
+        if self._capa_line is not None:
+            # A listing being filtered: never past its unfinished line, even while an STLS
+            # pipelined after it awaits its reply (the line may be a -PLUS name).
             limit = self._capa_line
-        elif self._filter_pending() or (stage is not None and stage.engaged):
+        elif (
+            self._awaiting_server()
+            or self._filter_pending()
+            or (stage is not None and stage.engaged)
+        ):
             limit = flow.covered
         return max(flow.decided, min(limit, flow.received))
 
     def _settle(self) -> None:
         self._settle_flows()
-        while self._stage is not None and self._stage.answers and self._answer():
+        while self._stage is not None and self._fault_turn():
             self._settle_flows()
+
+    def _fault_turn(self) -> bool:
+        """Take the next step that waited for a fault's turn; whether one was taken."""
+        stage = self._stage
+        assert stage is not None
+        if stage.answers and self._answer():
+            return True
+        unmatched = stage.unmatched
+        if unmatched and not self._waits_for_state(unmatched[0]):
+            self._placed(unmatched.popleft(), own=False)
+            return True
+        stls = self._stls
+        if stls is not None and not stage.before(stls.seq):
+            self._stls = None  # the lines before it are through: its turn
+            self._client_stls(stls)
+            return True
+        upgrade = self._upgrade
+        if (
+            upgrade is not None
+            and upgrade.phase is Phase.LOCAL
+            and self._greeted  # an STLS sent before the greeting: the greeting goes first
+            and not any(seq < upgrade.seq for seq in self._open)
+        ):
+            self._answer_locally()  # an STLS that waited its turn: no event may come now
+            return True
+        return False
 
     def _answer(self) -> bool:
         """Take the next step for the first command a rule answers; whether one was taken.
@@ -404,12 +457,14 @@ class Controller:
             inj = first.injection
             fields = (("rule", inj.rule.text), ("index", inj.index), ("verb", inj.verb))
             self._out.append(Note("fault", first.why, fields))
-        if any(seq < first.seq for seq in self._open):
-            return False
+        if not self._greeted or any(seq < first.seq for seq in self._open):
+            return False  # a command sent before the greeting: the greeting goes first
         stage.answers.popleft()
         self._finished(first.seq)
-        self._send(Leg.CLIENT, first.injection.action.reply, first.why)  # type: ignore[union-attr]
-        if not stage.answers and self._upgrade is None:
+        reply = first.injection.action.reply  # type: ignore[union-attr]
+        if self._send(Leg.CLIENT, reply, first.why):
+            stage.answered.append((first, *self._flows[S].own[-1]))
+        if not stage.answers and self._upgrade is None and self._stls is None:
             self._out.append(ResumeReads(Leg.CLIENT))
         return True
 
@@ -449,17 +504,26 @@ class Controller:
         flow.decided = offset
         flow.head = b""
 
-    def _send(self, leg: Leg, data: bytes, why: str) -> None:
-        """popproxy's own bytes to ``leg``: they join the stream its peer receives."""
+    def _send(self, leg: Leg, data: bytes, why: str) -> bool:
+        """popproxy's own bytes to ``leg``: they join the stream its peer receives (unless
+        a fault stalled the client's side: whether they were sent)."""
         direction = S if leg is Leg.CLIENT else C
         flow = self._flows[direction]
         # What may go on goes first, so the record's order is the wire's (held bytes are
         # never pending here: their leg's reads were held before they could arrive).
         self._forward_to(direction, self._limit(direction))
+        self._flush()  # with fault rules: shaped first (popproxy's own bytes among them)
+        if leg is Leg.CLIENT and self._stage is not None and self._stage.stalled:
+            return False  # a stall: nothing reaches the client any more, popproxy's neither
+        if flow.pending:
+            # Bytes not placed yet (an unfinished line no command awaits): they would
+            # follow popproxy's on the wire but precede them in the record.
+            self._drop_to(direction, flow.received, f"{why}: withheld, popproxy's bytes first")
         flow.own.append((flow.received, flow.received + len(data)))
         flow.received += len(data)
         flow.decided = flow.received
         self._out.append(Send(leg, data, why))
+        return True
 
     def _is_own(self, direction: Direction, offset: int) -> bool:
         return any(lo <= offset < hi for lo, hi in self._flows[direction].own)
@@ -468,13 +532,23 @@ class Controller:
 
     def _parsed(self, events: tuple[Event, ...]) -> None:
         flows = self._flows
-        stage = None if self._transparent else self._stage
+        if self._transparent:
+            self._settle()  # relay control is off: events decide nothing any more
+            return
+        stage = self._stage
         for event in events:
             if isinstance(event, RawEvent):
                 end = event.offset + len(event.raw)
                 flow = flows[event.direction]
                 if end > flow.covered:
                     flow.covered = end
+                why = None if stage is None or event.direction is C else stage.out_of_step(event)
+                if why is not None:
+                    # popproxy's bytes did not read as the turn they took (a bare +OK to
+                    # LIST, a listing taken for a pipelined command's reply): from here on
+                    # the server's replies cannot be paired with commands.
+                    self._observer_failed(why)
+                    break
             if stage is not None:
                 own = isinstance(event, RawEvent) and self._is_own(event.direction, event.offset)
                 stage.observe(event, own)
@@ -496,10 +570,12 @@ class Controller:
         if (
             upgrade is not None
             and upgrade.phase is Phase.LOCAL
+            and self._greeted  # an STLS sent before the greeting: the greeting goes first
             and not any(seq < upgrade.seq for seq in self._open)
         ):
             self._settle()  # the replies before go first
-            self._answer_locally()
+            if self._upgrade is upgrade and upgrade.phase is Phase.LOCAL:
+                self._answer_locally()  # (with fault rules, settling may have answered it)
         self._settle()
 
     def _finished(self, seq: int) -> None:
@@ -512,6 +588,33 @@ class Controller:
         self._open_verbs[command.verb] = self._open_verbs.get(command.verb, 0) + 1
         own = self._is_own(C, command.offset)
         stage = self._stage
+        if (
+            stage is not None
+            and not own
+            and not self._transparent
+            and (stage.unmatched or self._waits_for_state(command))
+        ):
+            # A rule asks for the protocol state: the command is matched in the state it
+            # runs in, once the replies before it are in (RFC 1939 §3), whatever the
+            # reads; later commands are matched after it, in order.
+            stage.unmatched.append(command)
+            return
+        self._placed(command, own)
+
+    def _waits_for_state(self, command: PopCommand) -> bool:
+        """Whether a rule on ``command``'s verb asks for the protocol state while a reply
+        before it has not ended, or has not been read yet (popproxy's, just sent)."""
+        stage = self._stage
+        assert stage is not None
+        if not stage.stateful(command.verb):
+            return False
+        seq = command.seq
+        answered = any(a.seq < seq for a, _, _ in stage.answered)
+        return answered or any(earlier < seq for earlier in self._open)
+
+    def _placed(self, command: PopCommand, own: bool) -> None:
+        """A client command in its turn: matched against the rules, STLS acted on."""
+        stage = self._stage
         if stage is not None and not own and not self._transparent:
             answering = stage.command(command)
             if answering is not None:
@@ -520,10 +623,19 @@ class Controller:
                 return  # never reaches the server, whatever it is (STLS included)
         if command.verb != "STLS" or own:
             return
+        if self._upgrade is not None or self._stls is not None:
+            return  # a second STLS while one is under way: its bytes are held anyway
+        if stage is not None and stage.before(command.seq):
+            # A line before it waits for popproxy's answer (or a rewritten listing): the
+            # STLS takes effect once they are through, never past them.
+            self._stls = command
+            return
+        self._client_stls(command)
+
+    def _client_stls(self, command: PopCommand) -> None:
+        """The client's STLS (RFC 2595 §4), once every line before it went on."""
         end = command.offset + len(command.raw)
         flow = self._flows[C]
-        if self._upgrade is not None:
-            return  # a second STLS while one is under way: its bytes are held anyway
         self._forward_to(C, command.offset)
         if self._gated() and end > flow.decided:
             self._drop_to(C, end, "STLS answered by popproxy")
@@ -586,6 +698,7 @@ class Controller:
             self._out.append(Note("hide-plus", "-PLUS mechanisms hidden (--hide-plus)"))
 
     def _greeting(self, greeting: Greeting) -> None:
+        self._greeted = True
         upgrade = self._upgrade
         if upgrade is None or upgrade.phase is not Phase.GREETING:
             return
@@ -711,6 +824,7 @@ class Controller:
         """No more events: relay the rest unchanged rather than stall (never alter bytes)."""
         self._out.append(Note("observer-error", f"relay control off: {reason}"))
         self._transparent = True
+        self._faults_off()
         upgrade = self._upgrade
         if upgrade is not None and upgrade.phase is Phase.LOCAL:
             self._answer_locally()
@@ -722,6 +836,25 @@ class Controller:
             self._upgrade = None
             self._out.append(ResumeReads(Leg.CLIENT))
         self._settle()
+
+    def _faults_off(self) -> None:
+        """Relay control goes off: nothing may wait any more for events that will not come.
+        Bytes a rule held back go on unchanged.  popproxy's answers whose turn has come go
+        now; one still waiting for earlier replies is given up (sent later it could land
+        inside a reply of the server's: its command, withheld, gets no reply); a command
+        not withheld yet goes on to the server unchanged, with every line after it, and
+        an STLS waiting behind them goes on as a plain line."""
+        stage = self._stage
+        if stage is None:
+            return
+        self._flush()
+        self._shaped += stage.let_go()
+        self._stls = None
+        while stage.answers and stage.answers[0].dropped and self._answer():
+            pass
+        stage.answers.clear()
+        if self._upgrade is None:
+            self._out.append(ResumeReads(Leg.CLIENT))  # held for an answer, an STLS, ...
 
     def _tick(self, t: float) -> None:
         if t < self._relay_deadline():
