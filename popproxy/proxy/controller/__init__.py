@@ -1,5 +1,6 @@
 """The relay controller: decides every byte popproxy forwards, sends, holds or drops."""
 
+from popproxy.proxy.controller.flows import Phase, StlsMode
 from popproxy.proxy.controller.io import (
     Cut,
     DataReceived,
@@ -26,7 +27,7 @@ from popproxy.proxy.controller.io import (
     arrives_on,
     goes_to,
 )
-from popproxy.proxy.controller.machine import Controller, Phase, StlsMode
+from popproxy.proxy.controller.machine import Controller
 
 __all__ = [
     "Controller",

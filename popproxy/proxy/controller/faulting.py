@@ -1,12 +1,4 @@
-"""Fault rules as relay-control decisions, at exact protocol positions (docs/faults.md).
-
-The controller decides first (STLS, CAPA filtering, drops); this stage then reshapes what it
-decided for the server's replies a rule selected: each ``Forward`` of those bytes goes
-through a ``ReplyShaper`` and comes out as forwards, drops (withheld bytes), popproxy's own
-bytes, a cut, a stall, or a pause.  A pause is a hold in time: every command after it waits
-in order until a ``Tick`` at its end, so nothing overtakes the paused bytes on either leg.
-Commands a rule answers itself never reach the server (docs/controller.md, "Faults").
-"""
+"""Fault rules as relay-control decisions, at exact protocol positions (docs/faults.md)."""
 
 from __future__ import annotations
 
@@ -104,7 +96,16 @@ class _Wait:
 
 
 class FaultStage:
-    """One session's fault rules inside the controller: matching, shaping, time."""
+    """One session's fault rules inside the controller: matching, shaping, time.
+
+    The controller decides first (STLS, CAPA filtering, drops); the stage then reshapes
+    what it decided for the server's replies a rule selected: each ``Forward`` of those
+    bytes goes through a ``ReplyShaper`` and comes out as forwards, drops (withheld
+    bytes), popproxy's own bytes, a cut, a stall, or a pause.  A pause is a hold in time:
+    every command after it waits in order until a ``Tick`` at its end, so nothing
+    overtakes the paused bytes on either leg.  Commands a rule answers never reach the
+    server (docs/controller.md, "Faults").
+    """
 
     def __init__(self, faults: SessionFaults) -> None:
         self.faults = faults
