@@ -69,3 +69,19 @@ def test_every_anomaly_kind_is_documented_and_emitted() -> None:
     for kind in AnomalyKind:
         assert any(f"`{kind.value}`" in row.split(" | ")[0] for row in rows), kind
         assert f"AnomalyKind.{kind.name}" in source, f"{kind} is never emitted"
+
+
+def test_the_relay_controller_imports_no_io_library() -> None:
+    """docs/controller.md: sans-IO, so its decisions can be tested byte by byte."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, popproxy.proxy.controller\n"
+        "print(sorted(m for m in ('trio', 'socket', 'ssl', 'selectors', 'asyncio', 'io_uring')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert out.stdout.strip() == "[]"
