@@ -105,19 +105,24 @@ class Recorder:
     async def run(self, failed: Callable[[str], None]) -> None:
         """The flusher: write what the writer released, every FLUSH_INTERVAL or sooner.
 
-        On a write failure it calls ``failed(reason)`` (the session stops relaying) and
-        returns: the budget bounds what was relayed and is not on disk.
+        While a batch is being written the pumps read the next one: the flusher goes on
+        writing until little is left, so the disk is kept busy and the pumps seldom wait
+        for room.  On a write failure it calls ``failed(reason)`` (the session stops
+        relaying) and returns: the budget bounds what was relayed and is not on disk.
         """
         writer = self.writer
         while True:
             await self._dirty.wait()  # an idle session costs no wake-ups
             self._dirty = trio.Event()
-            with trio.move_on_after(FLUSH_INTERVAL):  # gather records per write...
-                await self._wake.wait()  # ... unless a pump says there is a lot already
+            if writer.buffered < FLUSH_SIZE:
+                with trio.move_on_after(FLUSH_INTERVAL):  # gather records per write...
+                    await self._wake.wait()  # ... unless a pump says there is a lot already
             self._wake = trio.Event()
-            size = writer.buffered
-            pieces = writer.take()
-            if pieces:
+            while True:
+                size = writer.buffered
+                pieces = writer.take()
+                if not pieces:
+                    break
                 self._in_flight = size
                 try:
                     if size <= SMALL_WRITE:
@@ -138,6 +143,9 @@ class Recorder:
                     return
                 finally:
                     self._in_flight = 0
+                self._wake_pumps()
+                if writer.buffered < FLUSH_SIZE:
+                    break  # the rest is gathered (or written once a pump says so)
             self._wake_pumps()
 
     def failure(self) -> str | None:

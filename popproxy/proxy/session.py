@@ -55,7 +55,7 @@ from popproxy.proxy.view import SessionView
 
 C, S = Direction.CLIENT, Direction.SERVER
 CHUNK = 65536  # first read size; a pump that fills its reads grows them up to MAX_CHUNK
-MAX_CHUNK = 512 << 10  # large reads amortise the per-chunk cost of parsing and recording
+MAX_CHUNK = 256 << 10  # large reads amortise the per-chunk cost of parsing and recording
 REFUSED = b"-ERR [SYS/TEMP] popproxy cannot record this session: %s\r\n"
 NAMES = {Leg.CLIENT: "client", Leg.UPSTREAM: "server"}
 
@@ -287,7 +287,7 @@ class Session:
                     return
                 t = self.now()
                 if len(data) == size and size < MAX_CHUNK:
-                    size *= 4
+                    size = min(size * 4, MAX_CHUNK)
                 if not data:
                     self._eof[direction] = True
                     self._first_eof = self._first_eof or NAMES[leg]
