@@ -45,8 +45,12 @@ def write_error(exc: OSError) -> str:
 class Recorder:
     """Owns a capture's descriptor and its writer: the only code that writes capture files.
 
-    ``run`` is the flusher (one per session); pumps call ``changed`` after recording and
-    ``room``/``wait_for_room`` before reading, which bounds what a failing disk can lose.
+    Flushing (``start``): small batches are written by one task shared by every session
+    of the trio run (``_Ticker``), FLUSH_INTERVAL after they were recorded; a session
+    whose batches grow large gets a writer task of its own, started in its nursery when
+    first needed, that writes in a worker thread.  Pumps call ``changed`` after
+    recording and ``room``/``wait_for_room`` before reading, which bounds what a failing
+    disk can lose.
     """
 
     def __init__(self, path: Path, fd: int, writer: CaptureWriter) -> None:
@@ -55,8 +59,10 @@ class Recorder:
         self.error: str | None = None  # the first write failure, in words
         self.lost = 0  # record bytes (data included) that never reached the file
         self._fd: int | None = fd
-        self._in_flight = 0
-        self._dirty = trio.Event()
+        self._in_flight = 0  # bytes being written by the writer task (0: none)
+        self._nursery: trio.Nursery | None = None
+        self._failed: Callable[[str], None] = _ignore
+        self._writing = False  # the writer task has been started
         self._wake = trio.Event()
         self._space = trio.Event()
 
@@ -90,43 +96,63 @@ class Recorder:
         """How many more bytes may be read and relayed before the disk must catch up."""
         return UNRECORDED_BUDGET - self.unwritten
 
+    def start(self, nursery: trio.Nursery, failed: Callable[[str], None]) -> None:
+        """Flush from now on; a write failure calls ``failed(reason)`` (the session stops
+        relaying): the budget bounds what was relayed and is not on disk."""
+        self._nursery, self._failed = nursery, failed
+        if self.writer.buffered:
+            self.changed()
+
     def changed(self) -> None:
-        """Records were added: the flusher writes them within FLUSH_INTERVAL."""
-        self._dirty.set()
-        if self.writer.buffered > FLUSH_SIZE:
-            self._wake.set()
+        """Records were added: they reach the file within FLUSH_INTERVAL, large ones sooner."""
+        if self.error is not None or self._nursery is None:
+            return
+        if self.writer.buffered >= FLUSH_SIZE:
+            self._wake_writer()
+        else:
+            _ticker().add(self)
 
     async def wait_for_room(self) -> None:
-        """Wait until the flusher has made room (returns at once after a write failure)."""
+        """Wait until a write has made room (returns at once after a write failure)."""
         while self.room() < MIN_ROOM and self.error is None:
-            self._wake.set()
+            self._wake_writer()
             await self._space.wait()
 
-    async def run(self, failed: Callable[[str], None]) -> None:
-        """The flusher: write what the writer released, every FLUSH_INTERVAL or sooner.
+    def _wake_writer(self) -> None:
+        if not self._writing and self._nursery is not None:
+            self._writing = True
+            self._nursery.start_soon(self._write_large)
+        self._wake.set()
 
-        While a batch is being written the pumps read the next one: the flusher goes on
-        writing until little is left, so the disk is kept busy and the pumps seldom wait
-        for room.  On a write failure it calls ``failed(reason)`` (the session stops
-        relaying) and returns: the budget bounds what was relayed and is not on disk.
-        """
+    def _tick(self) -> None:
+        """The shared ticker's turn: write a small batch here, or leave it to the writer."""
+        if self.error is not None or self._fd is None or self._in_flight:
+            return  # finished, failed, or the writer task is on it (and looks again)
+        size = self.writer.buffered
+        if size > SMALL_WRITE:
+            self._wake_writer()
+        elif size:
+            # A few KiB into the page cache cost less than a thread hop.
+            pieces = self.writer.take()
+            try:
+                self._write(pieces)
+            except OSError as exc:
+                self._fail(exc, size)
+            self._wake_pumps()
+
+    async def _write_large(self) -> None:
+        """This session's writer: goes on writing while batches are large (the pumps
+        fill the next one meanwhile), so the disk is kept busy and the pumps seldom wait."""
         writer = self.writer
-        while True:
-            await self._dirty.wait()  # an idle session costs no wake-ups
-            self._dirty = trio.Event()
-            if writer.buffered < FLUSH_SIZE:
-                with trio.move_on_after(FLUSH_INTERVAL):  # gather records per write...
-                    await self._wake.wait()  # ... unless a pump says there is a lot already
+        while self.error is None:
+            await self._wake.wait()
             self._wake = trio.Event()
-            while True:
+            while writer.buffered:
                 size = writer.buffered
                 pieces = writer.take()
-                if not pieces:
-                    break
                 self._in_flight = size
                 try:
                     if size <= SMALL_WRITE:
-                        # A few KiB into the page cache cost less than a thread hop.
                         self._write(pieces)
                     else:
                         await trio.to_thread.run_sync(self._write, pieces)
@@ -136,17 +162,21 @@ class Recorder:
                     writer.untake(pieces)
                     raise
                 except OSError as exc:
-                    self.error = f"capture write failed: {write_error(exc)}"
-                    self.lost = size
-                    self._wake_pumps()
-                    failed(self.error)
+                    self._fail(exc, size)
                     return
                 finally:
                     self._in_flight = 0
                 self._wake_pumps()
                 if writer.buffered < FLUSH_SIZE:
-                    break  # the rest is gathered (or written once a pump says so)
-            self._wake_pumps()
+                    break  # the rest is small: the shared ticker writes it
+            if writer.buffered:
+                _ticker().add(self)
+
+    def _fail(self, exc: OSError, size: int) -> None:
+        self.error = f"capture write failed: {write_error(exc)}"
+        self.lost = size
+        self._wake_pumps()
+        self._failed(self.error)
 
     def failure(self) -> str | None:
         """The write failure and what it cost, in words (None: every record was written)."""
@@ -197,3 +227,47 @@ class Recorder:
     def _wake_pumps(self) -> None:
         self._space.set()
         self._space = trio.Event()
+
+
+def _ignore(reason: str) -> None:
+    """``failed`` before ``start``: nothing relays yet."""
+
+
+class _Ticker:
+    """One task per trio run writes the small batches of every session, FLUSH_INTERVAL
+    after the first was recorded: a session costs no task and no timer of its own."""
+
+    def __init__(self) -> None:
+        self._dirty: dict[Recorder, None] = {}
+        self._due = trio.Event()
+
+    def add(self, recorder: Recorder) -> None:
+        if recorder not in self._dirty:
+            self._dirty[recorder] = None
+            self._due.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._due.wait()  # idle sessions cost no wake-ups
+            self._due = trio.Event()
+            await trio.sleep(FLUSH_INTERVAL)  # gather records per write
+            dirty, self._dirty = self._dirty, {}
+            for recorder in dirty:
+                try:
+                    recorder._tick()
+                except Exception as exc:  # a bug here must not stop the other sessions
+                    recorder._fail(OSError(errno.EIO, f"{type(exc).__name__}: {exc}"), 0)
+
+
+_TICKER: trio.lowlevel.RunVar[_Ticker] = trio.lowlevel.RunVar("popproxy_capture_ticker")
+
+
+def _ticker() -> _Ticker:
+    """The run's shared ticker, started (as a system task) on first use."""
+    try:
+        return _TICKER.get()
+    except LookupError:
+        ticker = _Ticker()
+        _TICKER.set(ticker)
+        trio.lowlevel.spawn_system_task(ticker.run, name="popproxy capture flusher")
+        return ticker

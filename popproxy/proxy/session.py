@@ -143,7 +143,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(recorder.run, partial(self.end, "capture-error"))
+                recorder.start(nursery, partial(self.end, "capture-error"))
                 with contextlib.suppress(_Abort):
                     await self._connect_and_relay()
                 nursery.cancel_scope.cancel()
