@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
+import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -78,7 +80,7 @@ class Session:
     ) -> None:
         self.config = config
         # How to reach the upstream: TCP by default; tests pass in-memory streams.
-        self._connect = connect or partial(trio.open_tcp_stream, *config.upstream)
+        self._connect = connect or partial(_connect_tcp, *config.upstream)
         self.number = next(_counter)
         self.client: trio.abc.Stream = client
         self.upstream: trio.abc.Stream | None = None
@@ -452,3 +454,19 @@ class Session:
             with trio.move_on_after(min(remaining, 1.0)):
                 await self._poke.wait()  # an EOF or a fault's pause moves the limit: look again
             self._poke = trio.Event()
+
+
+async def _connect_tcp(host: str, port: int) -> trio.abc.Stream:
+    """A TCP connection to the upstream.  An IP address is connected to at once (no
+    resolver call, no happy-eyeballs nursery per session); a name goes through trio's."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
