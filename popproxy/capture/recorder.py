@@ -103,6 +103,12 @@ class Recorder:
         if self.writer.buffered:
             self.changed()
 
+    async def run(self, failed: Callable[[str], None]) -> None:
+        """``start`` for a caller with no nursery at hand: flushes until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self.start(nursery, failed)
+            await trio.sleep_forever()
+
     def changed(self) -> None:
         """Records were added: they reach the file within FLUSH_INTERVAL, large ones sooner."""
         if self.error is not None or self._nursery is None:
