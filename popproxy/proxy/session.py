@@ -147,8 +147,8 @@ class Session:
                 self._scope = nursery.cancel_scope
                 recorder.start(nursery, partial(self.end, "capture-error"))
                 with contextlib.suppress(_Abort):
-                    await self._connect_and_relay()
-                nursery.cancel_scope.cancel()
+                    await self._connect_and_relay(nursery)
+                nursery.cancel_scope.cancel()  # both directions are done: the session is over
         finally:
             if self.how is None and trio.current_effective_deadline() == float("-inf"):
                 self.how = "proxy-shutdown"
@@ -198,7 +198,7 @@ class Session:
 
     # ----------------------------------------------------------------- connecting
 
-    async def _connect_and_relay(self) -> None:
+    async def _connect_and_relay(self, nursery: trio.Nursery) -> None:
         cfg = self.config
         assert self.tap is not None
         if cfg.listen_tls:
@@ -225,13 +225,20 @@ class Session:
             await self._implicit_tls(Leg.UPSTREAM)
         self._reading[Leg.CLIENT].set()
         self._reading[Leg.UPSTREAM].set()
-        async with trio.open_nursery() as timers:
-            timers.start_soon(self._watchdog)
-            async with trio.open_nursery() as pumps:
-                await self._execute(self.ctl.start())
-                pumps.start_soon(self._pump, Leg.CLIENT)
-                pumps.start_soon(self._pump, Leg.UPSTREAM)
-            timers.cancel_scope.cancel()  # both directions are done: the session is over
+        await self._execute(self.ctl.start())
+        # One nursery per session (the caller's): the watchdog and the client's pump run
+        # beside the upstream's pump, which runs here.
+        client_done = trio.Event()
+        nursery.start_soon(self._watchdog)
+        nursery.start_soon(self._client_pump, client_done)
+        await self._pump(Leg.UPSTREAM)
+        await client_done.wait()
+
+    async def _client_pump(self, done: trio.Event) -> None:
+        try:
+            await self._pump(Leg.CLIENT)
+        finally:
+            done.set()
 
     async def _implicit_tls(self, leg: Leg) -> None:
         stream = self.client if leg is Leg.CLIENT else self.upstream
