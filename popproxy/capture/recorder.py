@@ -199,6 +199,7 @@ class Recorder:
         # "unrecorded" is only read if this record reaches the disk after all.
         writer.end(end, unrecorded=None if self.error is None else self.lost)
         pieces = writer.take()
+        self._let_go()
         fd, self._fd = self._fd, None
         if fd is None:
             return self.error
@@ -218,9 +219,15 @@ class Recorder:
 
     def close(self) -> None:
         """Close without an end record (the session never started)."""
+        self._let_go()
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+    def _let_go(self) -> None:
+        """The session is over: drop what refers back to it (its nursery, its ``failed``),
+        so it is freed as soon as it ends, not by a later garbage collection."""
+        self._nursery, self._failed = None, _ignore
 
     def _write(self, pieces: list[bytes]) -> None:
         assert self._fd is not None

@@ -222,25 +222,6 @@ class TranscriptBuilder:
         self.session = SessionSummary()
         self._open: dict[int, Exchange] = {}
         self._identities: set[int] = set()  # a re-read capture may name one twice
-        # One handler per event type (events are final classes): a dict lookup per event.
-        self._handlers: dict[type[Event], Callable[[float, Any], Item | None]] = {
-            Command: self._command,
-            Reply: self._reply,
-            BodyChunk: self._chunk,
-            BodyEnd: self._body_end,
-            Secret: self._secret,
-            SaslChallenge: self._challenge,
-            SaslResponse: self._response,
-            Greeting: self._greeting,
-            Unsolicited: self._unsolicited,
-            AuthIdentity: self._identity,
-            Anomaly: self._anomaly,
-            StateChanged: self._state,
-            TlsStarted: self._tls,
-            ConnectionClosed: self._closed,
-            Injected: self._injected,
-            PopproxyDropped: self._dropped,
-        }
         self._echoes: list[Secret] = []
         self._by_popproxy: Direction | None = None  # whose bytes the current batch holds
         self._why: str | None = None  # and why popproxy made them
@@ -281,8 +262,8 @@ class TranscriptBuilder:
         return self._by_popproxy is direction
 
     def _one(self, t: float, event: Event) -> Item | None:
-        handler = self._handlers.get(type(event))
-        return handler(t, event) if handler is not None else None
+        handler = _HANDLERS.get(type(event))
+        return handler(self, t, event) if handler is not None else None
 
     def _command(self, t: float, event: Command) -> Item | None:
         session = self.session
@@ -530,6 +511,29 @@ class TranscriptBuilder:
     def _shown(what: list[tuple[str, Exchange, float]]) -> list[Item]:
         """Items the three-actor tracker has for the views (withheld replies, lines)."""
         return [Item(ItemKind(kind), when, ex, ex.withheld) for kind, ex, when in what]
+
+
+# One handler per event type (events are final classes): a dict lookup per event.  A table
+# of the class's functions, not of bound methods: those would make every builder a
+# reference cycle, freed only by the garbage collector.
+_HANDLERS: dict[type[Event], Callable[[TranscriptBuilder, float, Any], Item | None]] = {
+    Command: TranscriptBuilder._command,
+    Reply: TranscriptBuilder._reply,
+    BodyChunk: TranscriptBuilder._chunk,
+    BodyEnd: TranscriptBuilder._body_end,
+    Secret: TranscriptBuilder._secret,
+    SaslChallenge: TranscriptBuilder._challenge,
+    SaslResponse: TranscriptBuilder._response,
+    Greeting: TranscriptBuilder._greeting,
+    Unsolicited: TranscriptBuilder._unsolicited,
+    AuthIdentity: TranscriptBuilder._identity,
+    Anomaly: TranscriptBuilder._anomaly,
+    StateChanged: TranscriptBuilder._state,
+    TlsStarted: TranscriptBuilder._tls,
+    ConnectionClosed: TranscriptBuilder._closed,
+    Injected: TranscriptBuilder._injected,
+    PopproxyDropped: TranscriptBuilder._dropped,
+}
 
 
 def _summarise(summary: MessageSummary, head: bytes) -> None:
