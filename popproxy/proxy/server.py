@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 import trio
 
-from popproxy.netutil import describe_error, open_listeners
-from popproxy.proxy import routing
+from popproxy.netutil import open_listeners
+from popproxy.proxy import accept, routing
 from popproxy.proxy.config import ProxyConfig, format_hostport
 from popproxy.proxy.session import Session
 from popproxy.proxy.socks_front import handle_socks
@@ -21,7 +19,6 @@ from popproxy.proxy.view import SessionView
 
 Addresses = list[tuple[str, int]]
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
-ACCEPT_REPORT_INTERVAL = 10.0  # seconds between two reports of the same accept trouble
 
 
 @dataclass
@@ -43,33 +40,6 @@ class Totals:
                 f"(up to {self.unrecorded:,} octets relayed unrecorded)"
             )
         return text
-
-
-class AcceptTrouble(logging.Filter):
-    """trio logs every failed accept (out of file descriptors) with a traceback, ten times a
-    second: one line per ACCEPT_REPORT_INTERVAL instead, naming the cause."""
-
-    def __init__(self, report: Callable[[str], None]) -> None:
-        super().__init__()
-        self.report = report
-        self.last = float("-inf")
-        self.suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self.last < ACCEPT_REPORT_INTERVAL:
-            self.suppressed += 1
-            return False
-        self.last = now
-        exc = record.exc_info[1] if record.exc_info else None
-        cause = describe_error(exc) if exc is not None else record.getMessage()
-        more = f"; {self.suppressed} more since the last report" if self.suppressed else ""
-        self.suppressed = 0
-        self.report(
-            f"cannot accept new clients: {cause} (they wait in the listen queue; "
-            f"accepting again as soon as descriptors are free{more})"
-        )
-        return False
 
 
 async def serve_record(
@@ -105,18 +75,22 @@ async def serve_record(
         listeners, addrs = await open_listeners(host, port, announce=announce, note=note)
         bound.append((listeners, handler))
         addresses.extend(addrs)
-    trouble = AcceptTrouble(partial(_report, view))
-    logger = logging.getLogger("trio.serve_listeners")
-    logger.addFilter(trouble)
-    try:
-        async with trio.open_nursery() as nursery:
-            for listeners, handler in bound:
-                nursery.start_soon(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=nursery)
-                )
-            task_status.started(addresses)
-    finally:
-        logger.removeFilter(trouble)
+    trouble = accept.AcceptTrouble(partial(_report, view))
+    async with trio.open_nursery() as nursery:
+        for listeners, handler in bound:
+            for listener in listeners:
+                nursery.start_soon(_serve, listener, handler, nursery, trouble)
+        task_status.started(addresses)
+
+
+async def _serve(
+    listener: trio.SocketListener,
+    handler: Handler,
+    nursery: trio.Nursery,
+    trouble: accept.AcceptTrouble,
+) -> None:
+    async with listener:
+        await accept.serve(listener, handler, nursery, trouble)
 
 
 def _report(view: SessionView | None, message: str) -> None:
