@@ -52,32 +52,38 @@ class AcceptTrouble:
         )
 
 
-async def serve(
-    listener: trio.SocketListener,
-    handler: Handler,
-    nursery: trio.Nursery,
-    trouble: AcceptTrouble,
-) -> None:
-    """Start ``handler(stream)`` in ``nursery`` for each client of ``listener``, until
-    cancelled; the stream is closed when the handler returns.
+class Acceptor:
+    """Starts ``handler(stream)`` in a nursery for each client of ``listener``; the stream
+    is closed when the handler returns.
 
     trio's ``serve_listeners`` takes one connection per scheduling round: with hundreds of
     sessions busy, a burst of a thousand clients waited seconds in the listen queue.  Here
     every connection waiting is taken at once (up to BURST), from a duplicate of the
-    listening socket's descriptor (the listener itself is closed by its owner).  Close to
-    the descriptor limit it goes back to one per round, as trio does, so that sessions get
-    their capture files before more clients are let in.
+    listening socket's descriptor, made here and closed by ``close`` (the listener itself
+    is closed by its owner).  Close to the descriptor limit it goes back to one per round,
+    as trio does, so that sessions get their capture files before more clients come in.
     """
-    limit = _descriptor_limit()
-    careful = False
-    with socket.socket(fileno=os.dup(listener.socket.fileno())) as sock:
-        sock.setblocking(False)
+
+    def __init__(
+        self, listener: trio.SocketListener, handler: Handler, trouble: AcceptTrouble
+    ) -> None:
+        self.listener, self.handler, self.trouble = listener, handler, trouble
+        self._sock = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        self._sock.setblocking(False)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        """Accept until cancelled."""
+        limit, sock, handler = _descriptor_limit(), self._sock, self.handler
+        careful = False
         while True:
             if careful:
                 try:
-                    stream = await listener.accept()
+                    stream = await self.listener.accept()
                 except OSError as exc:
-                    await _trouble(exc, trouble)
+                    await _trouble(exc, self.trouble)
                     continue
                 careful = stream.socket.fileno() > limit - HEADROOM
                 nursery.start_soon(_run, handler, stream)
@@ -91,7 +97,7 @@ async def serve(
                 except OSError as exc:
                     if exc.errno in SKIP:
                         continue
-                    await _trouble(exc, trouble)
+                    await _trouble(exc, self.trouble)
                     break
                 careful = conn.fileno() > limit - HEADROOM  # the lowest free number
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))

@@ -76,21 +76,24 @@ async def serve_record(
         bound.append((listeners, handler))
         addresses.extend(addrs)
     trouble = accept.AcceptTrouble(partial(_report, view))
-    async with trio.open_nursery() as nursery:
-        for listeners, handler in bound:
-            for listener in listeners:
-                nursery.start_soon(_serve, listener, handler, nursery, trouble)
-        task_status.started(addresses)
+    acceptors = [
+        accept.Acceptor(listener, handler, trouble)
+        for listeners, handler in bound
+        for listener in listeners
+    ]
+    try:
+        async with trio.open_nursery() as nursery:
+            for acceptor in acceptors:
+                nursery.start_soon(_serve, acceptor, nursery)
+            task_status.started(addresses)
+    finally:
+        for acceptor in acceptors:
+            acceptor.close()
 
 
-async def _serve(
-    listener: trio.SocketListener,
-    handler: Handler,
-    nursery: trio.Nursery,
-    trouble: accept.AcceptTrouble,
-) -> None:
-    async with listener:
-        await accept.serve(listener, handler, nursery, trouble)
+async def _serve(acceptor: accept.Acceptor, nursery: trio.Nursery) -> None:
+    async with acceptor.listener:
+        await acceptor.serve(nursery)
 
 
 def _report(view: SessionView | None, message: str) -> None:

@@ -159,6 +159,7 @@ class Session:
                         if self._cut is Cut.RST:
                             abort_on_close(stream)
                         await close_quietly(stream)
+            self.feed = None  # it calls back into the session: let both go by refcount
 
     def _open_capture(self) -> None:
         cfg = self.config
