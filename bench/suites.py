@@ -46,6 +46,13 @@ class Lab:
         self.serial += 1
         return self.capture_root / f"{label}-{self.serial}"
 
+    def drop_captures(self) -> None:
+        """Delete the captures written so far (the folders stay): a 256 MiB RETR per run
+        and variant would otherwise pile up gigabytes of dirty page cache, and the kernel's
+        writeback would slow the later runs down, not popproxy."""
+        for path in self.capture_root.rglob("*.popcap"):
+            path.unlink(missing_ok=True)
+
     def say(self, text: str) -> None:
         self.console.print(f"[dim]{text}[/dim]", highlight=False, soft_wrap=True)
 
@@ -140,7 +147,9 @@ def throughput(lab: Lab) -> Table:
         with lab.variants(names, server.port, table.notes) as ports:
 
             def measure(name: str, port: int) -> float:
-                return size / client.retr_throughput(HOST, port, size) / 1e6
+                seconds = client.retr_throughput(HOST, port, size)
+                lab.drop_captures()
+                return size / seconds / 1e6
 
             results = interleave(lab, ports, measure, table.notes, "throughput")
     finally:
@@ -203,7 +212,7 @@ def concurrency(lab: Lab) -> Table:
     server = procs.start_server(lab.logdir, 10 * 1024, 1024)
     outcomes: dict[str, list[tuple[int, int, float]]] = {}
     try:
-        names = [DIRECT, BARE, SOCAT, QUIET]
+        names = [DIRECT, BARE, SOCAT, QUIET, *baseline()]
         with lab.variants(names, server.port, table.notes) as ports:
             outcomes = {name: [] for name in ports}
             for run in range(lab.runs):
