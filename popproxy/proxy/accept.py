@@ -77,7 +77,7 @@ class Acceptor:
     async def serve(self, nursery: trio.Nursery) -> None:
         """Accept until cancelled."""
         limit, sock, handler = _descriptor_limit(), self._sock, self.handler
-        careful = False
+        careful = limit <= HEADROOM  # a small limit: never a burst
         while True:
             if careful:
                 try:
