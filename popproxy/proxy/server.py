@@ -20,7 +20,7 @@ from popproxy.proxy.view import SessionView
 
 Addresses = list[tuple[str, int]]
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
-GC_FIRST = 10_000  # allocations between two collections of the youngest generation
+GC_FIRST = 100_000  # allocations between two collections of the youngest generation
 
 
 @dataclass
@@ -105,7 +105,8 @@ def _collector_tuned() -> Iterator[None]:
     few cycles trio leaves.  With its default first threshold (700 allocations) it still
     ran every few sessions and walked every live session's objects: about a fifth of the
     CPU with 1,000 sessions at once.  What was loaded before serving (modules, the CLI) is
-    frozen out of its walks, and it runs every GC_FIRST allocations; both as before after.
+    frozen out of its walks, and it runs every GC_FIRST allocations (the sessions ended by
+    then were freed already and are not walked at all); both as before after.
     """
     before = gc.get_threshold()
     gc.collect()
