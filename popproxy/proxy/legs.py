@@ -102,18 +102,3 @@ def abort_on_close(stream: trio.abc.Stream) -> None:
     if isinstance(stream, trio.SocketStream):
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
-    """Send a last line; a peer already gone (or a stream busy) is not an error here."""
-    try:
-        await stream.send_all(data)
-    except (*STREAM_ERRORS, trio.BusyResourceError):
-        pass
-
-
-async def close_quietly(stream: trio.abc.Stream) -> None:
-    try:
-        await stream.aclose()
-    except (*STREAM_ERRORS, trio.BusyResourceError):
-        pass

@@ -17,7 +17,13 @@ from popproxy.capture.format import SessionEnd
 from popproxy.capture.recorder import MIN_ROOM, CaptureUnavailable, Recorder
 from popproxy.core import Direction
 from popproxy.hints import Leg as HintLeg
-from popproxy.netutil import STREAM_ERRORS, describe_error, stream_address
+from popproxy.netutil import (
+    STREAM_ERRORS,
+    close_quietly,
+    describe_error,
+    send_quietly,
+    stream_address,
+)
 from popproxy.proxy.config import ProxyConfig
 from popproxy.proxy.controller import (
     Controller,
@@ -43,14 +49,7 @@ from popproxy.proxy.controller import (
     goes_to,
 )
 from popproxy.proxy.feed import Feed
-from popproxy.proxy.legs import (
-    HandshakeFailed,
-    abort_on_close,
-    close_quietly,
-    first_cause,
-    handshake,
-    send_quietly,
-)
+from popproxy.proxy.legs import HandshakeFailed, abort_on_close, first_cause, handshake
 from popproxy.proxy.tap import Tap
 from popproxy.proxy.turns import Turns, leg_of
 from popproxy.proxy.view import SessionView

@@ -9,7 +9,6 @@ from popproxy.core.events import Command as PopCommand
 from popproxy.core.events import Direction
 from popproxy.proxy.controller import stls
 from popproxy.proxy.controller.faulting import FaultStage
-from popproxy.proxy.controller.flows import Phase
 from popproxy.proxy.controller.io import (
     DataReceived,
     Drop,
@@ -106,13 +105,7 @@ def fault_turn(ctl: Controller) -> bool:
         ctl._stls = None  # the lines before it are through: its turn
         ctl._client_stls(waiting)
         return True
-    upgrade = ctl._upgrade
-    if (
-        upgrade is not None
-        and upgrade.phase is Phase.LOCAL
-        and ctl._greeted  # an STLS sent before the greeting: the greeting goes first
-        and not any(seq < upgrade.seq for seq in ctl._open)
-    ):
+    if ctl._local_answer_due():
         stls.answer_locally(ctl)  # an STLS that waited its turn: no event may come now
         return True
     return False

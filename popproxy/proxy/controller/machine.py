@@ -379,16 +379,22 @@ class Controller:
             elif isinstance(event, Greeting):
                 stls.greeting(self, event)
         upgrade = self._upgrade
-        if (
-            upgrade is not None
-            and upgrade.phase is Phase.LOCAL
-            and self._greeted  # an STLS sent before the greeting: the greeting goes first
-            and not any(seq < upgrade.seq for seq in self._open)
-        ):
+        if self._local_answer_due():
             self._settle()  # the replies before go first
-            if self._upgrade is upgrade and upgrade.phase is Phase.LOCAL:
+            if upgrade is not None and self._upgrade is upgrade and upgrade.phase is Phase.LOCAL:
                 stls.answer_locally(self)  # (with fault rules, settling may have answered it)
         self._settle()
+
+    def _local_answer_due(self) -> bool:
+        """Whether popproxy answers the client's STLS now: every earlier reply is done
+        (RFC 2449 §6.6), the greeting included (an STLS sent before it waits for it)."""
+        upgrade = self._upgrade
+        return (
+            upgrade is not None
+            and upgrade.phase is Phase.LOCAL
+            and self._greeted
+            and not any(seq < upgrade.seq for seq in self._open)
+        )
 
     def _finished(self, seq: int) -> None:
         verb = self._open.pop(seq, None)
