@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -164,7 +165,8 @@ class _TinyServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
+        # A peer may reset instead of closing (popproxy stopped by SIGINT mid-session).
+        with conn, contextlib.suppress(OSError):
             conn.sendall(b"+OK tiny\r\n")
             buf = b""
             while True:
