@@ -513,3 +513,25 @@ def test_nothing_comes_out_after_the_end() -> None:
     ctl = Controller(idle_timeout=1)
     ctl.handle(Tick(5))
     assert ctl.handle(DataReceived(C, b"NOOP\r\n", 6)) == []
+
+
+@pytest.mark.parametrize("split", [whole, bytewise], ids=["whole", "bytewise"])
+def test_strip_never_forwards_an_stls_behind_an_open_auth(split: Splitter) -> None:
+    # Lines behind an AUTH were forwarded unplaced: an STLS among them reached the server.
+    steps = [
+        ("s", GREETING),
+        ("c", b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nSTLS\r\n"),
+        ("s", b"+ \r\n"),
+        ("s", b"+OK logged in\r\n"),
+    ]
+    run = play(Case("auth-stls", steps, [], mode=StlsMode.STRIP), split)
+    to_server = b"".join(c.data for c in run.out if isinstance(c, Forward) and c.direction is C)
+    assert to_server == b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n"
+    assert any(isinstance(c, Send) and c.data == b"-ERR STLS not available.\r\n" for c in run.out)
+
+
+def test_strip_never_forwards_an_stls_line_sent_just_before_the_client_closes() -> None:
+    steps = [("s", GREETING), ("c", b"NOOP\r\nSTLS\r\n"), ("eof", b"c"), ("s", b"+OK\r\n")]
+    run = play(Case("eof-stls", steps, [], mode=StlsMode.STRIP), whole)
+    to_server = b"".join(c.data for c in run.out if isinstance(c, Forward) and c.direction is C)
+    assert to_server == b"NOOP\r\n"

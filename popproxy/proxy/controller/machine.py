@@ -252,11 +252,17 @@ class Controller:
                 # lines still wait to be placed (behind an AUTH, a line may be STLS).
                 limit = flow.received
             return max(flow.decided, limit if cap is None else min(limit, cap))
+        if direction is C and self._gated():
+            # popproxy answers STLS itself: whole placed lines only, an AUTH open or not (a
+            # line the observer holds behind an AUTH waits for the server's answer to it,
+            # which never needs that line; an STLS among them must not reach the server).
+            limit = flow.covered
+            if flow.eof and b"\n" not in flow.pending[max(0, limit - flow.decided) :]:
+                limit = flow.received  # the client closed: its unfinished last line goes
+            return max(flow.decided, limit)
         if flow.eof:
             return flow.received
         if direction is C:
-            if self._gated() and not self._open_verbs.get("AUTH", 0):
-                return max(flow.decided, flow.covered)
             # SASL responses are held by the observer until the server answers: they cannot
             # be STLS commands and must go on for the server to answer.
             if line_head(flow.head, flow.pending) is None or flow.pending.endswith(b"\n"):
