@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+import socket
 import ssl
+import struct
 import sys
 
 import trio
@@ -124,3 +127,19 @@ async def close_quietly(stream: trio.abc.Stream) -> None:
         await stream.aclose()
     except (*STREAM_ERRORS, trio.BusyResourceError):
         pass
+
+
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a stream (through TLS layers), if there is one."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return getattr(stream, "socket", None)
+
+
+def abort_on_close(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """Make closing ``stream`` send an RST instead of a FIN (``SO_LINGER`` 0 s); its socket."""
+    sock = socket_of(stream)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock

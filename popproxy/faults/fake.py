@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,7 +24,7 @@ from popproxy.faults.shape import (
     Withhold,
     shape_whole,
 )
-from popproxy.netutil import STREAM_ERRORS
+from popproxy.netutil import STREAM_ERRORS, abort_on_close
 
 Note = Callable[[str], None]
 
@@ -216,18 +214,11 @@ def first_line(data: bytes) -> str:
     return data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")[:100]
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    return getattr(stream, "socket", None)
-
-
 async def close(stream: trio.abc.Stream, *, rst: bool) -> None:
     """Close the connection: FIN, or RST (``SO_LINGER`` 0) so the peer sees a reset."""
     if rst:
-        sock = _socket_of(stream)
+        sock = abort_on_close(stream)
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()  # no close_notify, no FIN: the kernel sends RST
             return
     with trio.move_on_after(1), trio.CancelScope(shield=True):

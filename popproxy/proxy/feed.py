@@ -47,6 +47,8 @@ class Feed:
 
     def take(self) -> tuple[Event, ...]:
         """The events not yet reported to the controller."""
+        if not self._events:
+            return ()  # the common case per chunk: nothing new
         events, self._events = tuple(self._events), []
         return events
 

@@ -1,11 +1,8 @@
-"""The proxy's two legs: TLS (server contexts, handshakes, what they say) and closing them."""
+"""The proxy's two legs: TLS (server contexts, handshakes, what they say), why a connect failed."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import ssl
-import struct
 from typing import Any
 
 import trio
@@ -93,12 +90,3 @@ def first_cause(exc: BaseException) -> BaseException:
     if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         return cause.exceptions[0]
     return exc
-
-
-def abort_on_close(stream: trio.abc.Stream) -> None:
-    """Make closing ``stream`` send an RST instead of a FIN (SO_LINGER with 0 s)."""
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        with contextlib.suppress(OSError):
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -19,6 +19,7 @@ from popproxy.core import Direction
 from popproxy.hints import Leg as HintLeg
 from popproxy.netutil import (
     STREAM_ERRORS,
+    abort_on_close,
     close_quietly,
     describe_error,
     send_quietly,
@@ -49,7 +50,7 @@ from popproxy.proxy.controller import (
     goes_to,
 )
 from popproxy.proxy.feed import Feed
-from popproxy.proxy.legs import HandshakeFailed, abort_on_close, first_cause, handshake
+from popproxy.proxy.legs import HandshakeFailed, first_cause, handshake
 from popproxy.proxy.tap import Tap
 from popproxy.proxy.turns import Turns, leg_of
 from popproxy.proxy.view import SessionView
@@ -346,16 +347,15 @@ class Session:
         turns = self._turns
         tickets: dict[Leg, int] = {}
         last: dict[Leg, int] = {}
-        for i, command in enumerate(commands):
-            leg = leg_of(command)
+        legs = [leg_of(command) for command in commands]
+        for i, leg in enumerate(legs):
             if leg is not None:
                 if leg not in tickets:
                     tickets[leg] = turns.take(leg)
                 last[leg] = i
         outcome: Input | None = None
         try:
-            for i, command in enumerate(commands):
-                leg = leg_of(command)
+            for i, (command, leg) in enumerate(zip(commands, legs, strict=True)):
                 if leg is not None:
                     await turns.wait(leg, tickets[leg])
                 if isinstance(command, StartTls):

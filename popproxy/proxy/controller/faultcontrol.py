@@ -82,11 +82,8 @@ def own_reply(ctl: Controller, data: bytes, why: str, result: list[RelayCommand]
         result.append(Drop(S, flow.decided, len(flow.pending), f"{why}: withheld"))
         flow.pending.clear()
         flow.decided = flow.received
-    flow.own.append((flow.received, flow.received + len(data)))
     assert ctl._stage is not None
-    ctl._stage.replaced.append(flow.own[-1])
-    flow.received += len(data)
-    flow.decided = flow.received
+    ctl._stage.replaced.append(flow.add_own(len(data)))
     return Send(Leg.CLIENT, data, why)
 
 

@@ -63,3 +63,10 @@ class Flow:
     own: list[tuple[int, int]] = field(default_factory=list)  # spans popproxy sent
     eof: bool = False
     eof_forwarded: bool = False
+
+    def add_own(self, length: int) -> tuple[int, int]:
+        """popproxy's bytes join the stream at its end, decided: their span."""
+        span = (self.received, self.received + length)
+        self.own.append(span)
+        self.received = self.decided = span[1]
+        return span

@@ -337,9 +337,7 @@ class Controller:
             # Bytes not placed yet (an unfinished line no command awaits): they would
             # follow popproxy's on the wire but precede them in the record.
             self._drop_to(direction, flow.received, f"{why}: withheld, popproxy's bytes first")
-        flow.own.append((flow.received, flow.received + len(data)))
-        flow.received += len(data)
-        flow.decided = flow.received
+        flow.add_own(len(data))
         self._out.append(Send(leg, data, why))
         return True
 
